@@ -1,0 +1,107 @@
+"""Resumable checkpoints: the trained weights, the optimizer and LR-scheduler state, and the step, in safetensors + JSON.
+
+No pickle anywhere, so a checkpoint copied from a rented GPU is safe to open. A checkpoint is written under a
+temporary name and renamed when complete; `latest` never returns a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_NAME = re.compile(r"^step-(\d+)$")
+STATE_FILE = "state.json"  # written last: its presence marks a complete checkpoint
+
+
+def save(root: Path, step: int, weights: dict[str, torch.Tensor], optimizer, lr_scheduler, info: dict,
+         keep_last: int) -> Path:
+    """Write checkpoints/step-N atomically and delete all but the newest `keep_last`."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = root / f".step-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, tmp / "weights.safetensors")
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    state = {"step": step, "optimizer": opt_meta, "lr_scheduler": _jsonable(lr_scheduler.state_dict()), **info}
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in complete(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest(root: Path) -> Path | None:
+    done = complete(root)
+    return done[-1] if done else None
+
+
+def load(path: Path, params: dict[str, torch.nn.Parameter], optimizer, lr_scheduler) -> dict:
+    """Restore weights, optimizer and scheduler in place; returns the saved state (step and info)."""
+    state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    weights = load_file(path / "weights.safetensors")
+    missing = set(params) - set(weights)
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} trained tensors (e.g. {sorted(missing)[0]}); "
+                         "was it made by a different job?")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(weights[name].to(param.device, param.dtype))
+    opt_state = _unflatten_optimizer(load_file(path / "optimizer.safetensors"), state["optimizer"])
+    optimizer.load_state_dict(opt_state)
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    return state
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "weights.safetensors")
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors go to safetensors under `state.<param>.<key>`; numbers and the param groups go to JSON."""
+    tensors, scalars = {}, {}
+    for pid, entries in state_dict["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{pid}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    return tensors, {"scalars": scalars, "param_groups": _jsonable(state_dict["param_groups"])}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, entries in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(entries)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _jsonable(value):
+    """State dicts hold tuples, tensors of one number and the odd function reference; JSON keeps the data."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items() if not callable(v)}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if torch.is_tensor(value):
+        return value.item()
+    return value

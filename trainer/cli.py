@@ -1,0 +1,123 @@
+"""The command line: `python -m trainer demo|check|run`. Exit codes are a contract with the window and scripts.
+
+0 completed, 1 training failed, 2 invalid job or data (one line naming the field or file), 3 stopped on request.
+Torch is imported only by the commands that train, so `check` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from .job import PROVENANCE_KEY, JobError, load_job, save_job
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except JobError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+
+
+def cmd_demo(args) -> int:
+    from .demo import build_demo
+
+    job_path = build_demo(Path(args.dir).resolve(), steps=args.steps)
+    print(f"wrote the demo model, dataset and job: {job_path}")
+    print(f"train it with: python -m trainer run {job_path}")
+    return EXIT_OK
+
+
+def cmd_check(args) -> int:
+    from .plan import make_plan
+
+    job = load_job(args.job, args.set)
+    plan = make_plan(job, resume=args.resume)
+    print(f"job: {args.job} is valid")
+    for line in plan.describe():
+        print(line)
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    from .events import Reporter, parse_address
+    from .plan import make_plan
+
+    job = load_job(args.job, args.set)
+    plan = make_plan(job, resume=args.resume)
+    if args.events:
+        try:
+            parse_address(args.events)
+        except ValueError as exc:
+            raise JobError(str(exc)) from None
+    out = plan.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    save_job(job, out / "job.json", extra={PROVENANCE_KEY: _provenance()})
+    reporter = Reporter(out / "events.jsonl", args.events, plan.total_steps)
+    try:
+        from .train import train
+
+        status = train(job, plan, reporter, args.resume)
+        return EXIT_OK if status == "completed" else EXIT_STOPPED
+    except JobError as exc:
+        reporter.emit("error", message=str(exc), traceback="")
+        reporter.emit("run_finished", status="failed", outputs={})
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the reason must reach events.jsonl and the window
+        tail = "".join(traceback.format_exception(exc)[-6:])
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        reporter.emit("error", message=message, traceback=tail)
+        reporter.emit("run_finished", status="failed", outputs={})
+        print(tail, file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        reporter.close()
+
+
+def _provenance() -> dict:
+    import platform
+    import time
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "pydantic"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return {"written_by": "python -m trainer run", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "python": platform.python_version(), "packages": versions, "argv": sys.argv[1:]}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer", description="Train LoRAs for Stable Diffusion models.")
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="write a tiny model, dataset and job that train on any CPU in a minute")
+    demo.add_argument("dir", help="an empty or new folder")
+    demo.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
+    demo.set_defaults(func=cmd_demo)
+
+    for name, func, text in (("check", cmd_check, "validate a job and its data and print the plan"),
+                             ("run", cmd_run, "train")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("job", help="job file (JSON)")
+        cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a job field by its dotted path, e.g. optimizer.learning_rate=3e-4")
+        cmd.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+        cmd.set_defaults(func=func)
+        if name == "run":
+            cmd.add_argument("--events", metavar="tcp://127.0.0.1:PORT",
+                             help="also stream events to this loopback address (the window listens there)")
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(main())

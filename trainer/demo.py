@@ -1,0 +1,137 @@
+"""A self-contained demo: a tiny random-weight SD1.5 pipeline, a procedural dataset and a job that trains on them.
+
+It lets a new user (and the end-to-end tests) run the whole trainer in under a minute on a CPU, offline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from trainer.job import JobError, load_preset, merge, save_job, validate
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
+           "purple": (140, 50, 170), "orange": (240, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20)}
+SHAPES = ("circle", "square", "triangle")
+# Not all square, and all above 64 px, so the trainer's resize and center-crop are exercised.
+SIZES = ((96, 80), (80, 96), (72, 72), (112, 88))
+
+
+def build_tiny_sd15(path: Path, seed: int = 0) -> Path:
+    """Write a tiny SD1.5-layout diffusers folder with random weights (~6 MB); loads offline."""
+    # Imported here so the dataset and job builders (and importing this module) stay light and torch-free.
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    path = Path(path)
+    tokenizer = CLIPTokenizer.from_pretrained(_write_clip_tokenizer(path / "tokenizer"))
+    # fork_rng: seeding here must not change the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8)
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(
+            block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"))
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
+            vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    # SD1.5's own scheduler config, so prediction type and noise schedule match what real models use.
+    scheduler = PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", prediction_type="epsilon", steps_offset=1,
+                              skip_prk_steps=True, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def build_demo_dataset(path: Path, count: int = 12, seed: int = 0) -> Path:
+    """Write `count` procedural shape images (PNG and JPG) with captions; exactly one has no caption."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = list(COLOURS)
+    for i in range(count):
+        shape = SHAPES[i % len(SHAPES)]
+        fg, bg = rng.choice(len(names), size=2, replace=False)
+        image = _draw(shape, COLOURS[names[fg]], COLOURS[names[bg]], SIZES[i % len(SIZES)], rng)
+        stem = f"{i:02d}_{names[fg]}_{shape}"
+        image.save(path / f"{stem}.{'png' if i % 2 == 0 else 'jpg'}")
+        if i != count - 1:  # the last image stays uncaptioned: the folder's instance_prompt covers it
+            caption = f"{_a(names[fg])} {shape} on {_a(names[bg])} background"
+            (path / f"{stem}.txt").write_text(caption + "\n", encoding="utf-8")
+    return path
+
+
+def build_demo(dir: Path, steps: int = 40) -> Path:
+    """Build model, dataset and job.json in an empty or new `dir`; return the job.json path."""
+    dir = Path(dir).resolve()
+    if dir.exists() and (not dir.is_dir() or any(dir.iterdir())):
+        raise JobError(f"{dir}: not empty; choose a new folder")
+    build_tiny_sd15(dir / "model")
+    build_demo_dataset(dir / "dataset")
+    job = validate(merge(load_preset("demo").model_dump(mode="json"), {
+        "model": {"path": str(dir / "model")},
+        "dataset": {"folders": [{"path": str(dir / "dataset"), "instance_prompt": "a shape"}]},
+        "output": {"output_dir": str(dir / "run")},
+        "schedule": {"max_steps": steps},
+    }), "demo job")
+    save_job(job, dir / "job.json")
+    return dir / "job.json"
+
+
+def _write_clip_tokenizer(path: Path) -> Path:
+    # No merges: a byte-level BPE of ~514 tokens tokenizes any text, which is all a random model needs.
+    symbols = list(_bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (path / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}), encoding="utf-8")
+    return path
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # GPT-2/CLIP's byte alphabet: printable bytes map to themselves, the rest to code points above 255.
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b) if b in keep else chr(next(extra)) for b in range(256)}
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
+def _draw(shape: str, fg: tuple, bg: tuple, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
+    w, h = size
+    # A vertical gradient from the background colour to a darker shade, so images are not flat fills.
+    t = np.linspace(1.0, 0.55, h)[:, None, None]
+    pixels = (np.array(bg, dtype=np.float32) * t).repeat(w, axis=1)  # (H, W, 3)
+    image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "RGB")
+    r = int(min(w, h) * rng.uniform(0.25, 0.38))
+    cx, cy = int(rng.integers(r, w - r + 1)), int(rng.integers(r, h - r + 1))
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fg)
+    elif shape == "square":
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fg)
+    else:
+        draw.polygon([(cx + r * math.cos(a), cy + r * math.sin(a))
+                      for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)], fill=fg)
+    return image

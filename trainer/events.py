@@ -1,0 +1,284 @@
+"""The event stream: JSON lines the trainer writes to `events.jsonl` and, when asked, to a loopback socket.
+
+This module is the contract between trainer and window, so it never imports torch (or Qt). The socket is
+two-way: the trainer connects, sends `hello` with the run's token, streams events, and reads commands
+(`stop`, `save`, `sample`) that the window sends back. Losing the socket never stops training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+TOKEN_ENV = "SDTRAINER_EVENTS_TOKEN"
+COMMANDS = ("stop", "save", "sample")
+
+# Every event has `type` and `time`; these are the other fields each type carries.
+EVENT_FIELDS: dict[str, tuple[str, ...]] = {
+    "run_started": ("job", "total_steps", "start_step", "output_dir"),
+    "step": ("step", "epoch", "loss", "lr", "its", "eta"),
+    "sample": ("step", "prompt", "seed", "path"),
+    "checkpoint": ("step", "path"),
+    "log": ("level", "message"),
+    "error": ("message", "traceback"),
+    "run_finished": ("status", "outputs"),
+}
+FINISH_STATUSES = ("completed", "stopped", "failed")
+
+
+def make_event(type_: str, **fields) -> dict:
+    """An event dict, checked against EVENT_FIELDS so the two sides cannot drift apart."""
+    if type_ not in EVENT_FIELDS:
+        raise ValueError(f"unknown event type {type_!r}")
+    missing = [f for f in EVENT_FIELDS[type_] if f not in fields]
+    if missing:
+        raise ValueError(f"{type_} event is missing {', '.join(missing)}")
+    return {"type": type_, "time": round(time.time(), 3), **fields}
+
+
+def encode(event: dict) -> bytes:
+    return (json.dumps(event, separators=(",", ":"), allow_nan=False, default=str) + "\n").encode("utf-8")
+
+
+def decode(line: bytes | str) -> dict | None:
+    """One line to an event, or None for a line that is not a well-formed event (a torn last line, say)."""
+    try:
+        event = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(event, dict) or event.get("type") not in EVENT_FIELDS:
+        return None
+    return event
+
+
+def read_events(path: str | Path, offset: int = 0) -> tuple[list[dict], int]:
+    """Events from an events.jsonl starting at byte `offset`; returns them and the offset to continue from.
+
+    A last line without its newline is still being written: it is left for the next call.
+    """
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    events = [e for e in (decode(line) for line in data[:end].splitlines()) if e is not None]
+    return events, offset + end
+
+
+def hello(token: str) -> bytes:
+    return encode({"type": "hello", "token": token})
+
+
+def hello_ok(line: bytes, token: str) -> bool:
+    """The first line a client sends must be a hello carrying this run's token."""
+    try:
+        msg = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(msg, dict) and msg.get("type") == "hello" and msg.get("token") == token
+
+
+def command(name: str) -> bytes:
+    if name not in COMMANDS:
+        raise ValueError(f"unknown command {name!r}")
+    return encode({"command": name})
+
+
+class Reporter:
+    """Where the trainer's events go: events.jsonl always, the window's socket if given, and the terminal."""
+
+    def __init__(self, events_path: str | Path, address: str | None = None, total_steps: int = 0,
+                 stream=sys.stderr):
+        self.path = Path(events_path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "ab")
+        self._sock: socket.socket | None = None
+        self._inbox = b""
+        self._stream = stream
+        self._bar = None
+        self._total = total_steps
+        self._last_line = 0.0
+        if address:
+            self._connect(address)
+
+    def emit(self, type_: str, **fields) -> dict:
+        event = make_event(type_, **fields)
+        line = encode(event)
+        self._file.write(line)
+        self._file.flush()
+        if self._sock is not None:
+            try:
+                self._sock.sendall(line)
+            except OSError as exc:
+                self._drop(f"event socket closed ({exc}); training goes on, events.jsonl still has everything")
+        self._show(event)
+        return event
+
+    def log(self, message: str, level: str = "info") -> None:
+        self.emit("log", level=level, message=message)
+
+    def commands(self) -> list[str]:
+        """Commands the window sent since the last call (never blocks)."""
+        if self._sock is None:
+            return []
+        try:
+            while True:
+                chunk = self._sock.recv(65536)
+                if not chunk:
+                    self._drop("the window closed its connection; training goes on")
+                    break
+                self._inbox += chunk
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            self._drop(f"event socket error ({exc}); training goes on")
+        out = []
+        while b"\n" in self._inbox:
+            line, self._inbox = self._inbox.split(b"\n", 1)
+            try:
+                name = json.loads(line).get("command")
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            if name in COMMANDS:
+                out.append(name)
+        return out
+
+    def set_total(self, total_steps: int, start_step: int = 0) -> None:
+        self._total = total_steps
+        if self._stream is not None and self._stream.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, file=self._stream, unit="step",
+                             dynamic_ncols=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+            self._sock = None
+        self._file.close()
+
+    def _connect(self, address: str) -> None:
+        host, port = parse_address(address)
+        try:
+            sock = socket.create_connection((host, port), timeout=5)
+            sock.sendall(hello(os.environ.get(TOKEN_ENV, "")))
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._sock = sock
+        except OSError as exc:
+            self._say(f"could not connect to {address} ({exc}); events go to {self.path} only")
+
+    def _drop(self, why: str) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+            self._sock = None
+            self._say(why)
+
+    def _show(self, event: dict) -> None:
+        kind = event["type"]
+        if kind == "step":
+            if self._bar is not None:
+                self._bar.set_postfix(loss=f"{event['loss']:.4f}", lr=f"{event['lr']:.2e}", refresh=False)
+                self._bar.update(event["step"] - self._bar.n)
+            elif time.monotonic() - self._last_line > 10 or event["step"] == self._total:
+                self._last_line = time.monotonic()
+                self._say(f"step {event['step']}/{self._total} loss {event['loss']:.4f} "
+                          f"{event['its']:.2f} it/s eta {event['eta']:.0f}s")
+        elif kind == "log" and event["level"] != "debug":
+            self._say(f"[{event['level']}] {event['message']}")
+        elif kind == "error":
+            self._say(f"error: {event['message']}")
+        elif kind in ("checkpoint", "sample"):
+            self._say(f"{kind} at step {event['step']}: {event['path']}")
+        elif kind == "run_finished":
+            self._say(f"run {event['status']}")
+
+    def _say(self, text: str) -> None:
+        if self._stream is None:
+            return
+        if self._bar is not None:
+            self._bar.write(text, file=self._stream)
+        else:
+            print(text, file=self._stream, flush=True)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """`tcp://127.0.0.1:PORT` only: events never leave this machine."""
+    if not address.startswith("tcp://"):
+        raise ValueError(f"--events {address}: expected tcp://127.0.0.1:PORT")
+    host, _, port = address[len("tcp://"):].rpartition(":")
+    if host not in ("127.0.0.1", "localhost", "[::1]") or not port.isdigit():
+        raise ValueError(f"--events {address}: expected tcp://127.0.0.1:PORT (loopback only)")
+    return host.strip("[]"), int(port)
+
+
+class EventListener:
+    """A plain-socket listener for headless use and tests: the same handshake the window's QTcpServer does.
+
+    Accepts one trainer at a time, refuses a client whose hello carries the wrong token, collects events,
+    and can send commands back.
+    """
+
+    def __init__(self, token: str):
+        self.token = token
+        self.events: list[dict] = []
+        self.refused = 0
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.address = f"tcp://127.0.0.1:{self._server.getsockname()[1]}"
+        self._client: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def send(self, name: str) -> None:
+        with self._lock:
+            if self._client is None:
+                raise RuntimeError("no trainer connected")
+            self._client.sendall(command(name))
+
+    def wait_for(self, type_: str, timeout: float = 60.0) -> dict | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                for event in self.events:
+                    if event["type"] == type_:
+                        return event
+            time.sleep(0.02)
+        return None
+
+    def close(self) -> None:
+        self._server.close()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            reader = conn.makefile("rb")
+            if not hello_ok(reader.readline(), self.token):
+                with self._lock:
+                    self.refused += 1
+                conn.close()
+                continue
+            with self._lock:
+                self._client = conn
+            for line in reader:
+                event = decode(line)
+                if event is not None:
+                    with self._lock:
+                        self.events.append(event)
+            with self._lock:
+                self._client = None

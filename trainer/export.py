@@ -1,0 +1,105 @@
+"""Final LoRA files: diffusers/PEFT format for `load_lora_weights`, kohya format with `ss_` metadata for ComfyUI/A1111.
+
+Both embed the resolved job, so any file can be traced back to how it was made.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from .job import Job
+
+JOB_METADATA_KEY = "sdtrainer_job"
+
+
+def write_lora(final_dir: Path, family, parts, lora_state: dict, job: Job, info: dict) -> dict[str, Path]:
+    """Write final/pytorch_lora_weights.safetensors and final/NAME.safetensors; returns their paths."""
+    final_dir.mkdir(parents=True, exist_ok=True)
+    job_json = json.dumps(job.model_dump(mode="json"), separators=(",", ":"))
+    adapter = {"r": job.network.rank, "lora_alpha": job.network.alpha,
+               "target_modules": sorted(job.network.target_modules), "lora_dropout": job.network.dropout}
+    diffusers_path = family.save_lora_diffusers(final_dir, lora_state, adapter)
+    _add_metadata(diffusers_path, {JOB_METADATA_KEY: job_json})
+    outputs = {"diffusers": diffusers_path}
+    if job.output.save_kohya:
+        kohya_path = final_dir / f"{job.output.name}.safetensors"
+        metadata = {**kohya_metadata(job, info), **family.kohya_metadata(parts), JOB_METADATA_KEY: job_json}
+        save_file(family.kohya_state_dict(lora_state, job.network.alpha), kohya_path, metadata=metadata)
+        outputs["kohya"] = kohya_path
+    return outputs
+
+
+def kohya_metadata(job: Job, info: dict) -> dict[str, str]:
+    """The `ss_` fields kohya's sd-scripts write, which A1111's and ComfyUI's LoRA browsers read."""
+    res = job.dataset.resolution
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(job.network.rank),
+        "ss_network_alpha": _number(job.network.alpha),
+        "ss_network_dropout": _number(job.network.dropout),
+        "ss_resolution": f"({res}, {res})",
+        "ss_num_train_images": str(info["num_train_images"]),
+        "ss_num_reg_images": "0",
+        "ss_training_started_at": str(info["started_at"]),
+        "ss_training_finished_at": str(time.time()),
+        "ss_steps": str(info["step"]),
+        "ss_max_train_steps": str(info["total_steps"]),
+        "ss_epoch": str(info["epoch"]),
+        "ss_learning_rate": _number(job.optimizer.learning_rate),
+        "ss_unet_lr": _number(job.optimizer.learning_rate),
+        "ss_text_encoder_lr": "0",
+        "ss_lr_scheduler": job.schedule.lr_scheduler,
+        "ss_lr_warmup_steps": str(job.schedule.warmup_steps),
+        "ss_optimizer": job.optimizer.name,
+        "ss_batch_size_per_device": str(job.schedule.batch_size),
+        "ss_gradient_accumulation_steps": str(job.schedule.gradient_accumulation),
+        "ss_mixed_precision": job.precision.mixed_precision,
+        "ss_gradient_checkpointing": str(job.precision.gradient_checkpointing),
+        "ss_seed": str(job.schedule.seed),
+        "ss_max_grad_norm": _number(job.optimizer.max_grad_norm),
+        "ss_sd_model_name": Path(job.model.path).name or job.model.path,
+        "ss_output_name": job.output.name,
+        "ss_tag_frequency": json.dumps(tag_frequency(info["captions_by_folder"])),
+        "ss_dataset_dirs": json.dumps({Path(f).name: {"n_repeats": r, "img_count": n}
+                                       for f, (r, n) in info["folders"].items()}),
+        "ss_training_comment": "trained with sdtrainer",
+    }
+    return meta
+
+
+def tag_frequency(captions_by_folder: dict[str, list[str]]) -> dict[str, dict[str, int]]:
+    """kohya's ss_tag_frequency: per dataset folder, how often each comma-separated tag appears."""
+    out = {}
+    for folder, captions in captions_by_folder.items():
+        counts = Counter(tag.strip() for caption in captions for tag in caption.split(",") if tag.strip())
+        out[Path(folder).name] = dict(counts.most_common())
+    return out
+
+
+def read_job_metadata(path: Path) -> dict | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get(JOB_METADATA_KEY)
+    return json.loads(raw) if raw else None
+
+
+def _add_metadata(path: Path, extra: dict[str, str]) -> None:
+    """Rewrite a small safetensors file with more metadata (a LoRA is megabytes, so this is cheap)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+    tensors = load_file(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata={**metadata, **extra})
+    tmp.replace(path)
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"

@@ -1,0 +1,95 @@
+"""Model families: which module handles a model, and finding the family from the model's files.
+
+Detection reads JSON configs and safetensors headers only, so `trainer check` needs no torch. Adding a family
+means its module, a line in FAMILIES, and a rule in `detect_family`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from importlib import import_module
+from pathlib import Path
+
+from ..job import JobError, ModelSpec
+
+FAMILIES = {"sd1": "sd", "sd2": "sd"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def family_module(name: str):
+    """The module that implements a family (imports torch: call only when training)."""
+    return import_module(f"{__name__}.{FAMILIES[name]}")
+
+
+def check_model_path(spec: ModelSpec) -> str:
+    """What kind of model path this is ('folder', 'file', 'hub'), or a JobError naming model.path."""
+    if not spec.path:
+        raise JobError("model.path: no base model given")
+    path = Path(spec.path).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise JobError(f"model.path: {path}: not a diffusers model folder (no model_index.json)")
+        return "folder"
+    if path.is_file():
+        if path.suffix.lower() != ".safetensors":
+            raise JobError(f"model.path: {path}: expected a .safetensors checkpoint or a diffusers folder")
+        return "file"
+    if _HUB_ID.match(spec.path) and not spec.path.startswith((".", "/", "~")):
+        return "hub"
+    raise JobError(f"model.path: {spec.path}: not found")
+
+
+def detect_family(spec: ModelSpec) -> str:
+    """The job's family, or the one the model's files say; hub ids that are not cached default to sd1."""
+    if spec.family != "auto":
+        return spec.family
+    kind = check_model_path(spec)
+    path = Path(spec.path).expanduser()
+    if kind == "folder":
+        return _family_from_folder(path)
+    if kind == "file":
+        if spec.config and Path(spec.config).is_dir():
+            return _family_from_folder(Path(spec.config))
+        return _family_from_checkpoint_keys(path)
+    return "sd1"
+
+
+def _family_from_folder(path: Path) -> str:
+    index = _read_json(path / "model_index.json")
+    cls = index.get("_class_name", "")
+    if cls not in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"):
+        raise JobError(f"model.path: {path}: {cls or 'this pipeline'} is not a supported family yet "
+                       f"(supported: {', '.join(sorted(FAMILIES))})")
+    unet = _read_json(path / "unet" / "config.json")
+    return "sd2" if unet.get("cross_attention_dim") == 1024 else "sd1"
+
+
+def _family_from_checkpoint_keys(path: Path) -> str:
+    keys = _safetensors_keys(path)
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"  # OpenCLIP text encoder
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1"
+    raise JobError(f"model.path: {path}: not a Stable Diffusion 1.x/2.x checkpoint (no text encoder keys)")
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    """The tensor names from a safetensors header: an 8-byte length, then JSON."""
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > 100_000_000:
+                raise ValueError("header too large")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, struct.error) as exc:
+        raise JobError(f"model.path: {path}: not a readable safetensors file ({exc})") from None
+    return [k for k in header if k != "__metadata__"]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise JobError(f"model.path: {path}: cannot read ({exc})") from None

@@ -1,0 +1,146 @@
+"""Stable Diffusion 1.x and 2.x: everything the training loop needs to know about this family.
+
+Loading the parts, encoding prompts, the noisy input and its target (epsilon or v-prediction), the validation
+pipeline, and how its LoRA files are named and labelled for kohya-format tools.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..job import JobError, ModelSpec
+
+NAMES = ("sd1", "sd2")
+DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@dataclass
+class Parts:
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    noise_scheduler: Any  # DDPM with the model's betas: adds noise during training
+    sample_scheduler: Any  # the model's own scheduler: used for validation images
+    prediction_type: str
+    base_version: str  # kohya's ss_base_model_version
+
+
+def load(spec: ModelSpec) -> Parts:
+    """The model's parts from a local diffusers folder, a hub id, or a single-file checkpoint."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    pipe = _load_pipeline(StableDiffusionPipeline, spec)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction_type = spec.prediction_type
+    if prediction_type == "auto":
+        prediction_type = noise_scheduler.config.get("prediction_type", "epsilon")
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise JobError(f"model.prediction_type: the model's scheduler says {prediction_type!r}; "
+                       "set epsilon or v_prediction")
+    noise_scheduler.register_to_config(prediction_type=prediction_type)
+    pipe.scheduler.register_to_config(prediction_type=prediction_type)
+    is_v2 = pipe.unet.config.cross_attention_dim == 1024
+    for frozen in (pipe.vae, pipe.text_encoder):
+        frozen.requires_grad_(False)
+        frozen.eval()
+    return Parts(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, noise_scheduler, pipe.scheduler,
+                 prediction_type, "sd_v2" if is_v2 else "sd_v1")
+
+
+@torch.no_grad()
+def encode_prompts(parts: Parts, captions: list[str]) -> dict:
+    tok = parts.tokenizer(captions, padding="max_length", max_length=parts.tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt")
+    ids = tok.input_ids.to(parts.text_encoder.device)
+    return {"encoder_hidden_states": parts.text_encoder(ids)[0]}
+
+
+@torch.no_grad()
+def encode_images(parts: Parts, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] to scaled latents (B, 4, H/8, W/8)."""
+    pixels = pixels.to(parts.vae.device, parts.vae.dtype)
+    latents = parts.vae.encode(pixels).latent_dist.sample(generator)
+    return latents * parts.vae.config.scaling_factor
+
+
+def noisy_input_and_target(parts: Parts, latents: torch.Tensor, generator: torch.Generator):
+    """DDPM forward process: a random timestep per sample, the noised latents, and what the UNet must predict."""
+    sched = parts.noise_scheduler
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator,
+                              device=latents.device).long()
+    noisy = sched.add_noise(latents, noise, timesteps)
+    if parts.prediction_type == "v_prediction":
+        target = sched.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    return noisy, timesteps, target
+
+
+def predict(parts: Parts, unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
+    return unet(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+
+
+def validation_pipeline(parts: Parts, unet):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                   unet=unet, scheduler=parts.sample_scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_lora_diffusers(directory: Path, unet_lora_state: dict, adapter_config: dict) -> Path:
+    """pytorch_lora_weights.safetensors, which `pipe.load_lora_weights(directory)` reads."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    StableDiffusionPipeline.save_lora_weights(
+        directory, unet_lora_layers=convert_state_dict_to_diffusers(unet_lora_state),
+        unet_lora_adapter_metadata=adapter_config, safe_serialization=True)
+    return Path(directory) / "pytorch_lora_weights.safetensors"
+
+
+def kohya_state_dict(unet_lora_state: dict, alpha: float) -> dict:
+    """PEFT LoRA keys to kohya names (`lora_unet_down_blocks_0_..._to_q.lora_down.weight` + `.alpha`)."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    prefixed = {f"unet.{k}": v for k, v in unet_lora_state.items()}
+    out = convert_state_dict_to_kohya(prefixed)
+    # diffusers writes alpha = rank; the network was trained with the job's alpha, so that is what tools need.
+    for key in out:
+        if key.endswith(".alpha"):
+            out[key] = torch.tensor(float(alpha))
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def kohya_metadata(parts: Parts) -> dict[str, str]:
+    is_v2 = parts.base_version == "sd_v2"
+    return {"ss_base_model_version": parts.base_version, "ss_v2": str(is_v2),
+            "ss_v_parameterization": str(parts.prediction_type == "v_prediction")}
+
+
+def _load_pipeline(pipeline_cls, spec: ModelSpec):
+    path = spec.path
+    common = {"safety_checker": None, "requires_safety_checker": False}
+    try:
+        if Path(path).suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin"):
+            if Path(path).suffix.lower() != ".safetensors":
+                raise JobError(f"model.path: {path}: only .safetensors checkpoints are loaded (pickled "
+                               "checkpoints can run code); convert it first")
+            config = spec.config or None
+            local = bool(config) and Path(config).is_dir()
+            return pipeline_cls.from_single_file(path, config=config, local_files_only=local, **common)
+        return pipeline_cls.from_pretrained(path, revision=spec.revision or None, variant=spec.variant or None,
+                                            **common)
+    except JobError:
+        raise
+    except (OSError, ValueError, EnvironmentError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise JobError(f"model.path: {path}: cannot load ({first})") from None
