@@ -271,6 +271,7 @@ class EventListener:
             if not hello_ok(reader.readline(), self.token):
                 with self._lock:
                     self.refused += 1
+                reader.close()  # the file object holds the socket open until it is closed too
                 conn.close()
                 continue
             with self._lock:

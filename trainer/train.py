@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import broadcast
+from accelerate.utils import broadcast, set_seed
 
 from . import checkpoint
 from .dataset import TrainDataset, collate, epoch_batches
@@ -37,21 +37,31 @@ class Requests:
 
 def train(job: Job, plan: Plan, reporter: Reporter, resume: bool) -> str:
     """Train to the end or until asked to stop; returns 'completed' or 'stopped'."""
+    requests = Requests()
+    previous = {sig: signal.signal(sig, _stop_handler(requests)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _train(job, plan, reporter, resume, requests)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Requests) -> str:
     out = plan.output_dir
     sched = job.schedule
     accelerator = _accelerator(job, reporter)
     main = accelerator.is_main_process
-    requests = _install_signal_handlers()
 
     family = family_module(plan.family)
     parts = family.load(job.model)
     frozen_dtype = torch.float32 if accelerator.device.type == "cpu" else _autocast_dtype(accelerator)
-    parts.vae.to(accelerator.device, dtype=torch.float32)  # the VAE overflows in fp16; keep it fp32
-    parts.text_encoder.to(accelerator.device, dtype=frozen_dtype)
+    parts.vae.to(accelerator.device)  # fp32 always: the SD VAE overflows in fp16
+    _to(parts.text_encoder, accelerator.device, frozen_dtype)
 
     unet = parts.unet
     unet.requires_grad_(False)
-    unet.to(accelerator.device, dtype=frozen_dtype)
+    _to(unet, accelerator.device, frozen_dtype)
+    set_seed(sched.seed)  # the LoRA's random init must be the same in every run of this job
     _add_lora(unet, job)
     if job.precision.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -86,6 +96,7 @@ def train(job: Job, plan: Plan, reporter: Reporter, resume: bool) -> str:
 
     accum = sched.gradient_accumulation
     step, micro = start_step, start_step * accum
+    epoch = micro // plan.batches_per_epoch
     losses: list[torch.Tensor] = []
     timer = _StepTimer(plan.total_steps)
     status = "completed"
@@ -160,6 +171,14 @@ def _accelerator(job: Job, reporter: Reporter) -> Accelerator:
     return Accelerator(gradient_accumulation_steps=job.schedule.gradient_accumulation, mixed_precision=precision)
 
 
+def _to(module, device, dtype) -> None:
+    # Passing dtype=float32 to a float32 model makes diffusers warn about casting; only cast when it changes.
+    if dtype == torch.float32:
+        module.to(device)
+    else:
+        module.to(device, dtype=dtype)
+
+
 def _autocast_dtype(accelerator: Accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
@@ -194,9 +213,8 @@ def _generator(seed: int, micro: int, accelerator: Accelerator) -> torch.Generat
     return torch.Generator(device=accelerator.device).manual_seed(value)
 
 
-def _install_signal_handlers() -> Requests:
-    """Ctrl-C or SIGTERM: save a checkpoint and stop at the next step; a second Ctrl-C stops at once."""
-    requests = Requests()
+def _stop_handler(requests: Requests):
+    """Ctrl-C or SIGTERM: save a checkpoint and stop at the next step; a second one stops at once."""
 
     def handler(signum, frame):
         requests.signals += 1
@@ -204,9 +222,7 @@ def _install_signal_handlers() -> Requests:
             raise KeyboardInterrupt
         requests.stop = True
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    return requests
+    return handler
 
 
 def _gather_requests(accelerator: Accelerator, reporter: Reporter, requests: Requests) -> Requests:
