@@ -1,0 +1,64 @@
+import os
+import tempfile
+
+# Qt tests run without a display, and never touch the user's settings or presets.
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+_home = tempfile.mkdtemp(prefix="sdtrainer-test-home-")
+os.environ["XDG_CONFIG_HOME"] = os.path.join(_home, "config")
+os.environ["XDG_DATA_HOME"] = os.path.join(_home, "data")
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+FAKE_TRAINER = str(Path(__file__).resolve().parent / "fake_trainer.py")
+
+
+@pytest.fixture
+def app_window(qtbot):
+    """The real main window running tests/fake_trainer.py; its questions are answered from `answers`
+    (first button when empty) and recorded in `questions`; error dialogs go to `messages`."""
+    from app.window import MainWindow
+
+    window = MainWindow(trainer_command=[sys.executable, FAKE_TRAINER], restore=False)
+    window.questions, window.answers, window.messages = [], [], []
+
+    def ask(title, text, buttons):
+        window.questions.append((title, text))
+        return window.answers.pop(0) if window.answers else buttons[0]
+
+    window.ask = ask
+    window.show_message = lambda title, text: window.messages.append(f"{title}: {text}")
+    qtbot.addWidget(window)
+    yield window
+    if window.runner.state != "idle":
+        window.runner.kill()
+        qtbot.waitUntil(lambda: window.runner.state == "idle", timeout=5000)
+
+
+@pytest.fixture(scope="session")
+def demo_template(tmp_path_factory):
+    """A demo folder (tiny random SD1.5 model, 12 images, job.json) built once; copy it, don't train in it."""
+    from trainer.demo import build_demo
+
+    root = tmp_path_factory.mktemp("demo-template") / "demo"
+    build_demo(root, steps=8)
+    return root
+
+
+@pytest.fixture
+def demo_job(demo_template, tmp_path):
+    """A fresh copy of the demo whose job points at this test's own folder."""
+    import shutil
+
+    from trainer.job import load_job, save_job
+
+    root = tmp_path / "demo"
+    shutil.copytree(demo_template, root)
+    job = load_job(root / "job.json")
+    job.model.path = str(root / "model")
+    job.dataset.folders[0].path = str(root / "dataset")
+    job.output.output_dir = str(root / "run")
+    save_job(job, root / "job.json")
+    return root / "job.json"
