@@ -97,12 +97,15 @@ def validation_pipeline(parts: Parts, unet):
 
 
 def save_lora_diffusers(directory: Path, unet_lora_state: dict, adapter_config: dict) -> Path:
-    """pytorch_lora_weights.safetensors, which `pipe.load_lora_weights(directory)` reads."""
+    """pytorch_lora_weights.safetensors, which `pipe.load_lora_weights(directory)` reads.
+
+    Keys stay in PEFT form (`unet.<module>.lora_A.weight`): diffusers' older-format conversion renames only the
+    attention projections, and its loader then drops them when other modules (convs, feed-forward) are trained.
+    """
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
 
     StableDiffusionPipeline.save_lora_weights(
-        directory, unet_lora_layers=convert_state_dict_to_diffusers(unet_lora_state),
+        directory, unet_lora_layers=unet_lora_state,
         unet_lora_adapter_metadata=adapter_config, safe_serialization=True)
     return Path(directory) / "pytorch_lora_weights.safetensors"
 

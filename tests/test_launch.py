@@ -1,0 +1,317 @@
+"""launch.py: argument parsing, the child command lines per mode, the install stamp, and the no-display hint.
+
+No real pip runs here: ensure_setup gets a fake runner. Nothing touches the repository's own .venv.
+"""
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import launch
+
+REPO = Path(launch.__file__).resolve().parent
+PY = "/venv/bin/python"
+
+
+# ---- the command line -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, mode", [
+    ([], "window"),
+    (["--headless", "job.json"], "headless"),
+    (["--demo", "d"], "demo"),
+    (["--setup"], "setup"),
+    (["--test"], "test"),
+])
+def test_modes(argv, mode):
+    assert launch.parse_args(argv).mode == mode
+
+
+@pytest.mark.parametrize("argv", [
+    ["--bogus"],
+    ["--headless"],  # no job
+    ["--steps", "3"],  # --steps without --demo
+    ["--setup", "--steps", "3"],
+    ["--demo", "d", "--steps", "0"],
+    ["--demo", "d", "--setup"],  # two modes
+    ["stray"],
+])
+def test_bad_arguments_are_argparse_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        launch.parse_args(argv)
+    assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_headless_passes_trainer_arguments_through_verbatim(tmp_path):
+    args = launch.parse_args(["--headless", "jobs/a.json", "--resume", "--set", "schedule.max_steps=5",
+                              "--set", "optimizer.name=adamw8bit"])
+    assert launch.child_commands(args, PY, REPO, tmp_path) == [
+        ([PY, "-m", "trainer", "run", "jobs/a.json", "--resume", "--set", "schedule.max_steps=5",
+          "--set", "optimizer.name=adamw8bit"], tmp_path)]
+
+
+def test_window_runs_the_app_package(tmp_path):
+    assert launch.child_commands(launch.parse_args([]), PY, REPO, tmp_path) == [([PY, "-m", "app"], tmp_path)]
+
+
+def test_demo_builds_then_trains_in_an_absolute_folder(tmp_path):
+    args = launch.parse_args(["--demo", "sub/demo", "--steps", "6"])
+    folder = tmp_path / "sub" / "demo"
+    assert launch.child_commands(args, PY, REPO, tmp_path) == [
+        ([PY, "-m", "trainer", "demo", str(folder), "--steps", "6"], tmp_path),
+        ([PY, "-m", "trainer", "run", str(folder / "job.json")], tmp_path)]
+
+
+def test_demo_without_steps_leaves_the_trainer_default(tmp_path):
+    (build, _), _ = launch.child_commands(launch.parse_args(["--demo", str(tmp_path)]), PY, REPO, tmp_path)
+    assert build == [PY, "-m", "trainer", "demo", str(tmp_path)]
+
+
+def test_test_mode_runs_pytest_in_the_repo_with_its_arguments(tmp_path):
+    args = launch.parse_args(["--test", "-k", "launch", "-x"])
+    assert launch.child_commands(args, PY, REPO, tmp_path) == [([PY, "-m", "pytest", "-q", "-k", "launch", "-x"],
+                                                                 REPO)]
+
+
+def test_setup_mode_runs_nothing_after_installing(tmp_path):
+    assert launch.child_commands(launch.parse_args(["--setup"]), PY, REPO, tmp_path) == []
+
+
+# ---- the window needs a display ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("platform, env, blocked", [
+    ("linux", {}, True),
+    ("linux", {"DISPLAY": ":0"}, False),
+    ("linux", {"WAYLAND_DISPLAY": "wayland-0"}, False),
+    ("linux", {"QT_QPA_PLATFORM": "offscreen"}, False),
+    ("linux", {"DISPLAY": ""}, True),
+    ("darwin", {}, False),
+    ("win32", {}, False),
+])
+def test_no_display_hint(platform, env, blocked):
+    hint = launch.no_display_hint(platform, env)
+    assert (hint is not None) == blocked
+    if blocked:
+        assert "--headless" in hint and "--demo" in hint and "\n" not in hint
+
+
+def test_window_without_display_exits_2_before_any_setup(monkeypatch, capsys):
+    monkeypatch.setattr(launch.sys, "platform", "linux")
+    for name in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(launch, "ensure_setup", lambda *a, **k: pytest.fail("setup ran"))
+    monkeypatch.setattr(launch, "reexec_in_venv", lambda *a, **k: pytest.fail("re-exec ran"))
+    assert launch.main([]) == 2
+    assert "--headless" in capsys.readouterr().err
+
+
+# ---- the install stamp ------------------------------------------------------------------------------------------
+
+def test_setup_key_follows_each_input():
+    base = launch.setup_key(b"[project]\n", "torch==2.13.0", "")
+    assert base == launch.setup_key(b"[project]\n", "torch==2.13.0", "")
+    assert base != launch.setup_key(b"[project]\nx=1\n", "torch==2.13.0", "")
+    assert base != launch.setup_key(b"[project]\n", "torch==2.14.1", "")
+    assert base != launch.setup_key(b"[project]\n", "torch==2.13.0", "https://download.pytorch.org/whl/cu128")
+
+
+@pytest.mark.parametrize("stamp, wanted, expected", [
+    (None, set(), []),
+    (None, {"test"}, ["test"]),
+    ({"key": "k", "extras": []}, set(), None),
+    ({"key": "k", "extras": ["test"]}, set(), None),  # installed with more than asked for: fine
+    ({"key": "k", "extras": []}, {"test"}, ["test"]),
+    ({"key": "old", "extras": ["test"]}, set(), ["test"]),  # reinstall keeps the test tools
+    ({"extras": []}, set(), []),
+])
+def test_extras_to_install(stamp, wanted, expected):
+    assert launch.extras_to_install(stamp, "k", wanted) == expected
+
+
+class FakePip:
+    """Stands in for run_logged: records the commands and fails where told to."""
+
+    def __init__(self, fail_at=None):
+        self.commands, self.fail_at = [], fail_at
+
+    def __call__(self, cmd, log):
+        self.commands.append(cmd)
+        log.write(b"pip says something\n")
+        return 1 if len(self.commands) == self.fail_at else 0
+
+
+@pytest.fixture
+def tree(tmp_path):
+    repo, venv = tmp_path / "repo", tmp_path / "repo" / ".venv"
+    venv.mkdir(parents=True)
+    (repo / "pyproject.toml").write_text('[project]\nname = "sdtrainer"\n')
+    return repo, venv
+
+
+def setup(tree, pip, env=None, wanted=frozenset()):
+    repo, venv = tree
+    return launch.ensure_setup(PY, venv, repo, set(wanted), env or {}, runner=pip,
+                               torch_version=lambda python, dist: "2.13.0+cpu")
+
+
+def test_first_setup_installs_torch_first_then_the_project_holding_torch(tree):
+    repo, venv = tree
+    pip = FakePip()
+    assert setup(tree, pip) == 0
+    assert pip.commands == [
+        [PY, "-m", "pip", "install", "--disable-pip-version-check", launch.DEFAULT_TORCH],
+        [PY, "-m", "pip", "install", "--disable-pip-version-check", "-e", str(repo), "torch==2.13.0+cpu"]]
+    stamp = json.loads((venv / launch.STAMP_NAME).read_text())
+    assert stamp["torch"] == launch.DEFAULT_TORCH and stamp["extras"] == []
+    assert b"pip says something" in (venv / launch.LOG_NAME).read_bytes()
+
+
+def test_second_setup_with_the_same_inputs_runs_no_pip(tree):
+    setup(tree, FakePip())
+    again = FakePip()
+    assert setup(tree, again) == 0
+    assert again.commands == []
+
+
+def test_changed_pyproject_installs_again(tree):
+    repo, _ = tree
+    setup(tree, FakePip())
+    (repo / "pyproject.toml").write_text('[project]\nname = "sdtrainer"\ndependencies = ["tqdm"]\n')
+    again = FakePip()
+    assert setup(tree, again) == 0
+    assert len(again.commands) == 2
+    assert setup(tree, FakePip(fail_at=1)) == 0  # and then it is stamped again
+
+
+def test_torch_choice_from_the_environment(tree):
+    setup(tree, FakePip())
+    pip = FakePip()
+    env = {"SDTRAINER_TORCH": "torch==2.14.1", "SDTRAINER_TORCH_INDEX": "https://download.pytorch.org/whl/cu128"}
+    assert setup(tree, pip, env) == 0
+    torch_step, project_step = pip.commands
+    assert torch_step[-3:] == ["torch==2.14.1", "--index-url", "https://download.pytorch.org/whl/cu128"]
+    assert "--index-url" not in project_step  # the index is for the PyTorch step only
+
+
+def test_test_mode_adds_the_test_extra_once(tree):
+    repo, _ = tree
+    setup(tree, FakePip())
+    pip = FakePip()
+    assert setup(tree, pip, wanted={"test"}) == 0
+    assert pip.commands[1][-2:] == [f"{repo}[test]", "torch==2.13.0+cpu"]
+    again = FakePip()
+    assert setup(tree, again) == 0 and setup(tree, again, wanted={"test"}) == 0
+    assert again.commands == []
+
+
+@pytest.mark.parametrize("fail_at, step", [(1, "PyTorch"), (2, "sdtrainer and its dependencies")])
+def test_failed_pip_names_the_step_and_log_writes_no_stamp_and_retries(tree, capsys, fail_at, step):
+    _, venv = tree
+    assert setup(tree, FakePip(fail_at=fail_at)) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert step in err and str(venv / launch.LOG_NAME) in err
+    assert not (venv / launch.STAMP_NAME).exists()
+    retry = FakePip()
+    assert setup(tree, retry) == 0
+    assert len(retry.commands) == 2
+
+
+def test_a_failed_update_removes_the_old_stamp(tree):
+    repo, venv = tree
+    setup(tree, FakePip())
+    (repo / "pyproject.toml").write_text('[project]\nname = "sdtrainer"\nversion = "2"\n')
+    assert setup(tree, FakePip(fail_at=2)) == 1
+    assert not (venv / launch.STAMP_NAME).exists()
+
+
+def test_run_logged_streams_and_logs(capfd):
+    log = io.BytesIO()
+    rc = launch.run_logged([sys.executable, "-c", "print('Collecting torch'); import sys; sys.exit(3)"], log)
+    assert rc == 3
+    assert "    Collecting torch" in capfd.readouterr().out
+    assert b"Collecting torch" in log.getvalue() and log.getvalue().startswith(b"$ ")
+
+
+# ---- after setup ------------------------------------------------------------------------------------------------
+
+def write_demo(folder: Path, outputs: dict):
+    run = folder / "run"
+    run.mkdir(parents=True)
+    (folder / "job.json").write_text(json.dumps({"model": {"path": str(folder / "model")},
+                                                  "output": {"output_dir": str(run)}}))
+    events = [{"type": "run_started"}, {"type": "run_finished", "status": "completed", "outputs": outputs}]
+    (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events) + '{"type": "trunc')
+
+
+def test_demo_mode_prints_the_lora_and_a_loading_line_that_is_python(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "it's a demo"  # a quote in the path must not break the printed command
+    lora = folder / "run" / "final" / "pytorch_lora_weights.safetensors"
+    write_demo(folder, {"diffusers": str(lora), "kohya": str(folder / "run" / "final" / "demo_lora.safetensors")})
+    calls = []
+    monkeypatch.setattr(launch, "call", lambda cmd, cwd, env=None: calls.append(cmd) or 0)
+    assert launch.run_mode(launch.parse_args(["--demo", str(folder)]), PY, REPO, tmp_path) == 0
+    assert [c[3] for c in calls] == ["demo", "run"]
+    out = capsys.readouterr().out
+    assert str(lora) in out and "demo_lora.safetensors" in out
+    line = next(x for x in out.splitlines() if " -c " in x)
+    code = line.split(' -c "', 1)[1].rstrip('"')
+    compile(code, "<demo one-liner>", "exec")
+    assert f"load_lora_weights({str(lora.parent)!r}, weight_name='pytorch_lora_weights.safetensors')" in code
+    assert repr(str(folder / "model")) in code
+
+
+def test_demo_mode_fails_when_the_run_reports_no_lora(tmp_path, monkeypatch, capsys):
+    write_demo(tmp_path / "d", {})
+    monkeypatch.setattr(launch, "call", lambda cmd, cwd, env=None: 0)
+    assert launch.run_mode(launch.parse_args(["--demo", str(tmp_path / "d")]), PY, REPO, tmp_path) == 1
+    assert "no LoRA" in capsys.readouterr().err
+
+
+def test_demo_stops_when_building_fails(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(launch, "call", lambda cmd, cwd, env=None: calls.append(cmd) or 2)
+    assert launch.run_mode(launch.parse_args(["--demo", str(tmp_path)]), PY, REPO, tmp_path) == 2
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("rc", [0, 1, 5])
+def test_test_mode_passes_pytest_exit_code_through(tmp_path, monkeypatch, capsys, rc):
+    monkeypatch.setattr(launch, "call", lambda cmd, cwd, env=None: rc)
+    assert launch.run_mode(launch.parse_args(["--test"]), PY, REPO, tmp_path) == rc
+    assert ("no tests" in capsys.readouterr().err) == (rc == 5)
+
+
+# ---- the files that go with launch.py ---------------------------------------------------------------------------
+
+def test_pyproject_lists_every_package_and_accepts_the_default_torch():
+    tomllib = pytest.importorskip("tomllib")
+    requirements = pytest.importorskip("packaging.requirements")
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())
+    on_disk = {str(p.parent.relative_to(REPO)).replace("/", ".")
+               for top in ("trainer", "app") for p in (REPO / top).rglob("__init__.py")}
+    assert set(data["tool"]["setuptools"]["packages"]) == on_disk
+    deps = {requirements.Requirement(d).name.lower(): requirements.Requirement(d)
+            for d in data["project"]["dependencies"]}
+    default = requirements.Requirement(launch.DEFAULT_TORCH)
+    pinned = next(iter(default.specifier)).version
+    assert deps["torch"].specifier.contains(pinned)  # else step 2 would replace the torch that step 1 installed
+    assert "torchvision" not in deps  # no CPU wheel of it here: see shared STACK-NOTES
+    assert {"pytest", "pytest-qt"} <= set(data["project"]["optional-dependencies"]["test"])
+
+
+def test_ci_runs_the_readme_test_command():
+    script = (REPO / ".ci" / "run").read_text().splitlines()
+    assert "set -euo pipefail" in script
+    assert script[-1] == "python3 launch.py --test"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_call_passes_the_exit_code_and_forwards_sigterm_to_the_child():
+    assert launch.call([sys.executable, "-c", "raise SystemExit(7)"], None) == 7
+    # The child asks for this process to be terminated; the launcher's handler must end the child instead.
+    child = "import os, signal, time; os.kill(os.getppid(), signal.SIGTERM); time.sleep(30)"
+    assert launch.call([sys.executable, "-c", child], None) == 128 + 15
