@@ -1,0 +1,192 @@
+"""The dataset as the trainer will see it: thumbnails with captions and repeats, and how many captions
+are missing (users lose hours to captions that were silently ignored).
+
+Scanning and thumbnail decoding both run off the UI thread; the list is a model/view, and a thumbnail is
+only decoded when its row is first painted, so a folder of thousands of images stays responsive.
+"""
+
+from __future__ import annotations
+
+from PySide6.QtCore import QAbstractListModel, QModelIndex, QObject, QRunnable, QSize, QSortFilterProxyModel, \
+    Qt, QThreadPool, Signal
+from PySide6.QtGui import QBrush, QColor, QImage, QPixmap
+from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QListView, QPushButton, QVBoxLayout, QWidget
+
+from trainer.data_files import ImageItem, Scan, scan_dataset
+from trainer.job import DatasetSpec, JobError
+
+from .image_dialog import ImageDialog
+from .thumbnails import ThumbnailLoader
+
+THUMB = 128
+MISSING_ROLE = Qt.ItemDataRole.UserRole + 1
+PATH_ROLE = Qt.ItemDataRole.UserRole + 2
+MISSING_BACKGROUND = QColor(255, 228, 220)
+
+
+class _ScanSignals(QObject):
+    done = Signal(int, object, str)  # generation, Scan or None, error line
+
+
+class _ScanJob(QRunnable):
+    def __init__(self, generation: int, spec: DatasetSpec, signals: _ScanSignals):
+        super().__init__()
+        self.generation, self.spec, self.signals = generation, spec, signals
+
+    def run(self) -> None:
+        try:
+            scan = scan_dataset(self.spec)
+        except (JobError, OSError) as exc:
+            self.signals.done.emit(self.generation, None, str(exc))
+            return
+        self.signals.done.emit(self.generation, scan, "")
+
+
+class ImageListModel(QAbstractListModel):
+    def __init__(self, parent: QObject | None = None):
+        super().__init__(parent)
+        self.items: list[ImageItem] = []
+        self._rows: dict[str, int] = {}
+        self._thumbs: dict[str, QPixmap] = {}
+        self._loader = ThumbnailLoader(THUMB, self)
+        self._loader.loaded.connect(self._on_thumb)
+        self._placeholder = QPixmap(THUMB, THUMB)
+        self._placeholder.fill(QColor(230, 230, 230))
+
+    def set_items(self, items: list[ImageItem]) -> None:
+        self.beginResetModel()
+        self._loader.clear()
+        self.items = items
+        self._rows = {str(item.path): row for row, item in enumerate(items)}
+        self.endResetModel()
+
+    def rowCount(self, parent: QModelIndex = QModelIndex()) -> int:
+        return 0 if parent.isValid() else len(self.items)
+
+    def data(self, index: QModelIndex, role: int = Qt.ItemDataRole.DisplayRole):
+        if not index.isValid():
+            return None
+        item = self.items[index.row()]
+        missing = item.caption_path is None
+        if role == Qt.ItemDataRole.DisplayRole:
+            caption = item.caption or "(empty caption)"
+            return f"{'⚠ no caption file: ' if missing else ''}{caption}\n×{item.repeats}"
+        if role == Qt.ItemDataRole.DecorationRole:
+            key = str(item.path)
+            thumb = self._thumbs.get(key)
+            if thumb is None:
+                self._loader.request(key)  # only rows that are painted ask for a thumbnail
+                return self._placeholder
+            return thumb
+        if role == Qt.ItemDataRole.ToolTipRole:
+            source = f"caption file: {item.caption_path}" if not missing else \
+                "no caption file: the folder's instance prompt is used"
+            return f"{item.path}\n{source}\ncaption: {item.caption}\nrepeats: {item.repeats}"
+        if role == Qt.ItemDataRole.BackgroundRole and missing:
+            return QBrush(MISSING_BACKGROUND)
+        if role == MISSING_ROLE:
+            return "missing" if missing else "found"
+        if role == PATH_ROLE:
+            return str(item.path)
+        return None
+
+    def _on_thumb(self, path: str, image: QImage) -> None:
+        row = self._rows.get(path)
+        if row is None:
+            return
+        self._thumbs[path] = QPixmap.fromImage(image) if not image.isNull() else self._placeholder
+        index = self.index(row)
+        self.dataChanged.emit(index, index, [Qt.ItemDataRole.DecorationRole])
+
+
+class DatasetView(QWidget):
+    scanned = Signal(object)  # the Scan, or None when the dataset cannot be read
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.scan: Scan | None = None
+        self.error = ""
+        self._generation = 0
+        self._pool = QThreadPool(self)
+        self._pool.setMaxThreadCount(1)
+        self._signals = _ScanSignals()
+        self._signals.done.connect(self._on_scanned)
+        self._spec: DatasetSpec | None = None
+
+        self.model = ImageListModel(self)
+        self.proxy = QSortFilterProxyModel(self)
+        self.proxy.setSourceModel(self.model)
+        self.proxy.setFilterRole(MISSING_ROLE)
+        self.list = QListView()
+        self.list.setModel(self.proxy)
+        self.list.setViewMode(QListView.ViewMode.IconMode)
+        self.list.setIconSize(QSize(THUMB, THUMB))
+        self.list.setGridSize(QSize(THUMB + 48, THUMB + 84))
+        self.list.setUniformItemSizes(True)
+        self.list.setResizeMode(QListView.ResizeMode.Adjust)
+        self.list.setMovement(QListView.Movement.Static)
+        self.list.setWordWrap(True)
+        self.list.setLayoutMode(QListView.LayoutMode.Batched)
+        self.list.setTextElideMode(Qt.TextElideMode.ElideRight)
+        self.list.clicked.connect(self._open)
+
+        self.counts = QLabel("No dataset folder yet: add one under Dataset, or drop a folder on the window.")
+        self.counts.setWordWrap(True)
+        self.only_missing = QCheckBox("Only missing captions")
+        self.only_missing.setToolTip("Show only the images that have no caption file")
+        self.only_missing.toggled.connect(lambda on: self.proxy.setFilterFixedString("missing" if on else ""))
+        self.refresh = QPushButton("Rescan")
+        self.refresh.setToolTip("Read the dataset folders again")
+        self.refresh.clicked.connect(lambda: self.set_spec(self._spec, force=True))
+        top = QHBoxLayout()
+        top.addWidget(self.counts, 1)
+        top.addWidget(self.only_missing)
+        top.addWidget(self.refresh)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addLayout(top)
+        layout.addWidget(self.list, 1)
+
+    def set_spec(self, spec: DatasetSpec | None, force: bool = False) -> None:
+        """Scan these folders in the background (ignored if nothing changed)."""
+        if spec is not None and not force and self._spec is not None and spec == self._spec:
+            return
+        self._spec = spec
+        self._generation += 1
+        if spec is None or not spec.folders:
+            self._on_scanned(self._generation, None, "")
+            return
+        self.counts.setText("Scanning…")
+        self._pool.start(_ScanJob(self._generation, spec.model_copy(deep=True), self._signals))
+
+    def wait(self) -> None:
+        """For tests and the Start check: let a scan in flight finish."""
+        self._pool.waitForDone()
+
+    def _on_scanned(self, generation: int, scan: Scan | None, error: str) -> None:
+        if generation != self._generation:
+            return  # a newer scan is on its way
+        self.scan, self.error = scan, error
+        self.model.set_items(scan.items if scan else [])
+        if scan is None:
+            self.counts.setText(f"<b style='color:#b00000'>{error}</b>" if error else
+                                "No dataset folder yet: add one under Dataset, or drop a folder on the window.")
+        else:
+            self.counts.setText(self.summary(scan))
+        self.scanned.emit(scan)
+
+    @staticmethod
+    def summary(scan: Scan) -> str:
+        text = (f"<b>{scan.num_images}</b> images · <b>{scan.captions_found}</b> captions found · "
+                f"{scan.num_samples} samples per epoch with repeats")
+        if scan.captions_missing:
+            text += (f" · <b style='color:#b00000'>{scan.captions_missing} missing captions</b> "
+                     "(those images train with the folder's instance prompt)")
+        if scan.warnings:
+            text += "<br><span style='color:#b00000'>" + "<br>".join(scan.warnings[:3]) + "</span>"
+        return text
+
+    def _open(self, index: QModelIndex) -> None:
+        path = index.data(PATH_ROLE)
+        caption = self.model.items[self.proxy.mapToSource(index).row()].caption
+        ImageDialog(path, caption, self).show()

@@ -1,0 +1,39 @@
+"""A window that shows one image large: click a thumbnail in the dataset or the gallery to get it."""
+
+from __future__ import annotations
+
+from PySide6.QtCore import Qt
+from PySide6.QtGui import QPixmap
+from PySide6.QtWidgets import QDialog, QLabel, QScrollArea, QVBoxLayout, QWidget
+
+MIN_SIDE = 512  # tiny images (demo samples are 64 px) are blown up with nearest-neighbour to this size
+
+
+class ImageDialog(QDialog):
+    def __init__(self, path: str, caption: str = "", parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setWindowTitle(caption or path)
+        self.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        pixmap = QPixmap(path)
+        image = QLabel()
+        image.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        if pixmap.isNull():
+            image.setText(f"Cannot read {path}")
+        else:
+            if max(pixmap.width(), pixmap.height()) < MIN_SIDE:
+                pixmap = pixmap.scaled(MIN_SIDE, MIN_SIDE, Qt.AspectRatioMode.KeepAspectRatio,
+                                       Qt.TransformationMode.FastTransformation)
+            image.setPixmap(pixmap)
+        scroll = QScrollArea()
+        scroll.setWidget(image)
+        scroll.setWidgetResizable(True)
+        text = QLabel(f"{caption}\n{path}" if caption else path)
+        text.setWordWrap(True)
+        text.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        layout = QVBoxLayout(self)
+        layout.addWidget(scroll, 1)
+        layout.addWidget(text)
+        screen = self.screen().availableGeometry() if self.screen() else None
+        width = min(pixmap.width() + 40, screen.width() - 80) if screen else pixmap.width() + 40
+        height = min(pixmap.height() + 100, screen.height() - 80) if screen else pixmap.height() + 100
+        self.resize(max(width, 320), max(height, 240))

@@ -1,0 +1,642 @@
+"""The job editor, generated from the job schema: one group per section of `Job`, one editor per field.
+
+Nothing here lists the schema's fields: a field added to trainer/job.py appears in the form with its
+description as tooltip and its constraints as range. Values are checked by the schema itself
+(`Job.model_validate`) and each error is shown at the field it names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import typing
+
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
+from PySide6.QtCore import QObject, QSignalBlocker, Qt, Signal
+from PySide6.QtGui import QBrush, QColor
+from PySide6.QtWidgets import QAbstractItemView, QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, \
+    QHBoxLayout, QHeaderView, QLabel, QLineEdit, QMenu, QPlainTextEdit, QPushButton, QScrollArea, QSpinBox, \
+    QTableWidget, QTableWidgetItem, QToolButton, QVBoxLayout, QWidget
+
+from trainer.job import Job
+
+INT32_MAX = 2**31 - 1
+ERROR_STYLE = "border: 1px solid #c00000;"
+# Section titles; a section not listed here (one added to the schema later) gets its name capitalised.
+SECTION_TITLES = {
+    "model": "Model",
+    "dataset": "Dataset",
+    "method": "Method and prior preservation",
+    "network": "Network",
+    "optimizer": "Optimizer",
+    "schedule": "Schedule",
+    "precision": "Precision and memory",
+    "validation": "Validation",
+    "output": "Output",
+}
+# Paths that must be set before a run can start, with the reason shown on the Start button.
+REQUIRED = {
+    ("model", "path"): "Choose a base model (Model → path)",
+    ("output", "output_dir"): "Choose a run folder (Output → output_dir)",
+}
+
+
+class _NoWheelSpinBox(QSpinBox):
+    # Scrolling the form must not change a value the pointer happens to pass over.
+    def wheelEvent(self, event):
+        if self.hasFocus():
+            super().wheelEvent(event)
+        else:
+            event.ignore()
+
+
+class _NoWheelComboBox(QComboBox):
+    def wheelEvent(self, event):
+        if self.hasFocus():
+            super().wheelEvent(event)
+        else:
+            event.ignore()
+
+
+def constraints(info: FieldInfo) -> dict:
+    """ge/gt/le/lt/multiple_of/min_length/max_length/pattern from a field's annotated_types metadata."""
+    out = {}
+    for item in info.metadata:
+        for name in ("ge", "gt", "le", "lt", "multiple_of", "min_length", "max_length", "pattern"):
+            value = getattr(item, name, None)
+            if value is not None:
+                out[name] = value
+    return out
+
+
+def range_text(info: FieldInfo) -> str:
+    c = constraints(info)
+    low = f"≥ {c['ge']}" if "ge" in c else f"> {c['gt']}" if "gt" in c else ""
+    high = f"≤ {c['le']}" if "le" in c else f"< {c['lt']}" if "lt" in c else ""
+    parts = [" and ".join(p for p in (low, high) if p)]
+    if "multiple_of" in c:
+        parts.append(f"a multiple of {c['multiple_of']}")
+    if "min_length" in c and c.get("min_length") == c.get("max_length"):
+        parts.append(f"exactly {c['min_length']} values")
+    if "pattern" in c:
+        parts.append(f"matching {c['pattern']}")
+    return ", ".join(p for p in parts if p)
+
+
+def tooltip(name: str, info: FieldInfo) -> str:
+    lines = [f"<b>{name}</b>: {info.description or ''}"]
+    rng = range_text(info)
+    if rng:
+        lines.append(f"Range: {rng}")
+    if typing.get_origin(info.annotation) is typing.Literal:
+        lines.append("Options: " + ", ".join(str(a) for a in typing.get_args(info.annotation)))
+    default = info.get_default(call_default_factory=True)
+    if isinstance(default, BaseModel):
+        default = default.model_dump()
+    lines.append(f"Default: {json.dumps(default, default=str)}")
+    return "<br>".join(lines)
+
+
+def label_for(name: str) -> str:
+    return name.replace("_", " ").capitalize()
+
+
+class FieldEditor(QObject):
+    """One field: a widget in the form, get/set of its JSON value, and an error shown under it."""
+
+    changed = Signal()
+
+    def __init__(self, name: str, info: FieldInfo):
+        super().__init__()
+        self.name, self.info = name, info
+        self.widget = QWidget()
+        self.error_label = QLabel()
+        self.error_label.setStyleSheet("color: #c00000;")
+        self.error_label.setWordWrap(True)
+        self.error_label.hide()
+        self.row = QHBoxLayout()
+        self.row.setContentsMargins(0, 0, 0, 0)
+        box = QVBoxLayout(self.widget)
+        box.setContentsMargins(0, 0, 0, 0)
+        box.setSpacing(2)
+        box.addLayout(self.row)
+        box.addWidget(self.error_label)
+        self.input: QWidget = QWidget()
+
+    def _place(self, widget: QWidget, *extra: QWidget) -> None:
+        self.input = widget
+        widget.setToolTip(tooltip(self.name, self.info))
+        self.row.addWidget(widget, 1)
+        for w in extra:
+            self.row.addWidget(w)
+
+    def get(self):  # raises ValueError with a one-line message when the text is not a value
+        raise NotImplementedError
+
+    def set(self, value) -> None:
+        raise NotImplementedError
+
+    def set_error(self, message: str | None, sub: tuple = ()) -> None:
+        self.input.setStyleSheet(ERROR_STYLE if message else "")
+        self.error_label.setText(message or "")
+        self.error_label.setVisible(bool(message))
+
+
+class ComboEditor(FieldEditor):
+    def __init__(self, name, info):
+        super().__init__(name, info)
+        self.combo = _NoWheelComboBox()
+        self.combo.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
+        for option in typing.get_args(info.annotation):
+            self.combo.addItem(str(option), option)
+        self.combo.currentIndexChanged.connect(self.changed)
+        self._place(self.combo)
+
+    def get(self):
+        return self.combo.currentData()
+
+    def set(self, value):
+        index = self.combo.findData(value)
+        if index < 0:
+            raise ValueError(f"{self.name}: {value!r} is not one of the options")
+        self.combo.setCurrentIndex(index)
+
+
+class CheckEditor(FieldEditor):
+    def __init__(self, name, info):
+        super().__init__(name, info)
+        self.check = QCheckBox()
+        self.check.toggled.connect(self.changed)
+        self._place(self.check)
+
+    def get(self):
+        return self.check.isChecked()
+
+    def set(self, value):
+        self.check.setChecked(bool(value))
+
+
+class SpinEditor(FieldEditor):
+    """Whole numbers with both bounds known: a spin box."""
+
+    def __init__(self, name, info, low: int, high: int):
+        super().__init__(name, info)
+        self.spin = _NoWheelSpinBox()
+        self.spin.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
+        self.spin.setRange(low, high)
+        self.spin.setSingleStep(int(constraints(info).get("multiple_of", 1)))
+        self.spin.valueChanged.connect(self.changed)
+        self._place(self.spin)
+
+    def get(self):
+        return self.spin.value()
+
+    def set(self, value):
+        self.spin.setValue(int(value))
+
+
+class NumberEditor(FieldEditor):
+    """Numbers as text: floats round-trip exactly (1e-8 stays 1e-08, not 0.00000001 rounded), and an
+    invalid value stays visible, with its error, instead of being clamped away."""
+
+    def __init__(self, name, info, kind: type):
+        super().__init__(name, info)
+        self.kind = kind
+        self.edit = QLineEdit()
+        self.edit.textChanged.connect(self.changed)
+        self._place(self.edit)
+
+    def get(self):
+        text = self.edit.text().strip()
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise ValueError("enter a whole number" if self.kind is int else "enter a number") from None
+        if self.kind is float and not math.isfinite(value):
+            raise ValueError("enter a finite number")
+        return value
+
+    def set(self, value):
+        self.edit.setText(repr(float(value)) if self.kind is float else str(value))
+
+
+class TextEditor(FieldEditor):
+    """A string; a path-like field (path, config, *_dir) gets a picker button."""
+
+    def __init__(self, name, info):
+        super().__init__(name, info)
+        self.edit = QLineEdit()
+        self.edit.setClearButtonEnabled(True)
+        self.edit.textChanged.connect(self.changed)
+        extra = []
+        if name == "path" or name == "config" or name.endswith("_dir"):
+            button = QToolButton()
+            button.setText("…")
+            button.setToolTip(f"Choose {label_for(name).lower()}")
+            if name == "path":  # a folder (diffusers) or a single .safetensors file
+                menu = QMenu(button)
+                menu.addAction("Folder…", self.pick_folder)
+                menu.addAction("File…", self.pick_file)
+                button.setMenu(menu)
+                button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+            else:
+                button.clicked.connect(self.pick_folder)
+            extra.append(button)
+        self._place(self.edit, *extra)
+
+    def pick_folder(self):
+        path = QFileDialog.getExistingDirectory(self.widget, f"Choose {label_for(self.name).lower()}",
+                                                self.edit.text())
+        if path:
+            self.edit.setText(path)
+
+    def pick_file(self):
+        path, _ = QFileDialog.getOpenFileName(self.widget, f"Choose {label_for(self.name).lower()}",
+                                              self.edit.text(), "Checkpoints (*.safetensors *.ckpt);;All files (*)")
+        if path:
+            self.edit.setText(path)
+
+    def get(self):
+        return self.edit.text().strip()
+
+    def set(self, value):
+        self.edit.setText(str(value))
+
+
+class LinesEditor(FieldEditor):
+    """A list of strings, one per line (empty lines dropped)."""
+
+    def __init__(self, name, info):
+        super().__init__(name, info)
+        self.edit = QPlainTextEdit()
+        self.edit.setPlaceholderText("one per line")
+        self.edit.setFixedHeight(self.edit.fontMetrics().lineSpacing() * 4 + 12)
+        self.edit.textChanged.connect(self.changed)
+        self._place(self.edit)
+
+    def get(self):
+        return [line.strip() for line in self.edit.toPlainText().splitlines() if line.strip()]
+
+    def set(self, value):
+        self.edit.setPlainText("\n".join(value))
+
+
+class FloatListEditor(FieldEditor):
+    def __init__(self, name, info):
+        super().__init__(name, info)
+        self.edit = QLineEdit()
+        self.edit.setPlaceholderText("comma-separated numbers")
+        self.edit.textChanged.connect(self.changed)
+        self._place(self.edit)
+
+    def get(self):
+        parts = [p.strip() for p in self.edit.text().split(",") if p.strip()]
+        try:
+            return [float(p) for p in parts]
+        except ValueError:
+            raise ValueError("enter numbers separated by commas") from None
+
+    def set(self, value):
+        self.edit.setText(", ".join(repr(float(v)) for v in value))
+
+
+class JsonEditor(FieldEditor):
+    """Any type this form has no editor for yet: its JSON text, so no field is ever hidden."""
+
+    def __init__(self, name, info):
+        super().__init__(name, info)
+        self.edit = QLineEdit()
+        self.edit.textChanged.connect(self.changed)
+        self._place(self.edit)
+
+    def get(self):
+        try:
+            return json.loads(self.edit.text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON ({exc.msg})") from None
+
+    def set(self, value):
+        self.edit.setText(json.dumps(value))
+
+
+class ModelListEditor(FieldEditor):
+    """A list of small sections (dataset folders): a table with a column per field of the item model."""
+
+    def __init__(self, name, info, item_model: type[BaseModel]):
+        super().__init__(name, info)
+        self.item_model = item_model
+        self.columns = list(item_model.model_fields)
+        self._editors = {c: _cell_kind(item_model.model_fields[c]) for c in self.columns}
+        self.table = QTableWidget(0, len(self.columns))
+        self.table.setHorizontalHeaderLabels([label_for(c) for c in self.columns])
+        for i, column in enumerate(self.columns):
+            self.table.horizontalHeaderItem(i).setToolTip(tooltip(column, item_model.model_fields[column]))
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
+        header.setStretchLastSection(True)
+        metrics = self.table.horizontalHeader().fontMetrics()
+        for col, column in enumerate(self.columns):
+            width = metrics.horizontalAdvance(label_for(column)) + 20
+            self.table.setColumnWidth(col, 170 if column == "path" else width)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.verticalHeader().setVisible(False)
+        self.table.setFixedHeight(120)
+        self.table.itemChanged.connect(self.changed)
+        add = QPushButton("Add folder…")
+        add.setToolTip("Add an image folder to the dataset (or drop a folder on the window)")
+        add.clicked.connect(self.pick_and_add)
+        change = QPushButton("Change…")
+        change.setToolTip("Choose another folder for the selected row")
+        change.clicked.connect(self.pick_for_selected)
+        remove = QPushButton("Remove")
+        remove.clicked.connect(self.remove_selected)
+        buttons = QVBoxLayout()
+        for b in (add, change, remove):
+            buttons.addWidget(b)
+        buttons.addStretch(1)
+        holder = QWidget()
+        holder.setLayout(buttons)
+        self._place(self.table, holder)
+
+    def add_row(self, values: dict) -> None:
+        defaults = {c: f.get_default(call_default_factory=True) for c, f in self.item_model.model_fields.items()
+                    if not f.is_required()}
+        data = {**defaults, **values}
+        self.table.blockSignals(True)
+        row = self.table.rowCount()
+        self.table.insertRow(row)
+        for col, column in enumerate(self.columns):
+            self.table.setItem(row, col, QTableWidgetItem(_cell_text(data.get(column, ""))))
+        self.table.blockSignals(False)
+        self.changed.emit()
+
+    def pick_and_add(self):
+        path = QFileDialog.getExistingDirectory(self.widget, "Add an image folder")
+        if path:
+            self.add_row({"path": path})
+
+    def pick_for_selected(self):
+        row = self.table.currentRow()
+        if row < 0:
+            return
+        path = QFileDialog.getExistingDirectory(self.widget, "Choose the image folder",
+                                                self.table.item(row, 0).text())
+        if path:
+            self.table.item(row, self.columns.index("path")).setText(path)
+
+    def remove_selected(self):
+        row = self.table.currentRow()
+        if row >= 0:
+            self.table.removeRow(row)
+            self.changed.emit()
+
+    def get(self):
+        out = []
+        for row in range(self.table.rowCount()):
+            values = {}
+            for col, column in enumerate(self.columns):
+                text = self.table.item(row, col).text().strip()
+                try:
+                    values[column] = self._editors[column](text)
+                except ValueError as exc:
+                    raise ValueError(f"row {row + 1}, {column}: {exc}") from None
+            out.append(values)
+        return out
+
+    def set(self, value):
+        self.table.blockSignals(True)
+        self.table.setRowCount(0)
+        self.table.blockSignals(False)
+        for item in value:
+            self.add_row(item if isinstance(item, dict) else item.model_dump(mode="json"))
+        self.changed.emit()
+
+    def set_error(self, message, sub=()):
+        super().set_error(message)
+        # Colouring a cell is an item change too: keep it from re-triggering validation.
+        blocker = QSignalBlocker(self.table)  # noqa: F841  (unblocks when it goes out of scope)
+        for row in range(self.table.rowCount()):
+            for col in range(self.table.columnCount()):
+                self.table.item(row, col).setBackground(QBrush())
+        if message and len(sub) >= 2 and isinstance(sub[0], int) and sub[1] in self.columns:
+            cell = self.table.item(sub[0], self.columns.index(sub[1]))
+            if cell is not None:  # the cell carries the mark
+                cell.setBackground(QColor(255, 200, 200))
+
+
+def _cell_kind(info: FieldInfo):
+    if info.annotation is int:
+        def parse_int(text):
+            try:
+                return int(text or "0")
+            except ValueError:
+                raise ValueError("enter a whole number") from None
+        return parse_int
+    if info.annotation is float:
+        return float
+    if info.annotation is bool:
+        return lambda text: text.lower() in ("1", "true", "yes", "on")
+    return str
+
+
+def _cell_text(value) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def make_editor(name: str, info: FieldInfo) -> FieldEditor:
+    ann = info.annotation
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is typing.Literal:
+        return ComboEditor(name, info)
+    if ann is bool:
+        return CheckEditor(name, info)
+    if ann is int:
+        c = constraints(info)
+        low = c["ge"] if "ge" in c else c["gt"] + 1 if "gt" in c else None
+        high = c["le"] if "le" in c else c["lt"] - 1 if "lt" in c else None
+        if low is not None and high is not None and -INT32_MAX <= low and high <= INT32_MAX:
+            return SpinEditor(name, info, int(low), int(high))
+        return NumberEditor(name, info, int)
+    if ann is float:
+        return NumberEditor(name, info, float)
+    if ann is str:
+        return TextEditor(name, info)
+    if origin is list and args == (str,):
+        return LinesEditor(name, info)
+    if origin is list and args in ((float,), (int,)):
+        return FloatListEditor(name, info)
+    if origin is list and len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+        return ModelListEditor(name, info, args[0])
+    return JsonEditor(name, info)
+
+
+def sections() -> list[tuple[str, type[BaseModel]]]:
+    """The schema's sections, in the order the schema declares them."""
+    out = []
+    for name, info in Job.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.append((name, ann))
+    return out
+
+
+class JobForm(QWidget):
+    """Emits `changed` on every edit; `check()` gives the job (or None) and the reasons it cannot run."""
+
+    changed = Signal()
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.editors: dict[tuple[str, str], FieldEditor] = {}
+        self.groups: dict[str, QGroupBox] = {}
+        self.group_errors: dict[str, QLabel] = {}
+        self._loading = False
+        body = QWidget()
+        column = QVBoxLayout(body)
+        for section, model in sections():
+            group = QGroupBox(SECTION_TITLES.get(section, label_for(section)))
+            group.setToolTip(model.__doc__ or "")
+            form = QFormLayout(group)
+            form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+            error = QLabel()
+            error.setStyleSheet("color: #c00000;")
+            error.hide()
+            form.addRow(error)
+            for name, info in model.model_fields.items():
+                editor = make_editor(name, info)
+                editor.changed.connect(self._on_edit)
+                label = QLabel(label_for(name))
+                label.setToolTip(tooltip(name, info))
+                if isinstance(editor, ModelListEditor):  # a table needs the full width
+                    form.addRow(label)
+                    form.addRow(editor.widget)
+                else:
+                    form.addRow(label, editor.widget)
+                self.editors[(section, name)] = editor
+            self.groups[section] = group
+            self.group_errors[section] = error
+            column.addWidget(group)
+        column.addStretch(1)
+        scroll = QScrollArea()
+        scroll.setWidget(body)
+        scroll.setWidgetResizable(True)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(scroll)
+        self.scroll = scroll
+        self.set_job(Job())
+
+    # ---- values --------------------------------------------------------------------------------------
+
+    def set_job(self, job: Job) -> None:
+        data = job.model_dump(mode="json")
+        self._loading = True
+        try:
+            for (section, name), editor in self.editors.items():
+                editor.set(data[section][name])
+        finally:
+            self._loading = False
+        self._on_edit()
+
+    def editor(self, dotted: str) -> FieldEditor:
+        section, name = dotted.split(".", 1)
+        return self.editors[(section, name)]
+
+    def values(self) -> tuple[dict, dict[tuple, str]]:
+        """The form as a job dict, and the fields whose text is not a value at all."""
+        data: dict = {"version": Job.model_fields["version"].default}
+        errors: dict[tuple, str] = {}
+        for (section, name), editor in self.editors.items():
+            try:
+                data.setdefault(section, {})[name] = editor.get()
+            except ValueError as exc:
+                errors[(section, name)] = str(exc)
+        return data, errors
+
+    def check(self) -> tuple[Job | None, list[str]]:
+        """Validate, mark each invalid field, and return the job (None if invalid) and the reasons Start
+        is disabled (empty when the job can run)."""
+        data, text_errors = self.values()
+        errors: list[tuple[tuple, str]] = [(loc, msg) for loc, msg in text_errors.items()]
+        job = None
+        if not errors:
+            try:
+                job = Job.model_validate(data)
+            except ValidationError as exc:
+                errors = [(tuple(e["loc"]), _message(e)) for e in exc.errors()]
+        self._show_errors(errors)
+        reasons = [f"{'.'.join(str(p) for p in loc)}: {msg}" for loc, msg in errors]
+        for (section, name), why in REQUIRED.items():
+            if not data.get(section, {}).get(name):
+                reasons.append(why)
+        folders = data.get("dataset", {}).get("folders")
+        if folders == []:
+            reasons.append("Add a dataset folder (Dataset → folders, or drop a folder on the window)")
+        elif isinstance(folders, list):
+            for i, folder in enumerate(folders):
+                if not str(folder.get("path", "")).strip():
+                    reasons.append(f"dataset.folders.{i}.path: choose a folder")
+        return (job if not reasons else None), reasons
+
+    def job_or_none(self) -> Job | None:
+        """The job when the schema accepts it (even if paths are still empty)."""
+        data, text_errors = self.values()
+        if text_errors:
+            return None
+        try:
+            return Job.model_validate(data)
+        except ValidationError:
+            return None
+
+    def section(self, name: str) -> BaseModel | None:
+        """One section, validated on its own: the dataset view follows the dataset even while another
+        field is invalid."""
+        model = dict(sections())[name]
+        values = {}
+        for (section, field), editor in self.editors.items():
+            if section == name:
+                try:
+                    values[field] = editor.get()
+                except ValueError:
+                    return None
+        try:
+            return model.model_validate(values)
+        except ValidationError:
+            return None
+
+    def set_dataset_folders(self, paths: list[str]) -> None:
+        self.editors[("dataset", "folders")].set([{"path": p} for p in paths])
+
+    # ---- errors --------------------------------------------------------------------------------------
+
+    def _show_errors(self, errors: list[tuple[tuple, str]]) -> None:
+        by_field: dict[tuple[str, str], tuple[str, tuple]] = {}
+        by_group: dict[str, str] = {}
+        for loc, msg in errors:
+            if len(loc) >= 2 and (loc[0], loc[1]) in self.editors:
+                by_field.setdefault((loc[0], loc[1]), (msg, tuple(loc[2:])))
+            elif loc:
+                by_group.setdefault(str(loc[0]), msg)
+        for key, editor in self.editors.items():
+            msg, sub = by_field.get(key, (None, ()))
+            editor.set_error(msg, sub)
+        for section, label in self.group_errors.items():
+            label.setText(by_group.get(section, ""))
+            label.setVisible(section in by_group)
+
+    def _on_edit(self) -> None:
+        if not self._loading:
+            self.changed.emit()
+
+
+def _message(err: dict) -> str:
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    rest = err["loc"][2:]
+    if rest:  # inside a list: say which item
+        where = " ".join(f"row {p + 1}" if isinstance(p, int) else str(p) for p in rest)
+        return f"{where}: {msg}"
+    return msg

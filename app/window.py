@@ -1,0 +1,537 @@
+"""The main window: menus and toolbar, the job editor on the left, the dataset and the run on the right.
+
+It owns the trainer process (app/trainer_process.py) and a run-folder follower (app/run_folder.py) and
+wires their signals to the widgets' slots. Questions to the user go through `ask`, so tests can answer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PySide6.QtCore import QByteArray, QProcess, Qt, QTimer, QUrl, Signal
+from PySide6.QtGui import QAction, QDesktopServices, QIcon, QKeySequence
+from PySide6.QtWidgets import QComboBox, QFileDialog, QLabel, QMainWindow, QMessageBox, QSplitter, QStyle, \
+    QTabWidget, QToolBar
+
+from trainer.data_files import scan_dataset
+from trainer.events import read_events
+from trainer.job import PRESETS_DIR, Job, JobError, from_sparse, list_presets, load_job, save_job, to_sparse
+
+from .dataset_view import DatasetView
+from .job_form import JobForm
+from .run_folder import RunFolder
+from .run_panel import RunPanel
+from .settings import APPLICATION, RESOURCES, REPO_ROOT, settings, user_presets_dir
+from .trainer_process import TrainerProcess
+
+_ICONS = QStyle.StandardPixmap
+STATE_TEXT = {"idle": "Idle", "starting": "Starting the trainer…", "running": "Training",
+              "stopping": "Stopping (saving a checkpoint)…"}
+
+
+class MainWindow(QMainWindow):
+    demoReady = Signal(str)  # the demo's job.json, loaded into the editor
+
+    def __init__(self, trainer_command: list[str] | None = None, restore: bool = True):
+        super().__init__()
+        self.setWindowTitle(APPLICATION)
+        self.setWindowIcon(QIcon(str(RESOURCES / "icon.png")))
+        self.setAcceptDrops(True)
+        self.current_preset = ""
+        self.job: Job | None = None  # the valid job in the form, or None
+        self.start_reasons: list[str] = []
+        self.live_run_dir: Path | None = None
+
+        self.runner = TrainerProcess(self, trainer_command)
+        self.follower = RunFolder(self)
+        self.form = JobForm()
+        self.dataset = DatasetView()
+        self.run_panel = RunPanel()
+        self.tabs = QTabWidget()
+        self.tabs.addTab(self.dataset, "Dataset")
+        self.tabs.addTab(self.run_panel, "Run")
+        self.splitter = QSplitter(Qt.Orientation.Horizontal)
+        self.splitter.addWidget(self.form)
+        self.splitter.addWidget(self.tabs)
+        self.splitter.setStretchFactor(0, 0)
+        self.splitter.setStretchFactor(1, 1)
+        self.splitter.setSizes([600, 900])
+        self.setCentralWidget(self.splitter)
+
+        self._make_actions()
+        self._make_menus_and_toolbar()
+        self.state_label = QLabel(STATE_TEXT["idle"])
+        self.reason_label = QLabel()
+        self.reason_label.setStyleSheet("color: #b00000;")
+        self.statusBar().addWidget(self.reason_label, 1)
+        self.statusBar().addPermanentWidget(self.state_label)
+
+        # Rescanning on every keystroke in a path would be wasteful: wait until typing pauses.
+        self._scan_timer = QTimer(self)
+        self._scan_timer.setSingleShot(True)
+        self._scan_timer.setInterval(300)
+        self._scan_timer.timeout.connect(self._rescan)
+
+        self.form.changed.connect(self._on_form_changed)
+        self.dataset.scanned.connect(self._on_scanned)
+        self.runner.stateChanged.connect(self._on_state)
+        self.runner.eventReceived.connect(self.run_panel.add_event)
+        self.runner.stderrText.connect(self.run_panel.append_output)
+        self.runner.notice.connect(self._notice)
+        self.runner.failed.connect(self._on_failed)
+        self.runner.finished.connect(self._on_finished)
+        self.runner.runStarted.connect(lambda e: self._notice(f"Run started: {e.get('total_steps')} steps"))
+        self.runner.checkpointReceived.connect(lambda e: self._notice(f"Checkpoint saved at step {e['step']}"))
+        self.follower.eventsRead.connect(self.run_panel.add_events)
+        self.follower.eventsRead.connect(self._on_followed)
+        self.follower.failed.connect(self._notice)
+
+        self.resize(1400, 900)
+        self._fill_preset_combo()
+        if restore:
+            self._restore_settings()
+        self._on_form_changed()
+        self._on_state("idle")
+
+    # ---- actions, menus ------------------------------------------------------------------------------
+
+    def _action(self, text: str, slot, shortcut=None, tip: str = "", icon=None) -> QAction:
+        action = QAction(text, self)
+        if icon is not None:
+            action.setIcon(self.style().standardIcon(icon))
+        if shortcut:
+            action.setShortcut(QKeySequence(shortcut))
+            tip = f"{tip} ({QKeySequence(shortcut).toString(QKeySequence.SequenceFormat.NativeText)})"
+        action.setToolTip(tip.strip())
+        action.setStatusTip(tip.strip())
+        action.triggered.connect(slot)
+        return action
+
+    def _make_actions(self) -> None:
+        self.act_open_preset = self._action("&Load preset…", self.load_preset_dialog, QKeySequence.StandardKey.Open,
+                                            "Load a preset or job file into the editor")
+        self.act_save_preset = self._action("&Save preset…", self.save_preset_dialog, QKeySequence.StandardKey.Save,
+                                            "Save the editor as a preset (only what differs from the defaults)")
+        self.act_save_job = self._action("Save &job file…", self.save_job_dialog, "Ctrl+Shift+S",
+                                         "Save the full job file, to run headless with `python -m trainer run`")
+        self.act_open_run = self._action("&Open run folder…", self.open_run_folder_dialog, "Ctrl+Shift+O",
+                                         "Show the plot, samples and log of a run folder (follows a live run)", _ICONS.SP_DirOpenIcon)
+        self.act_demo = self._action("Create &demo job…", self.create_demo_dialog, None,
+                                     "Build a tiny model and dataset (about 2 MB) and load a job that trains on them "
+                                     "in a minute on a CPU")
+        self.act_quit = self._action("&Quit", self.close, QKeySequence.StandardKey.Quit, "Quit")
+        self.act_start = self._action("&Start", self.start, "F5", "Start training", _ICONS.SP_MediaPlay)
+        self.act_stop = self._action("S&top", self.stop, "Shift+F5",
+                                     "Stop: the trainer saves a resumable checkpoint and exits", _ICONS.SP_MediaStop)
+        self.act_save_now = self._action("Save &checkpoint now", lambda: self._command("save"), "F6",
+                                         "Ask the trainer to save a checkpoint at its next step", _ICONS.SP_DialogSaveButton)
+        self.act_sample_now = self._action("Sa&mple now", lambda: self._command("sample"), "F7",
+                                           "Ask the trainer to render validation images at its next step", _ICONS.SP_FileDialogContentsView)
+        self.act_kill = self._action("&Kill trainer", self.runner.kill, None,
+                                     "End the trainer at once, without a checkpoint")
+        self.act_open_output = self._action("Show run folder in file manager", self._open_run_dir, None,
+                                            "Open the run folder in the system's file manager")
+        self.act_readme = self._action("&README", lambda: QDesktopServices.openUrl(
+            QUrl.fromLocalFile(str(REPO_ROOT / "README.md"))), "F1", "Open the README")
+        for action in (self.act_start, self.act_stop, self.act_save_now, self.act_sample_now):
+            action.setShortcutContext(Qt.ShortcutContext.ApplicationShortcut)
+
+    def _make_menus_and_toolbar(self) -> None:
+        file_menu = self.menuBar().addMenu("&File")
+        for action in (self.act_demo, None, self.act_open_preset, self.act_save_preset, self.act_save_job, None,
+                       self.act_open_run, self.act_open_output, None, self.act_quit):
+            file_menu.addSeparator() if action is None else file_menu.addAction(action)
+        run_menu = self.menuBar().addMenu("&Run")
+        for action in (self.act_start, self.act_stop, None, self.act_save_now, self.act_sample_now, None,
+                       self.act_kill):
+            run_menu.addSeparator() if action is None else run_menu.addAction(action)
+        help_menu = self.menuBar().addMenu("&Help")
+        help_menu.addAction(self.act_readme)
+        help_menu.addAction(self.act_demo)
+
+        toolbar = QToolBar("Main")
+        toolbar.setObjectName("main-toolbar")
+        toolbar.setMovable(False)
+        toolbar.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.addToolBar(toolbar)
+        toolbar.addWidget(QLabel(" Preset: "))
+        self.preset_combo = QComboBox()
+        self.preset_combo.setMinimumWidth(180)
+        self.preset_combo.setToolTip("Built-in presets (presets/) and your own (saved with Save preset)")
+        self.preset_combo.activated.connect(self._on_preset_chosen)
+        toolbar.addWidget(self.preset_combo)
+        for action in (self.act_open_preset, self.act_save_preset, self.act_save_job, None, self.act_start,
+                       self.act_stop, self.act_save_now, self.act_sample_now, None, self.act_open_run):
+            toolbar.addSeparator() if action is None else toolbar.addAction(action)
+
+    # ---- presets and job files -----------------------------------------------------------------------
+
+    def _fill_preset_combo(self) -> None:
+        self.preset_combo.clear()
+        self.preset_combo.addItem("(choose a preset)", "")
+        for name in list_presets():
+            self.preset_combo.addItem(name, str(PRESETS_DIR / f"{name}.json"))
+        for path in sorted(user_presets_dir().glob("*.json")):
+            self.preset_combo.addItem(f"{path.stem} (mine)", str(path))
+        self._select_preset_in_combo(self.current_preset)
+
+    def _select_preset_in_combo(self, path: str) -> None:
+        index = self.preset_combo.findData(path)
+        if index < 0 and path:  # a file from elsewhere (a job file, say): list it so the user sees what is loaded
+            self.preset_combo.addItem(Path(path).name, path)
+            index = self.preset_combo.count() - 1
+        self.preset_combo.setCurrentIndex(max(index, 0))
+
+    def _on_preset_chosen(self, index: int) -> None:
+        path = self.preset_combo.itemData(index)
+        if path:
+            self.load_preset(path)
+
+    def load_preset(self, path: str | Path) -> bool:
+        try:
+            job = load_job(path)
+        except JobError as exc:
+            self._error("Cannot load preset", str(exc))
+            return False
+        self.form.set_job(job)
+        self.current_preset = str(path)
+        self._select_preset_in_combo(self.current_preset)
+        self._notice(f"Loaded {path}")
+        return True
+
+    def load_preset_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Load preset or job file", str(user_presets_dir()),
+                                              "Job and preset files (*.json);;All files (*)")
+        if path:
+            self.load_preset(path)
+
+    def save_preset(self, path: str | Path) -> bool:
+        job = self.form.job_or_none()
+        if job is None:
+            self._error("Cannot save preset", "Fix the fields marked in red first")
+            return False
+        save_job(job, path, sparse=True)
+        self.current_preset = str(path)
+        self._fill_preset_combo()
+        self._notice(f"Saved preset {path}")
+        return True
+
+    def save_preset_dialog(self) -> None:
+        start = self.current_preset if self.current_preset.startswith(str(user_presets_dir())) else \
+            str(user_presets_dir() / "my-preset.json")
+        path, _ = QFileDialog.getSaveFileName(self, "Save preset", start, "Preset files (*.json)")
+        if path:
+            self.save_preset(path if path.endswith(".json") else path + ".json")
+
+    def save_job_file(self, path: str | Path) -> bool:
+        job = self.form.job_or_none()
+        if job is None:
+            self._error("Cannot save job file", "Fix the fields marked in red first")
+            return False
+        save_job(job, path)
+        self._notice(f"Saved job file {path}; run it anywhere with: python -m trainer run {path}")
+        return True
+
+    def save_job_dialog(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save job file", "job.json", "Job files (*.json)")
+        if path:
+            self.save_job_file(path)
+
+    # ---- the demo ----------------------------------------------------------------------------------------
+
+    def create_demo(self, folder: str | Path) -> None:
+        """`python -m trainer demo FOLDER` in the background; its job is loaded when it is done."""
+        folder = Path(folder)
+        self._demo = QProcess(self)
+        self._demo.setWorkingDirectory(str(REPO_ROOT))
+        self._demo.setProcessChannelMode(QProcess.ProcessChannelMode.MergedChannels)
+        self._demo.finished.connect(lambda code, status: self._on_demo_built(folder, code))
+        self.act_demo.setEnabled(False)
+        self._notice(f"Building the demo in {folder} (a tiny model and dataset; a few seconds)…")
+        self._demo.start(self.runner.command_prefix[0], [*self.runner.command_prefix[1:], "demo", str(folder)])
+
+    def _on_demo_built(self, folder: Path, code: int) -> None:
+        output = bytes(self._demo.readAll().data()).decode("utf-8", "replace").strip()
+        self.act_demo.setEnabled(True)
+        if code != 0 or not (folder / "job.json").is_file():
+            last = output.splitlines()[-1] if output else f"exit code {code}"
+            self._error("Cannot build the demo", last)
+            return
+        if self.load_preset(folder / "job.json"):
+            self.tabs.setCurrentWidget(self.dataset)
+            self._notice(f"Demo ready in {folder}: press Start (F5)")
+            self.demoReady.emit(str(folder / "job.json"))
+
+    def create_demo_dialog(self) -> None:
+        parent = QFileDialog.getExistingDirectory(self, "Where to create the demo folder", str(Path.home()))
+        if parent:
+            self.create_demo(_free_folder(Path(parent) / "sdtrainer-demo", first=True))
+
+    # ---- form → Start --------------------------------------------------------------------------------
+
+    def _on_form_changed(self) -> None:
+        self.job, self.start_reasons = self.form.check()
+        self._add_dataset_reason()
+        self._update_actions()
+        self._scan_timer.start()
+
+    def _on_scanned(self, scan) -> None:
+        self.job, self.start_reasons = self.form.check()
+        self._add_dataset_reason()
+        self._update_actions()
+
+    def _add_dataset_reason(self) -> None:
+        # The last background scan of the dataset folders: a missing folder or one without images blocks Start.
+        scan = self.dataset.scan
+        why = self.dataset.error or ("the dataset folders hold no images (.png, .jpg, .jpeg, .webp)"
+                                     if scan is not None and scan.num_images == 0 else "")
+        if why and self.job is not None:
+            self.job = None
+        if why:
+            self.start_reasons.append(why)
+
+    def _rescan(self) -> None:
+        self.dataset.set_spec(self.form.section("dataset"))
+
+    def _update_actions(self) -> None:
+        idle = self.runner.state == "idle"
+        running = self.runner.state == "running"
+        can_start = idle and not self.start_reasons
+        self.act_start.setEnabled(can_start)
+        reason = "" if not idle or not self.start_reasons else self.start_reasons[0]
+        self.act_start.setToolTip("Start training (F5)" if can_start else
+                                  f"Cannot start: {reason}" if reason else "A run is in progress")
+        self.reason_label.setText(f"Cannot start: {reason}" if reason else "")
+        self.reason_label.setToolTip("\n".join(self.start_reasons))
+        self.act_stop.setEnabled(not idle)
+        self.act_save_now.setEnabled(running)
+        self.act_sample_now.setEnabled(running)
+        self.act_kill.setEnabled(not idle)
+        self.act_open_run.setEnabled(idle)
+        self.preset_combo.setEnabled(idle)
+        self.act_open_preset.setEnabled(idle)
+
+    def start(self) -> bool:
+        """Checks, then writes <output_dir>/job.json and runs the trainer on it. False if it did not start."""
+        self._on_form_changed()
+        if self.job is None or self.runner.state != "idle":
+            return False
+        job = self.job
+        try:
+            scan = scan_dataset(job.dataset)
+        except JobError as exc:
+            self._error("Cannot start", str(exc))
+            return False
+        if scan.num_images == 0:
+            self._error("Cannot start", "The dataset folders hold no images (.png, .jpg, .jpeg, .webp)")
+            return False
+        if scan.captions_missing:
+            answer = self.ask("Missing captions",
+                              f"{scan.captions_missing} of {scan.num_images} images have no caption file; they "
+                              "will train with their folder's instance prompt "
+                              f"({_prompts(job)}).\n\nStart anyway?", ["Start anyway", "Cancel"])
+            if answer != "Start anyway":
+                return False
+        run_dir = Path(job.output.output_dir).expanduser().resolve()
+        resume = False
+        if run_dir.is_dir() and any(p.name != "job.json" for p in run_dir.iterdir()):
+            answer = self.ask("Run folder in use",
+                              f"{run_dir} already holds a run.\n\nResume it from its last checkpoint, or start "
+                              "a new run in a new folder?", ["Resume", "New folder", "Cancel"])
+            if answer == "Resume":
+                resume = True
+            elif answer == "New folder":
+                run_dir = _free_folder(run_dir)
+                self.form.editor("output.output_dir").set(str(run_dir))
+                self._on_form_changed()
+                if self.job is None:
+                    return False
+                job = self.job
+            else:
+                return False
+        job_path = run_dir / "job.json"
+        save_job(job, job_path)
+        self.follower.close()
+        self.live_run_dir = run_dir
+        self.run_panel.reset(f"Run: {run_dir}", run_dir)
+        if resume and (run_dir / "events.jsonl").is_file():
+            # The history first, so a resumed run's plot continues where it left off.
+            history, _ = read_events(run_dir / "events.jsonl")
+            self.run_panel.add_events(history)
+        self.run_panel.log_events = False  # from here on the trainer's own output fills the log
+        try:
+            self.runner.start(job_path, resume=resume)
+        except (OSError, RuntimeError) as exc:
+            self._error("Cannot start the trainer", str(exc))
+            return False
+        self.tabs.setCurrentWidget(self.run_panel)
+        self.run_panel.tabs.setCurrentWidget(self.run_panel.plot)
+        return True
+
+    def stop(self) -> None:
+        self.runner.stop()
+
+    def _command(self, name: str) -> None:
+        if self.runner.send(name):
+            self._notice({"save": "Asked the trainer to save a checkpoint at its next step",
+                          "sample": "Asked the trainer to render validation images at its next step"}[name])
+
+    # ---- trainer signals -----------------------------------------------------------------------------
+
+    def _on_state(self, state: str) -> None:
+        self.state_label.setText(STATE_TEXT.get(state, state))
+        self._update_actions()
+
+    def _on_failed(self, text: str) -> None:
+        head, _, tail = text.partition("\n")
+        self.run_panel.show_banner(f"<b>{_html(head)}</b>" + (f"<pre>{_html(tail)}</pre>" if tail else ""), "error")
+        self.tabs.setCurrentWidget(self.run_panel)
+
+    def _on_finished(self, code: int, summary: str) -> None:
+        if code in (0, 3):
+            hint = "" if code == 0 else " Press Start and choose Resume to continue."
+            self.run_panel.show_banner(_html(summary) + hint, "ok" if code == 0 else "info")
+        self._notice(summary)
+        self._on_form_changed()
+
+    # ---- run folders ---------------------------------------------------------------------------------
+
+    def open_run_folder(self, folder: str | Path) -> bool:
+        try:
+            self.follower.open(folder)
+        except FileNotFoundError as exc:
+            self._error("Cannot open run folder", str(exc))
+            return False
+        self.live_run_dir = Path(folder)
+        self.run_panel.reset(f"Run folder: {folder} (read from events.jsonl; followed while it grows)", folder)
+        self.tabs.setCurrentWidget(self.run_panel)
+        return True
+
+    def open_run_folder_dialog(self) -> None:
+        start = str(self.live_run_dir or (Path(self.form.editor("output.output_dir").get() or ".").parent))
+        folder = QFileDialog.getExistingDirectory(self, "Open run folder (a job's output_dir)", start)
+        if folder:
+            self.open_run_folder(folder)
+
+    def _on_followed(self, events: list) -> None:
+        if self.run_panel.last_status:
+            self.run_panel.show_banner(f"This run finished: {self.run_panel.last_status}",
+                                       "error" if self.run_panel.last_status == "failed" else "ok")
+
+    def _open_run_dir(self) -> None:
+        folder = self.live_run_dir or Path(self.form.editor("output.output_dir").get())
+        QDesktopServices.openUrl(QUrl.fromLocalFile(str(folder)))
+
+    # ---- drag a folder onto the window ---------------------------------------------------------------
+
+    def dragEnterEvent(self, event) -> None:
+        if any(Path(url.toLocalFile()).is_dir() for url in event.mimeData().urls()):
+            event.acceptProposedAction()
+
+    def dropEvent(self, event) -> None:
+        folders = [url.toLocalFile() for url in event.mimeData().urls() if Path(url.toLocalFile()).is_dir()]
+        if folders:
+            self.form.set_dataset_folders(folders)
+            self.tabs.setCurrentWidget(self.dataset)
+            self._notice(f"Dataset set to {', '.join(folders)}")
+            event.acceptProposedAction()
+
+    # ---- closing, settings ---------------------------------------------------------------------------
+
+    def closeEvent(self, event) -> None:
+        if self.runner.state != "idle":
+            answer = self.ask("A run is in progress",
+                              "Stop the run (the trainer saves a resumable checkpoint and exits), or leave it "
+                              "running on its own? You can follow it later with File → Open run folder.",
+                              ["Stop the run", "Leave it running", "Cancel"])
+            if answer == "Stop the run":
+                self.runner.stop()
+                self.runner.detach()
+            elif answer == "Leave it running":
+                self.runner.detach()
+            else:
+                event.ignore()
+                return
+        self._save_settings()
+        self.follower.close()
+        event.accept()
+
+    def _save_settings(self) -> None:
+        s = settings()
+        s.setValue("geometry", self.saveGeometry())
+        s.setValue("splitter", self.splitter.saveState())
+        s.setValue("preset", self.current_preset)
+        job = self.form.job_or_none()
+        if job is not None:
+            s.setValue("job", json.dumps(to_sparse(job)))
+
+    def _restore_settings(self) -> None:
+        s = settings()
+        geometry = s.value("geometry")
+        if isinstance(geometry, QByteArray):
+            self.restoreGeometry(geometry)
+        splitter = s.value("splitter")
+        if isinstance(splitter, QByteArray):
+            self.splitter.restoreState(splitter)
+        self.current_preset = str(s.value("preset", "") or "")
+        saved = s.value("job")
+        if saved:
+            try:
+                self.form.set_job(from_sparse(json.loads(saved), "last session's job"))
+            except (JobError, json.JSONDecodeError) as exc:
+                self._notice(f"Could not restore the last session's job: {exc}")
+        elif self.current_preset and Path(self.current_preset).is_file():
+            self.load_preset(self.current_preset)
+        self._select_preset_in_combo(self.current_preset)
+
+    # ---- talking to the user -------------------------------------------------------------------------
+
+    def ask(self, title: str, text: str, buttons: list[str]) -> str | None:
+        """A question with named buttons; returns the label clicked (None if closed). Tests replace this."""
+        box = QMessageBox(QMessageBox.Icon.Question, title, text, parent=self)
+        made = [box.addButton(label, QMessageBox.ButtonRole.AcceptRole if i == 0 else
+                              QMessageBox.ButtonRole.RejectRole if label == "Cancel" else
+                              QMessageBox.ButtonRole.ActionRole) for i, label in enumerate(buttons)]
+        box.setDefaultButton(made[0])
+        box.exec()
+        clicked = box.clickedButton()
+        return buttons[made.index(clicked)] if clicked in made else None
+
+    def _error(self, title: str, text: str) -> None:
+        self._notice(f"{title}: {text}")
+        self.show_message(title, text)
+
+    def show_message(self, title: str, text: str) -> None:
+        """An error dialog; tests replace this."""
+        QMessageBox.warning(self, title, text)
+
+    def _notice(self, text: str) -> None:
+        self.statusBar().showMessage(text, 10000)
+
+
+def _free_folder(path: Path, first: bool = False) -> Path:
+    """path-2, path-3, … (path itself too with first=True): the first that does not exist or is empty."""
+    if first and (not path.exists() or (path.is_dir() and not any(path.iterdir()))):
+        return path
+    base = path.name
+    stem, _, number = base.rpartition("-")
+    if stem and number.isdigit():
+        base = stem
+    for i in range(2, 10000):
+        candidate = path.with_name(f"{base}-{i}")
+        if not candidate.exists() or (candidate.is_dir() and not any(candidate.iterdir())):
+            return candidate
+    raise RuntimeError(f"{path}: no free folder name")
+
+
+def _prompts(job: Job) -> str:
+    prompts = sorted({f.instance_prompt for f in job.dataset.folders})
+    if prompts == [""]:
+        return "which is empty: they train with no caption at all"
+    return ", ".join(repr(p) if p else "empty" for p in prompts)
+
+
+def _html(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+

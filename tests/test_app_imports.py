@@ -1,0 +1,44 @@
+"""app/ is the window: it imports Qt and the trainer's contract modules, never torch or the training code."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_app_never_imports_torch():
+    code = ("import sys, app.main, app.window\n"
+            "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'accelerate', 'peft') if m in sys.modules]\n"
+            "assert not heavy, heavy\n"
+            "trainer = sorted(m for m in sys.modules if m.startswith('trainer.'))\n"
+            "assert set(trainer) <= {'trainer.job', 'trainer.events', 'trainer.data_files'}, trainer\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env={"QT_QPA_PLATFORM": "offscreen", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+
+
+def test_app_sources_name_no_training_modules():
+    for path in (ROOT / "app").glob("*.py"):
+        text = path.read_text()
+        for banned in ("import torch", "from torch", "import diffusers", "from diffusers", "processEvents"):
+            assert banned not in text, f"{path.name} contains {banned!r}"
+
+
+def test_qt_binding_keeps_none_alive():
+    """PySide6 6.12.0 on Python 3.11 returns None from void methods without a reference: the window aborts
+    with `none_dealloc` after a few minutes of live plotting. Pin PySide6-Essentials<6.12 there."""
+    code = ("import sys\n"
+            "from PySide6.QtWidgets import QApplication, QLabel\n"
+            "app = QApplication([])\n"
+            "label = QLabel()\n"
+            "before = sys.getrefcount(None)\n"
+            "for _ in range(1000):\n"
+            "    label.setVisible(False)\n"
+            "print(sys.getrefcount(None) - before, flush=True)\n"
+            "import os; os._exit(0)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env={"QT_QPA_PLATFORM": "offscreen", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    from app.main import qt_binding_problem
+    assert int(result.stdout.strip()) > -500, qt_binding_problem() or "the Qt binding leaks references to None"
