@@ -137,6 +137,9 @@ class LossPlot(QWidget):
         self.smooth_curve.setData(x, self._smooth[:n])
         self.lr_curve.setData(x, self._lr[:n])
         if n:
+            # The learning rate is never negative; autorange on a constant rate would centre it on a flat line.
+            top = float(self._lr[:n].max())
+            self.lr_box.setYRange(0.0, top * 1.05 if top > 0 else 1.0, padding=0)
             self.summary.setText(f"{n:,} steps · last loss {self._loss[n - 1]:.4g} · "
                                  f"smoothed {self._smooth[n - 1]:.4g} · lr {self._lr[n - 1]:.3g}")
         else:

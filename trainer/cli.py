@@ -7,7 +7,7 @@ Torch is imported only by the commands that train, so `check` answers at once.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_demo(args) -> int:
     from .demo import build_demo
 
+    _quiet_libraries()
     job_path = build_demo(Path(args.dir).resolve(), steps=args.steps)
     print(f"wrote the demo model, dataset and job: {job_path}")
     print(f"train it with: python -m trainer run {job_path}")
@@ -62,6 +63,7 @@ def cmd_run(args) -> int:
     save_job(job, out / "job.json", extra={PROVENANCE_KEY: _provenance()})
     reporter = Reporter(out / "events.jsonl", args.events, plan.total_steps)
     try:
+        _quiet_libraries()
         from .train import train
 
         status = train(job, plan, reporter, args.resume)
@@ -79,6 +81,20 @@ def cmd_run(args) -> int:
         return EXIT_FAILED
     finally:
         reporter.close()
+
+
+def _quiet_libraries() -> None:
+    """The libraries' import-time notices (no torchvision, no optional kernels, loading bars) bury our own
+    progress; real problems still reach the user as errors."""
+    import logging
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
 
 
 def _provenance() -> dict:
