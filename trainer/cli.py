@@ -12,7 +12,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .job import PROVENANCE_KEY, JobError, load_job, save_job
+from .job import PROVENANCE_KEY, JobError, ModelSpec, load_job, save_job
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3
 
@@ -83,6 +83,14 @@ def cmd_run(args) -> int:
         reporter.close()
 
 
+def cmd_inspect_model(args) -> int:
+    from .inspect_model import main_json
+
+    _quiet_libraries()
+    print(main_json(ModelSpec(path=args.model)))
+    return EXIT_OK
+
+
 def _quiet_libraries() -> None:
     """The libraries' import-time notices (no torchvision, no optional kernels, loading bars) bury our own
     progress; real problems still reach the user as errors."""
@@ -120,6 +128,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("dir", help="an empty or new folder")
     demo.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
     demo.set_defaults(func=cmd_demo)
+
+    inspect = sub.add_parser("inspect-model", help="print a model's block tree with parameter counts (JSON)")
+    inspect.add_argument("model", help="a local diffusers model folder")
+    inspect.set_defaults(func=cmd_inspect_model)
 
     for name, func, text in (("check", cmd_check, "validate a job and its data and print the plan"),
                              ("run", cmd_run, "train")):
