@@ -437,10 +437,19 @@ def _cell_kind(info: FieldInfo):
         return float
     if info.annotation is bool:
         return lambda text: text.lower() in ("1", "true", "yes", "on")
+    if typing.get_origin(info.annotation) is list:  # e.g. a folder's metadata filters: JSON in the cell
+        def parse_json(text):
+            try:
+                return json.loads(text or "[]")
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not JSON ({exc.msg})") from None
+        return parse_json
     return str
 
 
 def _cell_text(value) -> str:
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
     return repr(value) if isinstance(value, float) else str(value)
 
 

@@ -6,6 +6,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 _home = tempfile.mkdtemp(prefix="sdtrainer-test-home-")
 os.environ["XDG_CONFIG_HOME"] = os.path.join(_home, "config")
 os.environ["XDG_DATA_HOME"] = os.path.join(_home, "data")
+os.environ["XDG_CACHE_HOME"] = os.path.join(_home, "cache")  # the trainer's latent and text caches
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402

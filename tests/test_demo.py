@@ -101,7 +101,7 @@ def test_build_demo_writes_a_valid_job(tmp_path):
     assert [(f.path, f.instance_prompt) for f in job.dataset.folders] == [(str(root / "dataset"), "a shape")]
     assert job.output.output_dir == str(root / "run")
     assert job.schedule.max_steps == 7
-    assert job.optimizer.learning_rate == 1e-3 and job.dataset.resolution == 64
+    assert job.optimizer.learning_rate == 2e-3 and job.dataset.resolution == 64
     assert (root / "model" / "model_index.json").is_file()
     assert json.loads(job_path.read_text())["version"] == 1
 

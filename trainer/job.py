@@ -40,20 +40,84 @@ class ModelSpec(_Section):
     variant: str = Field("", description="Hub weight variant, e.g. 'fp16', when path is a model id.")
 
 
+FilterOp = Literal["==", "!=", ">", ">=", "<", "<=", "in", "not_in", "contains"]  # data, never code
+
+
+class MetadataFilter(_Section):
+    key: str = Field(min_length=1, description="Metadata key in the sample's .json, e.g. 'aesthetic_score' "
+                     "(a dotted key such as 'meta.width' looks inside nested objects).")
+    op: FilterOp = Field(
+        description="Comparison: ==, !=, >, >=, <, <= (numbers), in / not_in (value is a list), contains "
+                    "(the metadata text or list holds value).")
+    value: bool | int | float | str | list[bool | int | float | str] = Field(
+        description="What the metadata value is compared with.")
+
+    @model_validator(mode="after")
+    def _value_fits_op(self) -> "MetadataFilter":
+        if self.op in ("in", "not_in") and not isinstance(self.value, list):
+            raise ValueError(f"op {self.op!r} needs a list value")
+        if self.op in (">", ">=", "<", "<=") and (isinstance(self.value, (bool, list, str))):
+            raise ValueError(f"op {self.op!r} needs a number value")
+        if self.op in ("==", "!=", "contains") and isinstance(self.value, list):
+            raise ValueError(f"op {self.op!r} needs a single value, not a list")
+        return self
+
+
 class DatasetFolder(_Section):
-    path: str = Field(description="A folder of images with same-stem caption files. Subfolders named "
-                      "'N_name' (kohya style) are read too, each repeated N times.")
+    path: str = Field(description="A folder of images with same-stem caption files (and any webdataset .tar "
+                      "shards in it), or one .tar shard. Subfolders named 'N_name' (kohya style) are read too, "
+                      "each repeated N times.")
     repeats: int = Field(0, ge=0, le=10000, description="Times each image is seen per epoch; 0 takes N from "
                          "an 'N_name' folder name, else 1.")
-    caption_extension: str = Field(".txt", description="Extension of the caption file beside each image.")
-    instance_prompt: str = Field("", description="Caption used for images that have no caption file.")
+    caption_extension: str = Field(".txt", description="Extension of the caption file beside each image. A file "
+                                   "with several lines holds several captions; one is picked each epoch.")
+    instance_prompt: str = Field("", description="Caption used for images that have no caption file; it also "
+                                 "replaces the instance token (dataset.instance_token) inside captions.")
+    weight: float = Field(1.0, gt=0, le=100, description="Loss weight of this folder's images: 2 pulls twice "
+                          "as hard as the other folders, 0.5 half as hard.")
+    filters: list[MetadataFilter] = Field(default_factory=list, description="Keep only images whose .json "
+                                          "metadata (NAME.json in a shard, or beside the image) passes every "
+                                          "filter; an image without the key is left out.")
 
 
 class DatasetSpec(_Section):
     folders: list[DatasetFolder] = Field(default_factory=list, description="Image folders to train on.")
     resolution: int = Field(512, ge=64, le=4096, multiple_of=8,
-                            description="Training resolution in pixels (images are resized and center-cropped).")
+                            description="Training resolution: each bucket holds about resolution x resolution "
+                            "pixels (a square crop when aspect buckets are off).")
+    aspect_buckets: bool = Field(True, description="Group images by aspect ratio so wide and tall images are "
+                                 "not cropped square; a batch always comes from one bucket.")
+    bucket_step: int = Field(64, ge=8, le=256, multiple_of=8, description="Bucket sides are multiples of this "
+                             "(64 for UNet models, 16 for transformer models).")
+    bucket_min_side: int = Field(0, ge=0, le=8192, description="Shortest bucket side in pixels; 0: half the "
+                                 "resolution.")
+    bucket_max_side: int = Field(0, ge=0, le=16384, description="Longest bucket side in pixels; 0: twice the "
+                                 "resolution.")
+    max_upscale: float = Field(2.0, ge=1, le=16, description="Largest enlargement used to fill a bucket; a "
+                               "smaller image is skipped with a warning (1: never upscale).")
+    crop: Literal["center", "random", "face"] = Field(
+        "center", description="Where an image is cropped to its bucket: the centre, a random window each "
+        "epoch (turns latent caching off), or around the largest face, else the most salient region.")
     random_flip: bool = Field(False, description="Flip each image horizontally with probability 0.5.")
+    color_jitter: float = Field(0.0, ge=0, le=0.5, description="Random brightness, contrast and saturation "
+                                "change of up to this fraction (0: off; on turns latent caching off).")
+    caption_dropout: float = Field(0.0, ge=0, le=1, description="Probability of training a sample with an "
+                                   "empty caption (helps classifier-free guidance).")
+    shuffle_tags: bool = Field(False, description="Shuffle the comma-separated tags of each caption every epoch "
+                               "(turns text caching off).")
+    tag_separator: str = Field(",", min_length=1, max_length=8, description="What separates tags in a caption.")
+    keep_tokens: int = Field(0, ge=0, le=1000, description="Leading tags that stay in place when tags are "
+                             "shuffled (e.g. 1 keeps the trigger word first).")
+    instance_token: str = Field("[instance]", max_length=100, description="Placeholder in captions replaced by "
+                                "the folder's instance prompt, e.g. 'photo of [instance], smiling' (empty: "
+                                "no replacement).")
+    cache_latents: bool = Field(True, description="Encode each image with the VAE once and keep it on disk, "
+                                "so later epochs and runs skip the VAE (not with random crops or colour "
+                                "jitter).")
+    cache_text: bool = Field(True, description="Encode each caption once and keep it on disk (not when tags "
+                             "are shuffled).")
+    cache_dir: str = Field("", description="Folder for the latent and text caches, shared by runs; empty: "
+                           "~/.cache/sdtrainer (never inside the dataset folders).")
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes (0 decodes in the "
                              "training process).")
 

@@ -10,11 +10,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data_files import Scan, scan_dataset
+from . import images
+from .buckets import Layout, batches_per_epoch, layout
+from .cache import CachePlan, decide
+from .data_files import ImageItem, Scan, scan_dataset
 from .families import detect_family
 from .job import Job, JobError
 
 RUN_FILES_ALLOWED_BEFORE_START = {"job.json"}  # the window writes the job into the run folder, then starts
+MAX_LISTED = 200  # skipped files listed by `check` one per line; the rest are counted
 
 
 @dataclass
@@ -26,17 +30,46 @@ class Plan:
     steps_per_epoch: float  # optimizer steps
     total_steps: int
     output_dir: Path
+    layout: Layout  # the samples of an epoch and their buckets
+    caching: CachePlan
+    job: Job
 
     def describe(self) -> list[str]:
-        s = self.scan
+        s, spec = self.scan, self.job.dataset
         lines = [f"model family: {self.family}",
                  f"images: {s.num_images} ({s.captions_found} with captions, {s.captions_missing} missing: "
                  f"those use the instance prompt)"]
         for sub in s.subsets:
-            lines.append(f"  {sub.folder}: {sub.images} images x {sub.repeats} repeats, "
-                         f"{sub.captions_found} captions found, {sub.images - sub.captions_found} missing")
+            weight = f", weight {sub.weight:g}" if sub.weight != 1 else ""
+            filtered = f", {sub.filtered_out} left out by filters" if sub.filtered_out else ""
+            lines.append(f"  {sub.folder}: {sub.images} images x {sub.repeats} repeats{weight}, "
+                         f"{sub.captions_found} captions found, {sub.images - sub.captions_found} missing{filtered}")
+        multi = sum(1 for i in s.items if len(i.captions) > 1)
+        if multi:
+            lines.append(f"captions: {multi} images have several captions (one is picked each epoch)")
+        if s.filter_reasons:
+            lines.append(f"filters left out {s.filtered_out} images:")
+            lines += [f"  {n} x {why}" for why, n in s.filter_reasons.most_common()]
+        if s.skipped:
+            lines.append(f"skipped {len(s.skipped)} files (not trained):")
+            lines += [f"  {path}: {why}" for path, why in s.skipped[:MAX_LISTED]]
+            if len(s.skipped) > MAX_LISTED:
+                lines.append(f"  ... and {len(s.skipped) - MAX_LISTED} more")
         lines += [f"warning: {w}" for w in s.warnings]
-        lines += [f"samples per epoch (with repeats): {s.num_samples}",
+        hist = self.layout.histogram()
+        lines.append(f"buckets: {len(hist)} in use (about {spec.resolution}x{spec.resolution} pixels, sides a "
+                     f"multiple of {spec.bucket_step}{'' if spec.aspect_buckets else ', aspect buckets off'})")
+        per = self.job.schedule.batch_size * self.world_size
+        for (w, h), n_images, n_samples in hist:
+            lines.append(f"  {w}x{h}: {n_images} images, {n_samples} samples, {-(-n_samples // per)} batches")
+        lines.append(f"crop: {spec.crop}, flip: {'random' if spec.random_flip else 'off'}, colour jitter: "
+                     f"{spec.color_jitter:g}, caption dropout: {spec.caption_dropout:g}, tag shuffle: "
+                     f"{'on (keep ' + str(spec.keep_tokens) + ')' if spec.shuffle_tags else 'off'}")
+        c = self.caching
+        lines.append(f"cache: latents {'on' if c.latents else 'off'}, text {'on' if c.text else 'off'}"
+                     + (f", in {c.root}" if c.latents or c.text else ""))
+        lines += [f"  note: {note}" for note in c.notes]
+        lines += [f"samples per epoch (with repeats): {len(self.layout.samples)}",
                   f"processes: {self.world_size}",
                   f"batches per epoch: {self.batches_per_epoch}",
                   f"steps per epoch: {self.steps_per_epoch:g}",
@@ -48,19 +81,56 @@ class Plan:
 def make_plan(job: Job, resume: bool = False) -> Plan:
     family = detect_family(job.model)
     scan = scan_dataset(job.dataset)
-    if scan.num_images == 0:
+    if scan.num_images == 0 and not scan.skipped and not scan.filter_reasons:
         folders = ", ".join(f.path for f in job.dataset.folders)
         raise JobError(f"dataset.folders: no images (png, jpg, jpeg, webp) found in {folders}")
+    sizes = _probe(scan)
+    epoch, too_small = layout(scan.items, sizes, job.dataset)
+    scan.drop(too_small)
     output_dir = _check_output_dir(job, resume)
+    return _counted(job, family, scan, epoch, output_dir)
+
+
+def replan(plan: Plan, broken: list[tuple[ImageItem, str]]) -> Plan:
+    """The plan without images that failed to decode during training's caching pass."""
+    plan.scan.drop(broken)
+    ids = {id(item) for item, _ in broken}
+    kept = [(item, b) for item, b in zip(plan.layout.samples, plan.layout.bucket_of) if id(item) not in ids]
+    epoch = Layout(plan.layout.buckets, [i for i, _ in kept], [b for _, b in kept])
+    return _counted(plan.job, plan.family, plan.scan, epoch, plan.output_dir)
+
+
+def _counted(job: Job, family: str, scan: Scan, epoch: Layout, output_dir: Path) -> Plan:
+    if not epoch.samples:
+        raise JobError(f"dataset: no usable images: {_skipped_summary(scan)}; `trainer check` lists them")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     sched = job.schedule
-    batches = scan.num_samples // (sched.batch_size * world)
-    if batches == 0:
-        raise JobError(f"schedule.batch_size: {sched.batch_size} x {world} process(es) is more than the "
-                       f"{scan.num_samples} samples per epoch")
+    batches = batches_per_epoch(epoch.bucket_of, sched.batch_size, world)
     steps_per_epoch = batches / sched.gradient_accumulation
     total = sched.max_steps or math.ceil(sched.epochs * steps_per_epoch)
-    return Plan(family, scan, world, batches, steps_per_epoch, total, output_dir)
+    return Plan(family, scan, world, batches, steps_per_epoch, total, output_dir, epoch, decide(job), job)
+
+
+def _probe(scan: Scan) -> list[tuple[int, int]]:
+    """Header reads only (no decode): broken files leave the scan with their reason; sizes of the rest."""
+    sizes, bad = [], []
+    for item in scan.items:
+        try:
+            sizes.append(images.probe(item))
+        except images.BadImage as exc:
+            bad.append((item, str(exc)))
+    scan.drop(bad)
+    return sizes
+
+
+def _skipped_summary(scan: Scan) -> str:
+    parts = []
+    if scan.skipped:
+        path, why = scan.skipped[0]
+        parts.append(f"{len(scan.skipped)} files skipped (first: {path}: {why})")
+    if scan.filter_reasons:
+        parts.append(f"{scan.filtered_out} left out by filters")
+    return ", ".join(parts) or "none found"
 
 
 def _check_output_dir(job: Job, resume: bool) -> Path:

@@ -7,6 +7,7 @@ resumed run continues exactly where an uninterrupted one would be.
 
 from __future__ import annotations
 
+import gc
 import signal
 import time
 from dataclasses import dataclass, field
@@ -17,8 +18,9 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
 
-from . import checkpoint
-from .dataset import TrainDataset, collate, epoch_batches
+from . import cache, checkpoint
+from .buckets import epoch_batches
+from .dataset import TrainDataset, collate
 from .events import Reporter
 from .export import write_lora
 from .families import family_module
@@ -85,14 +87,16 @@ def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Req
             start_step = checkpoint.load(found, trained, optimizer, lr_scheduler)["step"]
             reporter.log(f"resumed from {found}")
 
-    dataset = TrainDataset(plan.scan.items, job.dataset.resolution)
+    dataset = TrainDataset(plan.layout, job.dataset, sched.seed)
     started_at = time.time()
     if main:
         reporter.set_total(plan.total_steps, start_step)
         reporter.emit("run_started", job=job.model_dump(mode="json"), total_steps=plan.total_steps,
                       start_step=start_step, output_dir=str(out))
+    warned = _prepare_data(job, plan, dataset, family, parts, accelerator, reporter)
     if job.validation.prompts and job.validation.at_start and start_step == 0:
         _validate(accelerator, family, parts, unet, job, out, 0, reporter)
+    released = _release_frozen(parts, plan.caching, job)
 
     accum = sched.gradient_accumulation
     step, micro = start_step, start_step * accum
@@ -102,19 +106,21 @@ def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Req
     status = "completed"
     while step < plan.total_steps and status == "completed":
         epoch, offset = divmod(micro, plan.batches_per_epoch)
-        batches = epoch_batches(len(dataset), sched.batch_size, sched.seed, epoch, job.dataset.random_flip,
+        batches = epoch_batches(plan.layout.bucket_of, sched.batch_size, sched.seed, epoch,
                                 accelerator.process_index, accelerator.num_processes)[offset:]
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+        keys = [[(index, epoch) for index in b] for b in batches]  # a sample's randomness: (seed, epoch, index)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=keys, collate_fn=collate,
                                              num_workers=job.dataset.num_workers)
         for batch in loader:
+            _warn_skipped(batch["skipped"], warned, reporter, main)
             gen = _generator(sched.seed, micro, accelerator)
             with accelerator.accumulate(unet):
-                latents = family.encode_images(parts, batch["pixels"], gen)
-                cond = family.encode_prompts(parts, batch["captions"])
+                latents = _latents(family, parts, batch, gen, accelerator.device)
+                cond = _conditioning(family, parts, batch, accelerator.device)
                 noisy, timesteps, target = family.noisy_input_and_target(parts, latents, gen)
                 with accelerator.autocast():
                     pred = family.predict(parts, unet, noisy, timesteps, cond)
-                loss = F.mse_loss(pred.float(), target.float())
+                loss = _loss(pred, target, batch["weight"])
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and job.optimizer.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(list(trained.values()), job.optimizer.max_grad_norm)
@@ -143,7 +149,7 @@ def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Req
             val_every = job.validation.every_n_steps
             if job.validation.prompts and (wants.sample or (val_every and step % val_every == 0
                                                             and step < plan.total_steps)):
-                _validate(accelerator, family, parts, unet, job, out, step, reporter)
+                _validate(accelerator, family, parts, unet, job, out, step, reporter, released)
                 timer.pause_excluded()
             if step >= plan.total_steps:
                 break
@@ -153,7 +159,7 @@ def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Req
         if job.output.checkpoint_every:
             _save_checkpoint(accelerator, trained, optimizer, lr_scheduler, job, out, step, epoch, reporter)
         if job.validation.prompts:
-            _validate(accelerator, family, parts, unet, job, out, step, reporter)
+            _validate(accelerator, family, parts, unet, job, out, step, reporter, released)
         if main:
             outputs = _export(accelerator, family, parts, unet, job, plan, out, step, epoch, started_at)
     if main:
@@ -161,6 +167,81 @@ def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Req
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return status
+
+
+def _prepare_data(job: Job, plan: Plan, dataset: TrainDataset, family, parts, accelerator: Accelerator,
+                  reporter: Reporter) -> set[str]:
+    """Say which files are left out, fill the latent and text caches (main process first), point the dataset
+    at them. Returns the files already warned about."""
+    main = accelerator.is_main_process
+    warned = {path for path, _ in plan.scan.skipped}
+    if main:
+        for path, why in plan.scan.skipped:
+            reporter.log(f"skipped {path}: {why}", "warning")
+        if plan.scan.skipped:
+            reporter.log(f"{len(plan.scan.skipped)} files skipped; training on {plan.scan.num_images} images",
+                         "warning")
+        for note in plan.caching.notes:
+            reporter.log(note)
+    broken = []
+    if main:
+        broken = cache.prepare(job, plan.caching, dataset, family, parts, reporter, fill=True)
+    accelerator.wait_for_everyone()
+    if not main:
+        broken = cache.prepare(job, plan.caching, dataset, family, parts, reporter, fill=False)
+    for item, why in broken:
+        _warn_skipped([(str(item.path), f"{why}; its samples train on another image of its bucket")], warned,
+                      reporter, main)
+    if job.dataset.crop == "face" and main:
+        from .crops import face_detection_problem
+
+        problem = face_detection_problem(create=not plan.caching.latents)  # cached: only if the pass needed it
+        if problem:
+            reporter.log(problem, "warning")
+    return warned
+
+
+def _release_frozen(parts, caching: cache.CachePlan, job: Job) -> list[str]:
+    """With their outputs cached, the VAE and text encoder leave the accelerator: to the CPU when validation
+    needs them again (and only then moved back), else their weights are dropped. On a CPU-only machine the
+    first changes nothing; memory is only returned when no validation prompts are set."""
+    released = [name for name, cached in (("vae", caching.latents), ("text_encoder", caching.text)) if cached]
+    for name in released:
+        getattr(parts, name).to("cpu" if job.validation.prompts else "meta")
+    if released:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return released
+
+
+def _warn_skipped(skipped: list[tuple[str, str]], warned: set[str], reporter: Reporter, main: bool) -> None:
+    for path, why in skipped:
+        if path not in warned:
+            warned.add(path)
+            if main:
+                reporter.log(f"skipped {path}: {why}", "warning")
+
+
+def _latents(family, parts, batch: dict, gen: torch.Generator, device) -> torch.Tensor:
+    """Scaled latents (B, C, h, w): drawn from the cached distribution, or the images encoded now."""
+    if "latent_mean" in batch:
+        return family.sample_latents(parts, batch["latent_mean"].to(device), batch["latent_std"].to(device), gen)
+    return family.encode_images(parts, batch["pixels"], gen)
+
+
+def _conditioning(family, parts, batch: dict, device) -> dict:
+    if "cond" in batch:
+        return {name: value.to(device) for name, value in batch["cond"].items()}
+    return family.encode_prompts(parts, batch["captions"])
+
+
+def _loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """MSE; a folder's loss weight scales its samples' share."""
+    if bool((weight == 1).all()):
+        return F.mse_loss(pred.float(), target.float())
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+    return (per_sample * weight.to(per_sample.device)).mean()
 
 
 def _accelerator(job: Job, reporter: Reporter) -> Accelerator:
@@ -249,11 +330,14 @@ def _save_checkpoint(accelerator, trained, optimizer, lr_scheduler, job: Job, ou
 
 
 @torch.no_grad()
-def _validate(accelerator, family, parts, unet, job: Job, out: Path, step: int, reporter: Reporter) -> None:
+def _validate(accelerator, family, parts, unet, job: Job, out: Path, step: int, reporter: Reporter,
+              released: list[str] = ()) -> None:
     if accelerator.is_main_process:
         val = job.validation
         model = accelerator.unwrap_model(unet)
         model.eval()
+        for name in released:  # the VAE / text encoder wait on the CPU while their outputs are cached
+            getattr(parts, name).to(accelerator.device)
         pipe = family.validation_pipeline(parts, model)
         samples = out / "samples"
         samples.mkdir(parents=True, exist_ok=True)
@@ -267,6 +351,8 @@ def _validate(accelerator, family, parts, unet, job: Job, out: Path, step: int, 
             path = samples / f"step-{step:06d}-{i:02d}.png"
             image.save(path)
             reporter.emit("sample", step=step, prompt=prompt, seed=seed, path=str(path))
+        for name in released:
+            getattr(parts, name).to("cpu")
         model.train()
     accelerator.wait_for_everyone()
 
@@ -279,7 +365,7 @@ def _export(accelerator, family, parts, unet, job: Job, plan: Plan, out: Path, s
     captions: dict[str, list[str]] = {}
     for item in plan.scan.items:
         captions.setdefault(str(item.folder), []).append(item.caption)
-    info = {"num_train_images": plan.scan.num_samples, "started_at": started_at, "step": step, "epoch": epoch,
+    info = {"num_train_images": len(plan.layout.samples), "started_at": started_at, "step": step, "epoch": epoch,
             "total_steps": plan.total_steps, "captions_by_folder": captions,
             "folders": {str(s.folder): (s.repeats, s.images) for s in plan.scan.subsets}}
     return write_lora(out / "final", family, parts, lora_state, job, info)

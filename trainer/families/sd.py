@@ -63,9 +63,20 @@ def encode_prompts(parts: Parts, captions: list[str]) -> dict:
 @torch.no_grad()
 def encode_images(parts: Parts, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] to scaled latents (B, 4, H/8, W/8)."""
-    pixels = pixels.to(parts.vae.device, parts.vae.dtype)
-    latents = parts.vae.encode(pixels).latent_dist.sample(generator)
-    return latents * parts.vae.config.scaling_factor
+    return sample_latents(parts, *encode_image_dists(parts, pixels), generator)
+
+
+@torch.no_grad()
+def encode_image_dists(parts: Parts, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's latent distribution, mean and std (B, 4, H/8, W/8): what the latent cache keeps."""
+    dist = parts.vae.encode(pixels.to(parts.vae.device, parts.vae.dtype)).latent_dist
+    return dist.mean, dist.std
+
+
+def sample_latents(parts: Parts, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A draw from the latent distribution, scaled: the same draw diffusers' `latent_dist.sample` makes."""
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return (mean + std * noise) * parts.vae.config.scaling_factor
 
 
 def noisy_input_and_target(parts: Parts, latents: torch.Tensor, generator: torch.Generator):
