@@ -236,7 +236,9 @@ def model_identity(spec: ModelSpec, component: str, extra: str = "") -> str:
     path = Path(spec.path).expanduser()
     parts = [component, extra]
     if path.is_dir():
-        folders = [path / component] + ([path / "tokenizer"] if component == "text_encoder" else [])
+        # SDXL's captions go through a second encoder and tokenizer too (absent, and skipped, for SD1.x/2.x).
+        text = ["tokenizer", "text_encoder_2", "tokenizer_2"] if component == "text_encoder" else []
+        folders = [path / component] + [path / name for name in text]
         for folder in folders:
             for f in sorted(folder.glob("*")) if folder.is_dir() else []:
                 if f.suffix in (".json", ".txt", ".model"):

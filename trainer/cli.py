@@ -30,7 +30,7 @@ def cmd_demo(args) -> int:
     from .demo import build_demo
 
     _quiet_libraries()
-    job_path = build_demo(Path(args.dir).resolve(), steps=args.steps)
+    job_path = build_demo(Path(args.dir).resolve(), steps=args.steps, family=args.family)
     print(f"wrote the demo model, dataset and job: {job_path}")
     print(f"train it with: python -m trainer run {job_path}")
     return EXIT_OK
@@ -127,6 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="write a tiny model, dataset and job that train on any CPU in a minute")
     demo.add_argument("dir", help="an empty or new folder")
     demo.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
+    demo.add_argument("--family", choices=("sd1", "sdxl"), default="sd1",
+                      help="which tiny model to build (default sd1)")
     demo.set_defaults(func=cmd_demo)
 
     inspect = sub.add_parser("inspect-model", help="print a model's block tree with parameter counts (JSON)")

@@ -1,4 +1,5 @@
-"""A self-contained demo: a tiny random-weight SD1.5 pipeline, a procedural dataset and a job that trains on them.
+"""A self-contained demo: a tiny random-weight SD1.5 (or SDXL) pipeline, a procedural dataset and a job that
+trains on them.
 
 It lets a new user (and the end-to-end tests) run the whole trainer in under a minute on a CPU, offline.
 """
@@ -58,6 +59,53 @@ def build_tiny_sd15(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
+    """Write a tiny SDXL-layout diffusers folder with random weights (two CLIP encoders); loads offline."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    path = Path(path)
+    tokenizer = CLIPTokenizer.from_pretrained(_write_clip_tokenizer(path / "tokenizer"))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(_write_clip_tokenizer(path / "tokenizer_2"))
+    hidden, time_dim = 32, 8  # each encoder's width; the size embedding's width per number
+    text_config = dict(hidden_size=hidden, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                       projection_dim=hidden, vocab_size=len(tokenizer), max_position_embeddings=77,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            cross_attention_dim=2 * hidden,  # both encoders' hidden states, concatenated
+            addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=6 * time_dim + hidden)  # 6 size numbers + pooled text
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(
+            block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), scaling_factor=0.13025, force_upcast=True)
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+        torch.manual_seed(seed + 1)
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
+    # SDXL base's own scheduler config.
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", prediction_type="epsilon", steps_offset=1,
+                                       timestep_spacing="leading", interpolation_type="linear")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                     add_watermarker=False)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+BUILDERS = {"sd1": build_tiny_sd15, "sdxl": build_tiny_sdxl}
+
+
 def build_demo_dataset(path: Path, count: int = 12, seed: int = 0) -> Path:
     """Write `count` procedural shape images (PNG and JPG) with captions; exactly one has no caption."""
     path = Path(path)
@@ -76,12 +124,15 @@ def build_demo_dataset(path: Path, count: int = 12, seed: int = 0) -> Path:
     return path
 
 
-def build_demo(dir: Path, steps: int = 40) -> Path:
-    """Build model, dataset and job.json in an empty or new `dir`; return the job.json path."""
+def build_demo(dir: Path, steps: int = 40, family: str = "sd1") -> Path:
+    """Build model (of `family`: sd1 or sdxl), dataset and job.json in an empty or new `dir`; return the
+    job.json path."""
     dir = Path(dir).resolve()
+    if family not in BUILDERS:
+        raise JobError(f"family: {family!r}: the demo builds {', '.join(BUILDERS)}")
     if dir.exists() and (not dir.is_dir() or any(dir.iterdir())):
         raise JobError(f"{dir}: not empty; choose a new folder")
-    build_tiny_sd15(dir / "model")
+    BUILDERS[family](dir / "model")
     build_demo_dataset(dir / "dataset")
     job = validate(merge(load_preset("demo").model_dump(mode="json"), {
         "model": {"path": str(dir / "model")},

@@ -30,7 +30,7 @@ class _Section(BaseModel):
 class ModelSpec(_Section):
     path: str = Field("", description="Base model: a local diffusers folder, a Hugging Face model id, "
                       "or a single-file .safetensors checkpoint.")
-    family: Literal["auto", "sd1", "sd2"] = Field(
+    family: Literal["auto", "sd1", "sd2", "sdxl"] = Field(
         "auto", description="Model family; 'auto' reads it from the model's configs.")
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
         "auto", description="What the model predicts; 'auto' takes it from the model's scheduler config.")

@@ -231,9 +231,14 @@ def _latents(family, parts, batch: dict, gen: torch.Generator, device) -> torch.
 
 
 def _conditioning(family, parts, batch: dict, device) -> dict:
+    """The caption's encoding (cached or encoded now), plus what the family reads from the batch itself
+    (SDXL: each sample's size and crop)."""
     if "cond" in batch:
-        return {name: value.to(device) for name, value in batch["cond"].items()}
-    return family.encode_prompts(parts, batch["captions"])
+        cond = {name: value.to(device) for name, value in batch["cond"].items()}
+    else:
+        cond = family.encode_prompts(parts, batch["captions"])
+    cond.update({name: value.to(device) for name, value in family.conditioning_extras(batch).items()})
+    return cond
 
 
 def _loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

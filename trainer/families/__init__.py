@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..job import JobError, ModelSpec
 
-FAMILIES = {"sd1": "sd", "sd2": "sd"}
+FAMILIES = {"sd1": "sd", "sd2": "sd", "sdxl": "sdxl"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -42,7 +42,8 @@ def check_model_path(spec: ModelSpec) -> str:
 
 
 def detect_family(spec: ModelSpec) -> str:
-    """The job's family, or the one the model's files say; hub ids that are not cached default to sd1."""
+    """The job's family, or the one the model's files say; a hub id is read from the local hub cache, and
+    one not downloaded yet defaults to sd1 (presets for other families name theirs)."""
     if spec.family != "auto":
         return spec.family
     kind = check_model_path(spec)
@@ -53,12 +54,15 @@ def detect_family(spec: ModelSpec) -> str:
         if spec.config and Path(spec.config).is_dir():
             return _family_from_folder(Path(spec.config))
         return _family_from_checkpoint_keys(path)
-    return "sd1"
+    return _family_from_hub_cache(spec) or "sd1"
 
 
 def _family_from_folder(path: Path) -> str:
     index = _read_json(path / "model_index.json")
     cls = index.get("_class_name", "")
+    has_text_encoder = (index.get("text_encoder") or [None])[0] is not None  # the XL refiner has only the 2nd
+    if cls in ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline") and has_text_encoder:
+        return "sdxl"
     if cls not in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"):
         raise JobError(f"model.path: {path}: {cls or 'this pipeline'} is not a supported family yet "
                        f"(supported: {', '.join(sorted(FAMILIES))})")
@@ -66,13 +70,29 @@ def _family_from_folder(path: Path) -> str:
     return "sd2" if unet.get("cross_attention_dim") == 1024 else "sd1"
 
 
+def _family_from_hub_cache(spec: ModelSpec) -> str | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(spec.path, "model_index.json", revision=spec.revision or None)
+    if not isinstance(found, str):
+        return None
+    folder = Path(found).parent  # a snapshot folder: unet/config.json sits beside it once downloaded
+    if (folder / "unet" / "config.json").is_file():
+        return _family_from_folder(folder)
+    return "sdxl" if _read_json(Path(found)).get("_class_name", "").startswith("StableDiffusionXL") else None
+
+
 def _family_from_checkpoint_keys(path: Path) -> str:
     keys = _safetensors_keys(path)
+    if any(k.startswith("conditioner.embedders.1.model.") for k in keys):
+        return "sdxl"  # CLIP ViT-L, then OpenCLIP bigG (the refiner has only the latter, as embedders.0)
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         return "sd2"  # OpenCLIP text encoder
     if any(k.startswith("cond_stage_model.transformer.") for k in keys):
         return "sd1"
-    raise JobError(f"model.path: {path}: not a Stable Diffusion 1.x/2.x checkpoint (no text encoder keys)")
+    raise JobError(f"model.path: {path}: not a Stable Diffusion 1.x/2.x/XL checkpoint (no text encoder keys)")
 
 
 def _safetensors_keys(path: Path) -> list[str]:

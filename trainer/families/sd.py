@@ -34,7 +34,7 @@ def load(spec: ModelSpec) -> Parts:
     """The model's parts from a local diffusers folder, a hub id, or a single-file checkpoint."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    pipe = _load_pipeline(StableDiffusionPipeline, spec)
+    pipe = _load_pipeline(StableDiffusionPipeline, spec, safety_checker=None, requires_safety_checker=False)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction_type = spec.prediction_type
     if prediction_type == "auto":
@@ -93,6 +93,11 @@ def noisy_input_and_target(parts: Parts, latents: torch.Tensor, generator: torch
     return noisy, timesteps, target
 
 
+def conditioning_extras(batch: dict) -> dict:
+    """Conditioning taken from the batch rather than the caption: none for this family."""
+    return {}
+
+
 def predict(parts: Parts, unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
     return unet(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"]).sample
 
@@ -140,9 +145,9 @@ def kohya_metadata(parts: Parts) -> dict[str, str]:
             "ss_v_parameterization": str(parts.prediction_type == "v_prediction")}
 
 
-def _load_pipeline(pipeline_cls, spec: ModelSpec):
+def _load_pipeline(pipeline_cls, spec: ModelSpec, **common):
+    """`pipeline_cls` from a diffusers folder, hub id or single .safetensors file; `common` goes to the loader."""
     path = spec.path
-    common = {"safety_checker": None, "requires_safety_checker": False}
     try:
         if Path(path).suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin"):
             if Path(path).suffix.lower() != ".safetensors":

@@ -1,0 +1,164 @@
+"""Stable Diffusion XL: two text encoders, the pooled embedding and size micro-conditioning.
+
+What differs from SD1.x/2.x: the prompt is encoded by both CLIP encoders (their penultimate hidden states
+concatenated, as diffusers' pipeline does) plus text_encoder_2's pooled projection, and the UNet also gets each
+sample's original size, crop offset and target size (`time_ids`), which the batch carries from the buckets.
+
+The VAE: SDXL's original VAE overflows in fp16 (NaN latents, black images). The loop keeps the VAE in fp32
+always: for caching, for encoding uncached images, and for decoding validation images (taken out of the loop's
+autocast), so no fp16-fixed VAE is needed; a model that ships one is loaded like any other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..job import JobError, ModelSpec
+from .sd import _load_pipeline, encode_image_dists, encode_images, noisy_input_and_target, sample_latents
+
+__all__ = ["Parts", "load", "encode_prompts", "encode_images", "encode_image_dists", "sample_latents",
+           "noisy_input_and_target", "conditioning_extras", "predict", "validation_pipeline",
+           "save_lora_diffusers", "kohya_state_dict", "kohya_metadata"]
+
+NAMES = ("sdxl",)
+
+
+class TextEncoders(torch.nn.Module):
+    """Both CLIP encoders as one module, so the loop's moves (device, dtype, off the accelerator once the
+    captions are cached) apply to both without the loop knowing there are two."""
+
+    def __init__(self, one, two):
+        super().__init__()
+        self.one, self.two = one, two  # CLIPTextModel, CLIPTextModelWithProjection
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.one.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.one.device
+
+
+@dataclass
+class Parts:
+    unet: Any
+    vae: Any
+    text_encoder: TextEncoders
+    tokenizer: Any
+    tokenizer_2: Any
+    noise_scheduler: Any  # DDPM with the model's betas: adds noise during training
+    sample_scheduler: Any  # the model's own scheduler (Euler for SDXL base): validation images
+    prediction_type: str
+    base_version: str = "sdxl_base_v1-0"  # kohya's ss_base_model_version
+
+
+def load(spec: ModelSpec) -> Parts:
+    """The model's parts from a local diffusers folder, a hub id, or a single-file checkpoint (with config)."""
+    from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+
+    pipe = _load_pipeline(StableDiffusionXLPipeline, spec, add_watermarker=False)
+    if pipe.text_encoder is None or getattr(pipe.unet.config, "addition_embed_type", None) != "text_time":
+        raise JobError(f"model.path: {spec.path}: not an SDXL base model (the refiner has one text encoder "
+                       "and is not supported)")
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction_type = spec.prediction_type
+    if prediction_type == "auto":
+        prediction_type = noise_scheduler.config.get("prediction_type", "epsilon")
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise JobError(f"model.prediction_type: the model's scheduler says {prediction_type!r}; "
+                       "set epsilon or v_prediction")
+    noise_scheduler.register_to_config(prediction_type=prediction_type)
+    pipe.scheduler.register_to_config(prediction_type=prediction_type)
+    encoders = TextEncoders(pipe.text_encoder, pipe.text_encoder_2)
+    for frozen in (pipe.vae, encoders):
+        frozen.requires_grad_(False)
+        frozen.eval()
+    return Parts(pipe.unet, pipe.vae, encoders, pipe.tokenizer, pipe.tokenizer_2, noise_scheduler,
+                 pipe.scheduler, prediction_type)
+
+
+@torch.no_grad()
+def encode_prompts(parts: Parts, captions: list[str]) -> dict:
+    """{"encoder_hidden_states": (B, 77, d1 + d2), "pooled": (B, p)} from diffusers' own `encode_prompt`."""
+    pipe = _pipeline(parts, unet=None)
+    embeds, _, pooled, _ = pipe.encode_prompt(captions, device=parts.text_encoder.device,
+                                              do_classifier_free_guidance=False)
+    return {"encoder_hidden_states": embeds, "pooled": pooled}
+
+
+def conditioning_extras(batch: dict) -> dict:
+    """SDXL's micro-conditioning per sample: original (h, w) + crop (top, left) + target (h, w): (B, 6).
+
+    The same six numbers diffusers' pipeline builds in `_get_add_time_ids`, but from each sample's own image
+    and bucket, as SDXL was trained."""
+    sizes = (batch["original_size"], batch["crop_top_left"], batch["target_size"])  # each (B, 2)
+    return {"time_ids": torch.cat(sizes, dim=1).float()}
+
+
+def predict(parts: Parts, unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
+    added = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}
+    return unet(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"],
+                added_cond_kwargs=added).sample
+
+
+def validation_pipeline(parts: Parts, unet):
+    pipe = _pipeline(parts, unet)
+    pipe.set_progress_bar_config(disable=True)
+    return _Fp32Decode(pipe)
+
+
+class _Fp32Decode:
+    """The SDXL pipeline with its VAE decode taken out of autocast: the loop renders validation images under
+    the training precision, and SDXL's VAE overflows in fp16 even with fp32 weights (autocast computes its
+    convolutions in fp16). Called like the pipeline; returns its output type."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def __call__(self, *args, output_type: str = "pil", **kwargs):
+        from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
+
+        latents = self.pipe(*args, **kwargs, output_type="latent").images  # (B, 4, h, w), scaled
+        vae = self.pipe.vae
+        with torch.autocast(latents.device.type, enabled=False):
+            image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        return StableDiffusionXLPipelineOutput(images=self.pipe.image_processor.postprocess(image, output_type))
+
+
+def save_lora_diffusers(directory: Path, unet_lora_state: dict, adapter_config: dict) -> Path:
+    """pytorch_lora_weights.safetensors in PEFT form (`unet.<module>.lora_A.weight`), as for SD1.x/2.x."""
+    from diffusers import StableDiffusionXLPipeline
+
+    StableDiffusionXLPipeline.save_lora_weights(
+        directory, unet_lora_layers=unet_lora_state,
+        unet_lora_adapter_metadata=adapter_config, safe_serialization=True)
+    return Path(directory) / "pytorch_lora_weights.safetensors"
+
+
+def kohya_state_dict(unet_lora_state: dict, alpha: float) -> dict:
+    """UNet LoRA keys to kohya names (`lora_unet_down_blocks_1_..._to_q.lora_down.weight` + `.alpha`).
+
+    The names follow diffusers' UNet layout, which diffusers, ComfyUI and A1111 all map for SDXL; kohya's own
+    sd-scripts writes the original layout (`lora_unet_input_blocks_...`)."""
+    from .sd import kohya_state_dict as sd_kohya
+
+    return sd_kohya(unet_lora_state, alpha)
+
+
+def kohya_metadata(parts: Parts) -> dict[str, str]:
+    return {"ss_base_model_version": parts.base_version, "ss_v2": "False",
+            "ss_v_parameterization": str(parts.prediction_type == "v_prediction")}
+
+
+def _pipeline(parts: Parts, unet):
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder.one, text_encoder_2=parts.text_encoder.two,
+        tokenizer=parts.tokenizer, tokenizer_2=parts.tokenizer_2, unet=unet, scheduler=parts.sample_scheduler,
+        add_watermarker=False)
