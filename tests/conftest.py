@@ -63,3 +63,15 @@ def demo_job(demo_template, tmp_path):
     job.output.output_dir = str(root / "run")
     save_job(job, root / "job.json")
     return root / "job.json"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA; on a machine without it they are skipped, saying why."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (this machine has none)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
