@@ -56,6 +56,9 @@ def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Req
 
     family = family_module(plan.family)
     parts = family.load(job.model)
+    # Half a million long-lived objects from torch/diffusers imports: freezing them keeps each later collection
+    # (and interpreter shutdown) from walking them again; this process trains once and exits.
+    gc.freeze()
     frozen_dtype = torch.float32 if accelerator.device.type == "cpu" else _autocast_dtype(accelerator)
     parts.vae.to(accelerator.device)  # fp32 always: the SD VAE overflows in fp16
     _to(parts.text_encoder, accelerator.device, frozen_dtype)
