@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lora_checks import assert_both_lora_files_change_the_image
 from trainer.cli import main
 from trainer.dataset import collate
 from trainer.families import detect_family, family_module
@@ -77,12 +78,6 @@ def sdxl_run(tmp_path_factory):
     return root
 
 
-def _render(pipe) -> np.ndarray:
-    out = pipe("a red circle on a blue background", num_inference_steps=3, height=64, width=64,
-               generator=torch.Generator().manual_seed(0), output_type="np")
-    return out.images[0]
-
-
 def test_sdxl_lora_trains_and_both_files_load_in_the_sdxl_pipeline(sdxl_run):
     from diffusers import StableDiffusionXLPipeline
 
@@ -97,16 +92,7 @@ def test_sdxl_lora_trains_and_both_files_load_in_the_sdxl_pipeline(sdxl_run):
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and alphas == {4.0}  # the demo job's alpha
 
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_run / "model", add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
-    base = _render(pipe)
-    pipe.load_lora_weights(run / "final")
-    with_diffusers = _render(pipe)
-    pipe.unload_lora_weights()
-    assert np.array_equal(_render(pipe), base)
-    pipe.load_lora_weights(run / "final", weight_name="demo_lora.safetensors")
-    with_kohya = _render(pipe)
-    assert np.abs(with_diffusers - base).mean() > 1e-3, "the LoRA must change the image"
-    np.testing.assert_allclose(with_kohya, with_diffusers, atol=2e-3)
+    assert_both_lora_files_change_the_image(pipe, run / "final", "demo_lora.safetensors")
 
 
 def test_validation_decodes_like_the_pipeline(sdxl_run):

@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from lora_checks import assert_both_lora_files_change_the_image
 from trainer import checkpoint
 from trainer.cli import main
 from trainer.events import TOKEN_ENV, EventListener, read_events
@@ -30,12 +31,6 @@ def _trainer(args: list[str], token: str | None = None, launcher: list[str] | No
 def _losses(run: Path) -> dict[int, float]:
     events, _ = read_events(run / "events.jsonl")
     return {e["step"]: e["loss"] for e in events if e["type"] == "step"}
-
-
-def _render(pipe) -> np.ndarray:
-    out = pipe("a red circle on a blue background", num_inference_steps=3, height=64, width=64,
-               generator=torch.Generator().manual_seed(0), output_type="np")
-    return out.images[0]
 
 
 def test_demo_trains_and_both_lora_files_load(demo_job):
@@ -78,16 +73,7 @@ def test_demo_trains_and_both_lora_files_load(demo_job):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(demo_job.parent / "model", safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    base = _render(pipe)
-    pipe.load_lora_weights(run / "final")
-    with_diffusers = _render(pipe)
-    pipe.unload_lora_weights()
-    assert np.array_equal(_render(pipe), base)
-    pipe.load_lora_weights(run / "final", weight_name="demo_lora.safetensors")
-    with_kohya = _render(pipe)
-    assert np.abs(with_diffusers - base).mean() > 1e-3, "the LoRA must change the image"
-    np.testing.assert_allclose(with_kohya, with_diffusers, atol=2e-3)
+    assert_both_lora_files_change_the_image(pipe, run / "final", "demo_lora.safetensors")
 
 
 def test_stop_then_resume_matches_an_uninterrupted_run(demo_job, tmp_path):

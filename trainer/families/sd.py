@@ -32,9 +32,23 @@ class Parts:
 
 def load(spec: ModelSpec) -> Parts:
     """The model's parts from a local diffusers folder, a hub id, or a single-file checkpoint."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     pipe = _load_pipeline(StableDiffusionPipeline, spec, safety_checker=None, requires_safety_checker=False)
+    noise_scheduler, prediction_type = noise_scheduler_for(pipe, spec)
+    is_v2 = pipe.unet.config.cross_attention_dim == 1024
+    for frozen in (pipe.vae, pipe.text_encoder):
+        frozen.requires_grad_(False)
+        frozen.eval()
+    return Parts(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, noise_scheduler, pipe.scheduler,
+                 prediction_type, "sd_v2" if is_v2 else "sd_v1")
+
+
+def noise_scheduler_for(pipe, spec: ModelSpec):
+    """A DDPM scheduler with the model's betas for training noise, and the prediction type: the job's, or the
+    model's scheduler config's when the job says auto. The sampling scheduler is told the same."""
+    from diffusers import DDPMScheduler
+
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction_type = spec.prediction_type
     if prediction_type == "auto":
@@ -44,12 +58,7 @@ def load(spec: ModelSpec) -> Parts:
                        "set epsilon or v_prediction")
     noise_scheduler.register_to_config(prediction_type=prediction_type)
     pipe.scheduler.register_to_config(prediction_type=prediction_type)
-    is_v2 = pipe.unet.config.cross_attention_dim == 1024
-    for frozen in (pipe.vae, pipe.text_encoder):
-        frozen.requires_grad_(False)
-        frozen.eval()
-    return Parts(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, noise_scheduler, pipe.scheduler,
-                 prediction_type, "sd_v2" if is_v2 else "sd_v1")
+    return noise_scheduler, prediction_type
 
 
 @torch.no_grad()

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from ..job import JobError, ModelSpec
-from .sd import _load_pipeline, encode_image_dists, encode_images, noisy_input_and_target, sample_latents
+from .sd import (_load_pipeline, encode_image_dists, encode_images, noise_scheduler_for, noisy_input_and_target,
+                 sample_latents)
 
 __all__ = ["Parts", "load", "encode_prompts", "encode_images", "encode_image_dists", "sample_latents",
            "noisy_input_and_target", "conditioning_extras", "predict", "validation_pipeline",
@@ -59,21 +60,13 @@ class Parts:
 
 def load(spec: ModelSpec) -> Parts:
     """The model's parts from a local diffusers folder, a hub id, or a single-file checkpoint (with config)."""
-    from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline
 
     pipe = _load_pipeline(StableDiffusionXLPipeline, spec, add_watermarker=False)
     if pipe.text_encoder is None or getattr(pipe.unet.config, "addition_embed_type", None) != "text_time":
         raise JobError(f"model.path: {spec.path}: not an SDXL base model (the refiner has one text encoder "
                        "and is not supported)")
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    prediction_type = spec.prediction_type
-    if prediction_type == "auto":
-        prediction_type = noise_scheduler.config.get("prediction_type", "epsilon")
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise JobError(f"model.prediction_type: the model's scheduler says {prediction_type!r}; "
-                       "set epsilon or v_prediction")
-    noise_scheduler.register_to_config(prediction_type=prediction_type)
-    pipe.scheduler.register_to_config(prediction_type=prediction_type)
+    noise_scheduler, prediction_type = noise_scheduler_for(pipe, spec)
     encoders = TextEncoders(pipe.text_encoder, pipe.text_encoder_2)
     for frozen in (pipe.vae, encoders):
         frozen.requires_grad_(False)
