@@ -32,7 +32,8 @@ def _other_value(section_model, name, info, current):
         candidates = [[0.85, 0.9876543]]
     elif origin is list and issubclass(args[0], BaseModel):
         candidates = [[{"path": "/data/a", "repeats": 3, "caption_extension": ".caption",
-                        "instance_prompt": "photo of sks dog"}, {"path": "/data/b"}]]
+                        "instance_prompt": "photo of sks dog"}, {"path": "/data/b"}],
+                      [{"token": "[sks]", "init_pattern": "^dog</w>$", "vectors": 2}, {"token": "<x>"}]]
     else:
         pytest.fail(f"no test value for {name}: {ann}")
     for value in candidates:

@@ -99,7 +99,7 @@ def test_validation_decodes_like_the_pipeline(sdxl_run):
     """The validation wrapper (VAE decode kept out of autocast) gives the pipeline's own image."""
     family = family_module("sdxl")
     parts = family.load(ModelSpec(path=str(sdxl_run / "model")))
-    wrapped = family.validation_pipeline(parts, parts.unet)
+    wrapped = family.validation_pipeline(parts, parts.denoiser)
     args = dict(prompt="a green square", num_inference_steps=2, height=64, width=64, output_type="np")
     ours = wrapped(**args, generator=torch.Generator().manual_seed(1)).images[0]
     theirs = wrapped.pipe(**args, generator=torch.Generator().manual_seed(1)).images[0]

@@ -197,10 +197,13 @@ def _prepare_text(job: Job, root: Path, dataset, family, parts, reporter, fill: 
             captions.setdefault(caption, text_key(store.folder.name, caption))
     todo = [c for c, k in captions.items() if not store.has(k)]
     if fill and todo:
+        from torch import no_grad
+
         progress = Progress(reporter, "caching captions", len(todo))
         for start in range(0, len(todo), TEXT_BATCH):
             chunk = todo[start:start + TEXT_BATCH]
-            cond = family.encode_prompts(parts, chunk)  # name -> (B, ...)
+            with no_grad():
+                cond = family.encode_prompts(parts, chunk)  # name -> (B, ...)
             for i, caption in enumerate(chunk):
                 store.put(captions[caption], {name: value[i] for name, value in cond.items()})
             progress.advance(len(chunk))

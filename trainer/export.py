@@ -23,13 +23,13 @@ def write_lora(final_dir: Path, family, parts, lora_state: dict, job: Job, info:
     job_json = json.dumps(job.model_dump(mode="json"), separators=(",", ":"))
     adapter = {"r": job.network.rank, "lora_alpha": job.network.alpha,
                "target_modules": sorted(job.network.target_modules), "lora_dropout": job.network.dropout}
-    diffusers_path = family.save_lora_diffusers(final_dir, lora_state, adapter)
+    diffusers_path = family.save_lora_diffusers(final_dir, {family.DENOISER: lora_state}, {family.DENOISER: adapter})
     _add_metadata(diffusers_path, {JOB_METADATA_KEY: job_json})
     outputs = {"diffusers": diffusers_path}
     if job.output.save_kohya:
         kohya_path = final_dir / f"{job.output.name}.safetensors"
         metadata = {**kohya_metadata(job, info), **family.kohya_metadata(parts), JOB_METADATA_KEY: job_json}
-        save_file(family.kohya_state_dict(lora_state, job.network.alpha), kohya_path, metadata=metadata)
+        save_file(family.kohya_state_dict({family.DENOISER: lora_state}, job.network.alpha), kohya_path, metadata=metadata)
         outputs["kohya"] = kohya_path
     return outputs
 

@@ -30,7 +30,7 @@ class _Section(BaseModel):
 class ModelSpec(_Section):
     path: str = Field("", description="Base model: a local diffusers folder, a Hugging Face model id, "
                       "or a single-file .safetensors checkpoint.")
-    family: Literal["auto", "sd1", "sd2", "sdxl"] = Field(
+    family: Literal["auto", "sd1", "sd2", "sdxl", "sd3"] = Field(
         "auto", description="Model family; 'auto' reads it from the model's configs.")
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
         "auto", description="What the model predicts; 'auto' takes it from the model's scheduler config.")
@@ -123,13 +123,137 @@ class DatasetSpec(_Section):
 
 
 class NetworkSpec(_Section):
-    kind: Literal["lora"] = Field("lora", description="What is trained: a LoRA on the UNet.")
+    kind: Literal["lora", "full", "none"] = Field(
+        "lora", description="What trains in the denoiser (UNet or transformer): a LoRA, all of its selected "
+        "weights (full fine-tuning), or nothing (only new tokens: textual inversion).")
     rank: int = Field(16, ge=1, le=1024, description="LoRA rank (network dim): capacity of the adapter.")
     alpha: float = Field(16.0, gt=0, le=4096, description="LoRA alpha: the update is scaled by alpha/rank.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path during training.")
     target_modules: list[str] = Field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
-        description="Module names (suffixes) that get a LoRA; the default is the attention projections.")
+        description="LoRA: module names (suffixes) that get an adapter; the default is the attention "
+        "projections. Empty: every layer the layer selection keeps.")
+
+
+class LayerSpec(_Section):
+    """Which parts of the denoiser train (LoRA and full fine-tuning); `trainer inspect-model` lists the blocks."""
+    train_blocks: list[str] = Field(default_factory=list, description="Train only inside these blocks, e.g. "
+                                    "'down_blocks.1', 'mid_block', 'up_blocks.*', 'transformer_blocks.12-23' "
+                                    "(an inclusive index range) or 'transformer_blocks[-8:]' (the last 8). "
+                                    "Empty: all blocks.")
+    freeze_blocks: list[str] = Field(default_factory=list, description="Blocks that stay frozen, in the same "
+                                     "notation; wins over train_blocks.")
+    module_kinds: Literal["all", "attention", "attention_mlp"] = Field(
+        "all", description="Kinds of layers that train: all, attention projections only, or attention and "
+        "feed-forward (MLP) layers.")
+    exclude_adanorm: bool = Field(False, description="Keep the adaptive-norm (timestep modulation) linear "
+                                  "layers frozen, as the SD3.5 training guide advises for LoRA.")
+    include_patterns: list[str] = Field(default_factory=list, description="Only modules whose full name matches "
+                                        "one of these glob patterns train, e.g. '*attn2*' (empty: no filter).")
+    exclude_patterns: list[str] = Field(default_factory=list, description="Modules whose full name matches "
+                                        "one of these glob patterns stay frozen, e.g. '*time_emb*'.")
+
+
+class TextEncoderSpec(_Section):
+    """Training the text encoder(s) alongside the denoiser."""
+    mode: Literal["off", "lora", "full"] = Field(
+        "off", description="Train the text encoders with a LoRA (the network's rank and alpha), fully, or not.")
+    learning_rate: float = Field(5e-5, gt=0, le=1, description="Learning rate of the (first) text encoder.")
+    learning_rate_2: float = Field(0.0, ge=0, le=1, description="Learning rate of the second text encoder "
+                                   "(SDXL, SD3); 0: the same as the first.")
+    stop_fraction: float = Field(1.0, gt=0, le=1, description="Stop training the text encoders after this "
+                                 "fraction of the steps (e.g. 0.3); the denoiser trains on.")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"],
+                                      description="LoRA: text-encoder module names (suffixes) that get an "
+                                      "adapter.")
+
+
+class NewToken(_Section):
+    token: str = Field(min_length=1, max_length=100, pattern=r"^\S+$",
+                       description="The new token as written in captions, e.g. '[fernando]' (no spaces).")
+    init_pattern: str = Field("", max_length=200, description="Regular expression over the tokenizer's "
+                              "vocabulary; the new embedding starts as the mean of the matching tokens' "
+                              "embeddings, e.g. '^dog</w>$' (empty: the mean of all).")
+    vectors: int = Field(1, ge=1, le=75, description="Embedding vectors the token stands for.")
+
+
+class TokensSpec(_Section):
+    """New tokens (textual inversion; with a LoRA, pivotal tuning): only their embedding rows train."""
+    new: list[NewToken] = Field(default_factory=list, description="Tokens to add to every text encoder.")
+    learning_rate: float = Field(5e-3, gt=0, le=10, description="Learning rate of the new embeddings.")
+    stop_fraction: float = Field(1.0, gt=0, le=1, description="Stop training the embeddings after this "
+                                 "fraction of the steps.")
+
+
+class PriorSpec(_Section):
+    """DreamBooth prior preservation: images of the class, generated by the base model, keep it from forgetting."""
+    enabled: bool = Field(False, description="Train on class images alongside the instance images.")
+    class_prompt: str = Field("", description="Prompt of the class, e.g. 'a photo of a dog'; also the class "
+                              "images' caption.")
+    class_dir: str = Field("", description="Folder of class images; the missing ones are generated there with "
+                           "the base model and reused by later runs (empty: a folder in the cache directory "
+                           "named for the model and prompt).")
+    num_class_images: int = Field(0, ge=0, le=100000, description="Class images to train with; 0: "
+                                  "images_per_instance for each instance image, capped by max_class_images.")
+    images_per_instance: int = Field(200, ge=1, le=10000, description="Class images per instance image when "
+                                     "num_class_images is 0 (the DreamBooth recipe's 200).")
+    max_class_images: int = Field(1000, ge=1, le=100000, description="Cap on the class images when counted "
+                                  "per instance image.")
+    loss_weight: float = Field(1.0, ge=0, le=100, description="Weight of the class images' loss against the "
+                                "instance images'.")
+    sample_steps: int = Field(25, ge=1, le=500, description="Sampling steps per generated class image.")
+    guidance_scale: float = Field(7.5, ge=0, le=50, description="Guidance scale for generating class images.")
+    batch_size: int = Field(4, ge=1, le=256, description="Class images generated per batch.")
+    seed: int = Field(0, ge=0, description="Seed of the generated class images (image i uses seed + i).")
+
+
+class EmaSpec(_Section):
+    """An exponential moving average of the trained weights: smoother results, and what is exported."""
+    enabled: bool = Field(False, description="Keep an EMA of the trained weights.")
+    decay: float = Field(0.9999, gt=0, lt=1, description="EMA decay per update (0.999 to 0.9999 are usual).")
+    start_step: int = Field(0, ge=0, description="Updates begin after this step; before it the EMA copies the "
+                            "weights.")
+    every_n_steps: int = Field(1, ge=1, description="Update the EMA every N optimizer steps.")
+    export_ema: bool = Field(True, description="Export the EMA weights (off: the raw trained weights).")
+
+
+class DiffusionSpec(_Section):
+    """Noise, timesteps and loss weighting."""
+    noise_offset: float = Field(0.0, ge=0, le=1, description="Add this much per-channel offset noise (helps "
+                                "very dark and bright images; 0.05-0.1 are usual).")
+    min_snr_gamma: float = Field(0.0, ge=0, le=100, description="Min-SNR-gamma loss weighting (5 is usual; 0: "
+                                 "off).")
+    zero_terminal_snr: bool = Field(False, description="Rescale the noise schedule so the last timestep is pure "
+                                    "noise (use with v-prediction).")
+    timestep_bias: Literal["none", "earlier", "later", "range"] = Field(
+        "none", description="Sample some timesteps more often: earlier (less noise, detail), later (more "
+        "noise, composition) or a range.")
+    timestep_bias_multiplier: float = Field(1.0, gt=0, le=100, description="How much more often the biased "
+                                            "timesteps are drawn.")
+    timestep_bias_portion: float = Field(0.25, gt=0, le=1, description="Fraction of the timesteps biased "
+                                         "(earlier/later).")
+    timestep_bias_begin: int = Field(0, ge=0, le=1000, description="First biased timestep (range).")
+    timestep_bias_end: int = Field(1000, ge=0, le=1000, description="Last biased timestep (range).")
+    weighting_scheme: Literal["none", "logit_normal", "mode", "uniform"] = Field(
+        "logit_normal", description="Flow-matching models (SD3): how timesteps are sampled.")
+    logit_mean: float = Field(0.0, ge=-10, le=10, description="Mean of the logit-normal timestep density.")
+    logit_std: float = Field(1.0, gt=0, le=10, description="Std of the logit-normal timestep density.")
+    mode_scale: float = Field(1.29, ge=0, le=10, description="Scale of the 'mode' timestep density.")
+    flow_shift: float = Field(0.0, ge=0, le=100, description="Flow-matching timestep shift; 0: the model "
+                              "scheduler's (3.0 for SD3).")
+    encoder_dropout: list[float] = Field(default_factory=list, description="Per text encoder, the probability "
+                                         "of training with its embedding zeroed (SD3: e.g. [0.316, 0.316, "
+                                         "0.316]); empty: none.")
+    pooled_dropout: float = Field(0.0, ge=0, le=1, description="Probability of zeroing the pooled text "
+                                  "embedding (SDXL, SD3).")
+
+    @model_validator(mode="after")
+    def _range(self) -> "DiffusionSpec":
+        if self.timestep_bias == "range" and self.timestep_bias_begin >= self.timestep_bias_end:
+            raise ValueError("timestep_bias_begin must be below timestep_bias_end")
+        if any(not 0 <= p <= 1 for p in self.encoder_dropout):
+            raise ValueError("encoder_dropout: each probability must be between 0 and 1")
+        return self
 
 
 class OptimizerSpec(_Section):
@@ -187,6 +311,8 @@ class OutputSpec(_Section):
     checkpoint_every: int = Field(500, ge=0, description="Save a resumable checkpoint every N steps (0: off).")
     keep_last: int = Field(3, ge=1, le=1000, description="Checkpoints kept; older ones are deleted.")
     save_kohya: bool = Field(True, description="Also write the LoRA in kohya format for ComfyUI and A1111.")
+    save_single_file: bool = Field(True, description="Full fine-tuning: also write NAME.safetensors, one file "
+                                   "in the original Stable Diffusion layout that ComfyUI and A1111 load.")
 
 
 class Job(_Section):
@@ -194,6 +320,20 @@ class Job(_Section):
     model: ModelSpec = Field(default_factory=ModelSpec)
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     network: NetworkSpec = Field(default_factory=NetworkSpec)
+    layers: LayerSpec = Field(default_factory=LayerSpec)
+    text_encoder: TextEncoderSpec = Field(default_factory=TextEncoderSpec)
+    tokens: TokensSpec = Field(default_factory=TokensSpec)
+    prior: PriorSpec = Field(default_factory=PriorSpec)
+    ema: EmaSpec = Field(default_factory=EmaSpec)
+    diffusion: DiffusionSpec = Field(default_factory=DiffusionSpec)
+
+    @model_validator(mode="after")
+    def _something_trains(self) -> "Job":
+        if self.network.kind == "none" and not self.tokens.new and self.text_encoder.mode == "off":
+            raise ValueError("network.kind: 'none' trains nothing unless tokens.new or text_encoder.mode is set")
+        if self.prior.enabled and not self.prior.class_prompt.strip():
+            raise ValueError("prior.class_prompt: prior preservation needs a class prompt")
+        return self
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     precision: PrecisionSpec = Field(default_factory=PrecisionSpec)
@@ -340,8 +480,10 @@ def _diff(value: dict, base: dict) -> dict:
 
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "job"
-    msg = err["msg"]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if not loc:  # a check across sections: its message names the field itself
+        return msg
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
     elif "input" in err and err["type"] != "missing" and not isinstance(err["input"], (dict, list)):

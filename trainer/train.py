@@ -63,7 +63,7 @@ def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Req
     parts.vae.to(accelerator.device)  # fp32 always: the SD VAE overflows in fp16
     _to(parts.text_encoder, accelerator.device, frozen_dtype)
 
-    unet = parts.unet
+    unet = parts.denoiser
     unet.requires_grad_(False)
     _to(unet, accelerator.device, frozen_dtype)
     set_seed(sched.seed)  # the LoRA's random init must be the same in every run of this job
@@ -120,7 +120,7 @@ def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Req
             with accelerator.accumulate(unet):
                 latents = _latents(family, parts, batch, gen, accelerator.device)
                 cond = _conditioning(family, parts, batch, accelerator.device)
-                noisy, timesteps, target = family.noisy_input_and_target(parts, latents, gen)
+                noisy, timesteps, target, _ = family.noisy_input_and_target(parts, latents, gen, job.diffusion)
                 with accelerator.autocast():
                     pred = family.predict(parts, unet, noisy, timesteps, cond)
                 loss = _loss(pred, target, batch["weight"])
@@ -239,7 +239,8 @@ def _conditioning(family, parts, batch: dict, device) -> dict:
     if "cond" in batch:
         cond = {name: value.to(device) for name, value in batch["cond"].items()}
     else:
-        cond = family.encode_prompts(parts, batch["captions"])
+        with torch.no_grad():
+            cond = family.encode_prompts(parts, batch["captions"])
     cond.update({name: value.to(device) for name, value in family.conditioning_extras(batch).items()})
     return cond
 

@@ -2,6 +2,19 @@
 
 Detection reads JSON configs and safetensors headers only, so `trainer check` needs no torch. Adding a family
 means its module, a line in FAMILIES, and a rule in `detect_family`.
+
+What a family module provides (the loop calls nothing else; see sd.py for the reference):
+  NAMES, DENOISER ("unet" or "transformer": the denoiser's pipeline component name)
+  Parts: dataclass with denoiser, vae, text_encoder (one module holding every text encoder, so the loop can
+         move them together), noise_scheduler, sample_scheduler, prediction_type, base_version
+  load(spec) -> Parts; text_encoders(parts) -> {component name: (tokenizer, encoder)}
+  pipeline(parts, denoiser) -> the diffusers pipeline; validation_pipeline(parts, denoiser) -> a callable like it
+  encode_prompts(parts, captions) -> {name: tensor}   (not under no_grad: text encoders may train)
+  encode_image_dists(parts, pixels) -> (mean, std); sample_latents(parts, mean, std, gen); encode_images(...)
+  noisy_input_and_target(parts, latents, gen, diffusion) -> (noisy, timesteps, target, loss weight (B,))
+  conditioning_extras(batch) -> {name: tensor}; predict(parts, denoiser, noisy, timesteps, cond) -> prediction
+  save_lora_diffusers(dir, states, adapter_configs), kohya_state_dict(states, alpha), kohya_metadata(parts):
+         states and configs keyed by component name ("unet", "text_encoder", ...)
 """
 
 from __future__ import annotations

@@ -18,9 +18,12 @@ NAMES = ("sd1", "sd2")
 DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
+DENOISER = "unet"  # the denoiser's name among the pipeline's components
+
+
 @dataclass
 class Parts:
-    unet: Any
+    denoiser: Any  # the UNet
     vae: Any
     text_encoder: Any
     tokenizer: Any
@@ -44,6 +47,20 @@ def load(spec: ModelSpec) -> Parts:
                  prediction_type, "sd_v2" if is_v2 else "sd_v1")
 
 
+def text_encoders(parts: Parts) -> dict:
+    """{pipeline component name: (tokenizer, text encoder)} for every text encoder of the model."""
+    return {"text_encoder": (parts.tokenizer, parts.text_encoder)}
+
+
+def pipeline(parts: Parts, denoiser):
+    """The family's diffusers pipeline over these parts (for saving, class images and validation)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                   unet=denoiser, scheduler=parts.sample_scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
 def noise_scheduler_for(pipe, spec: ModelSpec):
     """A DDPM scheduler with the model's betas for training noise, and the prediction type: the job's, or the
     model's scheduler config's when the job says auto. The sampling scheduler is told the same."""
@@ -61,8 +78,8 @@ def noise_scheduler_for(pipe, spec: ModelSpec):
     return noise_scheduler, prediction_type
 
 
-@torch.no_grad()
 def encode_prompts(parts: Parts, captions: list[str]) -> dict:
+    """Not under no_grad: gradients reach the text encoder when it trains; callers that cache wrap it."""
     tok = parts.tokenizer(captions, padding="max_length", max_length=parts.tokenizer.model_max_length,
                           truncation=True, return_tensors="pt")
     ids = tok.input_ids.to(parts.text_encoder.device)
@@ -88,8 +105,9 @@ def sample_latents(parts: Parts, mean: torch.Tensor, std: torch.Tensor, generato
     return (mean + std * noise) * parts.vae.config.scaling_factor
 
 
-def noisy_input_and_target(parts: Parts, latents: torch.Tensor, generator: torch.Generator):
-    """DDPM forward process: a random timestep per sample, the noised latents, and what the UNet must predict."""
+def noisy_input_and_target(parts: Parts, latents: torch.Tensor, generator: torch.Generator, diffusion):
+    """DDPM forward process: a random timestep per sample, the noised latents, what the UNet must predict, and
+    each sample's loss weight (B,)."""
     sched = parts.noise_scheduler
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator,
@@ -99,7 +117,7 @@ def noisy_input_and_target(parts: Parts, latents: torch.Tensor, generator: torch
         target = sched.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    return noisy, timesteps, target
+    return noisy, timesteps, target, torch.ones(latents.shape[0], device=latents.device)
 
 
 def conditioning_extras(batch: dict) -> dict:
@@ -111,35 +129,31 @@ def predict(parts: Parts, unet, noisy: torch.Tensor, timesteps: torch.Tensor, co
     return unet(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"]).sample
 
 
-def validation_pipeline(parts: Parts, unet):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-                                   unet=unet, scheduler=parts.sample_scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+def validation_pipeline(parts: Parts, denoiser):
+    pipe = pipeline(parts, denoiser)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def save_lora_diffusers(directory: Path, unet_lora_state: dict, adapter_config: dict) -> Path:
-    """pytorch_lora_weights.safetensors, which `pipe.load_lora_weights(directory)` reads.
+def save_lora_diffusers(directory: Path, states: dict[str, dict], adapter_configs: dict[str, dict]) -> Path:
+    """pytorch_lora_weights.safetensors, which `pipe.load_lora_weights(directory)` reads. `states` and
+    `adapter_configs` are keyed by component ("unet", "text_encoder").
 
     Keys stay in PEFT form (`unet.<module>.lora_A.weight`): diffusers' older-format conversion renames only the
     attention projections, and its loader then drops them when other modules (convs, feed-forward) are trained.
     """
     from diffusers import StableDiffusionPipeline
 
-    StableDiffusionPipeline.save_lora_weights(
-        directory, unet_lora_layers=unet_lora_state,
-        unet_lora_adapter_metadata=adapter_config, safe_serialization=True)
+    StableDiffusionPipeline.save_lora_weights(directory, **_lora_kwargs(states, adapter_configs),
+                                              safe_serialization=True)
     return Path(directory) / "pytorch_lora_weights.safetensors"
 
 
-def kohya_state_dict(unet_lora_state: dict, alpha: float) -> dict:
+def kohya_state_dict(states: dict[str, dict], alpha: float) -> dict:
     """PEFT LoRA keys to kohya names (`lora_unet_down_blocks_0_..._to_q.lora_down.weight` + `.alpha`)."""
     from diffusers.utils import convert_state_dict_to_kohya
 
-    prefixed = {f"unet.{k}": v for k, v in unet_lora_state.items()}
+    prefixed = {f"{component}.{k}": v for component, state in states.items() for k, v in state.items()}
     out = convert_state_dict_to_kohya(prefixed)
     # diffusers writes alpha = rank; the network was trained with the job's alpha, so that is what tools need.
     for key in out:
@@ -152,6 +166,15 @@ def kohya_metadata(parts: Parts) -> dict[str, str]:
     is_v2 = parts.base_version == "sd_v2"
     return {"ss_base_model_version": parts.base_version, "ss_v2": str(is_v2),
             "ss_v_parameterization": str(parts.prediction_type == "v_prediction")}
+
+
+def _lora_kwargs(states: dict[str, dict], adapter_configs: dict[str, dict]) -> dict:
+    """save_lora_weights' keyword arguments: `unet_lora_layers=...`, `unet_lora_adapter_metadata=...`, ..."""
+    out = {}
+    for component, state in states.items():
+        out[f"{component}_lora_layers"] = state
+        out[f"{component}_lora_adapter_metadata"] = adapter_configs[component]
+    return out
 
 
 def _load_pipeline(pipeline_cls, spec: ModelSpec, **common):

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 
 from ..job import JobError, ModelSpec
-from .sd import (_load_pipeline, encode_image_dists, encode_images, noise_scheduler_for, noisy_input_and_target,
-                 sample_latents)
+from .sd import (DENOISER, _load_pipeline, _lora_kwargs, encode_image_dists, encode_images, noise_scheduler_for,
+                 noisy_input_and_target, sample_latents)
 
-__all__ = ["Parts", "load", "encode_prompts", "encode_images", "encode_image_dists", "sample_latents",
-           "noisy_input_and_target", "conditioning_extras", "predict", "validation_pipeline",
-           "save_lora_diffusers", "kohya_state_dict", "kohya_metadata"]
+__all__ = ["DENOISER", "Parts", "load", "text_encoders", "pipeline", "encode_prompts", "encode_images",
+           "encode_image_dists", "sample_latents", "noisy_input_and_target", "conditioning_extras", "predict",
+           "validation_pipeline", "save_lora_diffusers", "kohya_state_dict", "kohya_metadata"]
 
 NAMES = ("sdxl",)
 
@@ -47,7 +47,7 @@ class TextEncoders(torch.nn.Module):
 
 @dataclass
 class Parts:
-    unet: Any
+    denoiser: Any  # the UNet
     vae: Any
     text_encoder: TextEncoders
     tokenizer: Any
@@ -75,10 +75,16 @@ def load(spec: ModelSpec) -> Parts:
                  pipe.scheduler, prediction_type)
 
 
-@torch.no_grad()
+def text_encoders(parts: Parts) -> dict:
+    """{pipeline component name: (tokenizer, text encoder)} for both CLIP encoders."""
+    return {"text_encoder": (parts.tokenizer, parts.text_encoder.one),
+            "text_encoder_2": (parts.tokenizer_2, parts.text_encoder.two)}
+
+
 def encode_prompts(parts: Parts, captions: list[str]) -> dict:
-    """{"encoder_hidden_states": (B, 77, d1 + d2), "pooled": (B, p)} from diffusers' own `encode_prompt`."""
-    pipe = _pipeline(parts, unet=None)
+    """{"encoder_hidden_states": (B, 77, d1 + d2), "pooled": (B, p)} from diffusers' own `encode_prompt`
+    (not under no_grad: gradients reach the text encoders when they train)."""
+    pipe = pipeline(parts, None)
     embeds, _, pooled, _ = pipe.encode_prompt(captions, device=parts.text_encoder.device,
                                               do_classifier_free_guidance=False)
     return {"encoder_hidden_states": embeds, "pooled": pooled}
@@ -99,8 +105,8 @@ def predict(parts: Parts, unet, noisy: torch.Tensor, timesteps: torch.Tensor, co
                 added_cond_kwargs=added).sample
 
 
-def validation_pipeline(parts: Parts, unet):
-    pipe = _pipeline(parts, unet)
+def validation_pipeline(parts: Parts, denoiser):
+    pipe = pipeline(parts, denoiser)
     pipe.set_progress_bar_config(disable=True)
     return _Fp32Decode(pipe)
 
@@ -123,24 +129,23 @@ class _Fp32Decode:
         return StableDiffusionXLPipelineOutput(images=self.pipe.image_processor.postprocess(image, output_type))
 
 
-def save_lora_diffusers(directory: Path, unet_lora_state: dict, adapter_config: dict) -> Path:
+def save_lora_diffusers(directory: Path, states: dict[str, dict], adapter_configs: dict[str, dict]) -> Path:
     """pytorch_lora_weights.safetensors in PEFT form (`unet.<module>.lora_A.weight`), as for SD1.x/2.x."""
     from diffusers import StableDiffusionXLPipeline
 
-    StableDiffusionXLPipeline.save_lora_weights(
-        directory, unet_lora_layers=unet_lora_state,
-        unet_lora_adapter_metadata=adapter_config, safe_serialization=True)
+    StableDiffusionXLPipeline.save_lora_weights(directory, **_lora_kwargs(states, adapter_configs),
+                                                safe_serialization=True)
     return Path(directory) / "pytorch_lora_weights.safetensors"
 
 
-def kohya_state_dict(unet_lora_state: dict, alpha: float) -> dict:
+def kohya_state_dict(states: dict[str, dict], alpha: float) -> dict:
     """UNet LoRA keys to kohya names (`lora_unet_down_blocks_1_..._to_q.lora_down.weight` + `.alpha`).
 
     The names follow diffusers' UNet layout, which diffusers, ComfyUI and A1111 all map for SDXL; kohya's own
     sd-scripts writes the original layout (`lora_unet_input_blocks_...`)."""
     from .sd import kohya_state_dict as sd_kohya
 
-    return sd_kohya(unet_lora_state, alpha)
+    return sd_kohya(states, alpha)
 
 
 def kohya_metadata(parts: Parts) -> dict[str, str]:
@@ -148,10 +153,11 @@ def kohya_metadata(parts: Parts) -> dict[str, str]:
             "ss_v_parameterization": str(parts.prediction_type == "v_prediction")}
 
 
-def _pipeline(parts: Parts, unet):
+def pipeline(parts: Parts, denoiser):
+    """The family's diffusers pipeline over these parts (for saving, class images and validation)."""
     from diffusers import StableDiffusionXLPipeline
 
     return StableDiffusionXLPipeline(
         vae=parts.vae, text_encoder=parts.text_encoder.one, text_encoder_2=parts.text_encoder.two,
-        tokenizer=parts.tokenizer, tokenizer_2=parts.tokenizer_2, unet=unet, scheduler=parts.sample_scheduler,
+        tokenizer=parts.tokenizer, tokenizer_2=parts.tokenizer_2, unet=denoiser, scheduler=parts.sample_scheduler,
         add_watermarker=False)
