@@ -105,3 +105,9 @@ def test_usage_errors_exit_2(argv):
     with pytest.raises(SystemExit) as err:
         main(argv)
     assert err.value.code == 2
+
+
+def test_bad_block_name(demo_job, capsys):
+    _edit(demo_job, layers__train_blocks=["down_blocks.9"])
+    err = _exit2(capsys, "check", str(demo_job))
+    assert "layers.train_blocks: 'down_blocks.9'" in err and "down_blocks.0" in err

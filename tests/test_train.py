@@ -128,8 +128,8 @@ def test_checkpoint_keeps_the_last_k(tmp_path):
     fresh = torch.nn.Parameter(torch.zeros(3))
     opt2 = torch.optim.AdamW([fresh], lr=0.1)
     sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0)
-    state = checkpoint.load(tmp_path / "step-3", {"p": fresh}, opt2, sched2)
-    assert state["step"] == 3 and torch.equal(fresh, param)
+    state, weights, ema = checkpoint.load(tmp_path / "step-3", opt2, sched2)
+    assert state["step"] == 3 and torch.equal(weights["p"], param.detach()) and ema is None
     torch.testing.assert_close(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
 
 

@@ -46,9 +46,12 @@ def decide(job: Job) -> CachePlan:
     if text and spec.shuffle_tags:
         text = False
         notes.append("text cache off: shuffled tags make a new caption every epoch")
-    if text and getattr(job.network, "train_text_encoder", False):
+    if text and job.text_encoder.mode != "off":
         text = False
         notes.append("text cache off: the text encoder is being trained")
+    if text and job.tokens.new:
+        text = False
+        notes.append("text cache off: new token embeddings are being trained")
     if latents and spec.random_flip:
         notes.append("random flip: both the image and its mirror are cached")
     if spec.caption_dropout and text:

@@ -1,4 +1,5 @@
-"""Resumable checkpoints: the trained weights, the optimizer and LR-scheduler state, and the step, in safetensors + JSON.
+"""Resumable checkpoints: the trained tensors (and their EMA), the optimizer and LR-scheduler state, and the step, in
+safetensors + JSON.
 
 No pickle anywhere, so a checkpoint copied from a rented GPU is safe to open. A checkpoint is written under a
 temporary name and renamed when complete; `latest` never returns a half-written one.
@@ -16,17 +17,21 @@ from safetensors.torch import load_file, save_file
 
 _NAME = re.compile(r"^step-(\d+)$")
 STATE_FILE = "state.json"  # written last: its presence marks a complete checkpoint
+EMA_FILE = "ema.safetensors"
 
 
 def save(root: Path, step: int, weights: dict[str, torch.Tensor], optimizer, lr_scheduler, info: dict,
-         keep_last: int) -> Path:
-    """Write checkpoints/step-N atomically and delete all but the newest `keep_last`."""
+         keep_last: int, ema: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write checkpoints/step-N atomically and delete all but the newest `keep_last`. `weights` are keyed
+    "component.parameter" (see trainer/trainable.py); `info` (epoch, the job) goes into state.json."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, tmp / "weights.safetensors")
+    save_file(_cpu(weights), tmp / "weights.safetensors")
+    if ema is not None:
+        save_file(_cpu(ema), tmp / EMA_FILE)
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     state = {"step": step, "optimizer": opt_meta, "lr_scheduler": _jsonable(lr_scheduler.state_dict()), **info}
@@ -53,25 +58,25 @@ def latest(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load(path: Path, params: dict[str, torch.nn.Parameter], optimizer, lr_scheduler) -> dict:
-    """Restore weights, optimizer and scheduler in place; returns the saved state (step and info)."""
-    state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    weights = load_file(path / "weights.safetensors")
-    missing = set(params) - set(weights)
-    if missing:
-        raise ValueError(f"{path}: checkpoint lacks {len(missing)} trained tensors (e.g. {sorted(missing)[0]}); "
-                         "was it made by a different job?")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(weights[name].to(param.device, param.dtype))
+def load(path: Path, optimizer, lr_scheduler) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """Restore the optimizer and scheduler in place; returns the saved state (step and info), the trained
+    tensors and the EMA tensors (None when the run kept no EMA) for the caller to put back."""
+    state = read_state(path)
     opt_state = _unflatten_optimizer(load_file(path / "optimizer.safetensors"), state["optimizer"])
     optimizer.load_state_dict(opt_state)
     lr_scheduler.load_state_dict(state["lr_scheduler"])
-    return state
+    weights, ema = load_weights(path)
+    return state, weights, ema
 
 
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(path / "weights.safetensors")
+def read_state(path: Path) -> dict:
+    return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """The trained tensors and, when kept, their EMA."""
+    ema = load_file(path / EMA_FILE) if (path / EMA_FILE).is_file() else None
+    return load_file(path / "weights.safetensors"), ema
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -94,6 +99,10 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     for pid, entries in meta["scalars"].items():
         state.setdefault(int(pid), {}).update(entries)
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
 def _jsonable(value):

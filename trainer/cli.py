@@ -1,4 +1,4 @@
-"""The command line: `python -m trainer demo|check|run`. Exit codes are a contract with the window and scripts.
+"""The command line: `python -m trainer demo|check|run|export`. Exit codes are a contract with the window and scripts.
 
 0 completed, 1 training failed, 2 invalid job or data (one line naming the field or file), 3 stopped on request.
 Torch is imported only by the commands that train, so `check` answers at once.
@@ -30,7 +30,7 @@ def cmd_demo(args) -> int:
     from .demo import build_demo
 
     _quiet_libraries()
-    job_path = build_demo(Path(args.dir).resolve(), steps=args.steps, family=args.family)
+    job_path = build_demo(Path(args.dir).resolve(), steps=args.steps, family=args.family, method=args.method)
     print(f"wrote the demo model, dataset and job: {job_path}")
     print(f"train it with: python -m trainer run {job_path}")
     return EXIT_OK
@@ -41,8 +41,9 @@ def cmd_check(args) -> int:
 
     job = load_job(args.job, args.set)
     plan = make_plan(job, resume=args.resume)
+    lines = plan.describe()  # reads the model's layer table too: a bad block name fails here
     print(f"job: {args.job} is valid")
-    for line in plan.describe():
+    for line in lines:
         print(line)
     return EXIT_OK
 
@@ -91,6 +92,16 @@ def cmd_inspect_model(args) -> int:
     return EXIT_OK
 
 
+def cmd_export(args) -> int:
+    from .convert import export
+
+    _quiet_libraries()
+    out = Path(args.out) if args.out else None
+    for path in export(Path(args.source), args.format, out, args.lora_scale, args.force, args.raw):
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
 def _quiet_libraries() -> None:
     """The libraries' import-time notices (no torchvision, no optional kernels, loading bars) bury our own
     progress; real problems still reach the user as errors."""
@@ -121,19 +132,40 @@ def _provenance() -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .convert import FORMATS
+    from .demo import METHODS
+
     p = argparse.ArgumentParser(prog="python -m trainer", description="Train LoRAs for Stable Diffusion models.")
     sub = p.add_subparsers(required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="write a tiny model, dataset and job that train on any CPU in a minute")
     demo.add_argument("dir", help="an empty or new folder")
     demo.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
-    demo.add_argument("--family", choices=("sd1", "sdxl"), default="sd1",
+    demo.add_argument("--family", choices=("sd1", "sdxl", "sd3"), default="sd1",
                       help="which tiny model to build (default sd1)")
+    demo.add_argument("--method", choices=tuple(METHODS), default="lora",
+                      help="how it trains: " + "; ".join(f"{k}: {v}" for k, v in METHODS.items()))
     demo.set_defaults(func=cmd_demo)
 
     inspect = sub.add_parser("inspect-model", help="print a model's block tree with parameter counts (JSON)")
     inspect.add_argument("model", help="a local diffusers model folder")
     inspect.set_defaults(func=cmd_inspect_model)
+
+    export = sub.add_parser("export", help="write a run's weights as LoRA files, a merged model or one "
+                            "original-layout file")
+    export.add_argument("source", help="a run folder (its newest complete checkpoint, else its final/ files) or "
+                        "a checkpoint folder RUN/checkpoints/step-N")
+    export.add_argument("--format", required=True, choices=FORMATS,
+                        help="diffusers / kohya: the LoRA files (a full fine-tune: its diffusers folder); merged: "
+                        "the LoRA fused into the base, as a diffusers folder; single-file: one .safetensors in "
+                        "the original layout for ComfyUI and A1111")
+    export.add_argument("--lora-scale", type=float, metavar="S",
+                        help="merged / single-file: fuse the LoRA at this strength (default 1)")
+    export.add_argument("--out", metavar="PATH", help="output folder (single-file: or a .safetensors path); "
+                        "default RUN/export/FORMAT")
+    export.add_argument("--force", action="store_true", help="write over an existing non-empty output")
+    export.add_argument("--raw", action="store_true", help="export the raw trained weights, not their EMA")
+    export.set_defaults(func=cmd_export)
 
     for name, func, text in (("check", cmd_check, "validate a job and its data and print the plan"),
                              ("run", cmd_run, "train")):

@@ -1,5 +1,5 @@
-"""A self-contained demo: a tiny random-weight SD1.5 (or SDXL) pipeline, a procedural dataset and a job that
-trains on them.
+"""A self-contained demo: a tiny random-weight SD1.5 (or SDXL, or SD3) pipeline, a procedural dataset and a job
+that trains on them.
 
 It lets a new user (and the end-to-end tests) run the whole trainer in under a minute on a CPU, offline.
 """
@@ -103,7 +103,66 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
     return path
 
 
-BUILDERS = {"sd1": build_tiny_sd15, "sdxl": build_tiny_sdxl}
+def build_tiny_sd3(path: Path, seed: int = 0) -> Path:
+    """Write a tiny SD3-layout diffusers folder with random weights (MMDiT, 16-channel VAE, CLIP-L, CLIP-G and T5
+    encoders); loads offline, with or without T5."""
+    import torch
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+
+    path = Path(path)
+    tokenizer = CLIPTokenizer.from_pretrained(_write_clip_tokenizer(path / "tokenizer"))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(_write_clip_tokenizer(path / "tokenizer_2"))
+    tokenizer_3 = _t5_tokenizer()
+    # Unequal widths, as in SD3 (768, 1280, 4096), so a slip between the encoders' slices of the prompt shows.
+    width_l, width_g, width_t5 = 32, 48, 96
+
+    def clip(width: int):
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=width, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            projection_dim=width, vocab_size=len(tokenizer), max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(
+            sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+            num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=width_t5,
+            pooled_projection_dim=width_l + width_g,  # both CLIPs' projections, concatenated
+            pos_embed_max_size=64, qk_norm="rms_norm")  # 64 patches a side: buckets up to 256 px
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(
+            block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=16, sample_size=64,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), scaling_factor=1.5305, shift_factor=0.0609,
+            use_quant_conv=False, use_post_quant_conv=False)  # SD3's VAE config, but for the sizes
+        torch.manual_seed(seed)
+        text_encoder = clip(width_l)
+        torch.manual_seed(seed + 1)
+        text_encoder_2 = clip(width_g)
+        torch.manual_seed(seed + 2)
+        text_encoder_3 = T5EncoderModel(T5Config(
+            vocab_size=len(tokenizer_3), d_model=width_t5, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+            pad_token_id=tokenizer_3.pad_token_id, eos_token_id=tokenizer_3.eos_token_id))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # SD3's own
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+BUILDERS = {"sd1": build_tiny_sd15, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3}
+# What a family's demo job changes: transformer models bucket in steps of 16 (VAE 8 x patch 2) and take a LoRA on
+# their joint attention's image and text projections.
+FAMILY_OVERRIDES = {
+    "sd3": {"dataset": {"bucket_step": 16},
+            "network": {"target_modules": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                                           "add_v_proj", "to_add_out"]}},
+}
 
 
 def build_demo_dataset(path: Path, count: int = 12, seed: int = 0) -> Path:
@@ -124,12 +183,14 @@ def build_demo_dataset(path: Path, count: int = 12, seed: int = 0) -> Path:
     return path
 
 
-def build_demo(dir: Path, steps: int = 40, family: str = "sd1") -> Path:
-    """Build model (of `family`: sd1 or sdxl), dataset and job.json in an empty or new `dir`; return the
-    job.json path."""
+def build_demo(dir: Path, steps: int = 40, family: str = "sd1", method: str = "lora") -> Path:
+    """Build model (of `family`), dataset and job.json (training by `method`, see METHODS) in an empty or new
+    `dir`; return the job.json path."""
     dir = Path(dir).resolve()
     if family not in BUILDERS:
         raise JobError(f"family: {family!r}: the demo builds {', '.join(BUILDERS)}")
+    if method not in METHODS:
+        raise JobError(f"method: {method!r}: the demo trains by {', '.join(METHODS)}")
     if dir.exists() and (not dir.is_dir() or any(dir.iterdir())):
         raise JobError(f"{dir}: not empty; choose a new folder")
     BUILDERS[family](dir / "model")
@@ -140,8 +201,40 @@ def build_demo(dir: Path, steps: int = 40, family: str = "sd1") -> Path:
         "output": {"output_dir": str(dir / "run")},
         "schedule": {"max_steps": steps},
     }), "demo job")
+    job = validate(merge(job.model_dump(mode="json"), FAMILY_OVERRIDES.get(family, {})), "demo job")
+    job = validate(merge(job.model_dump(mode="json"), _method_overrides(method, dir)), "demo job")
     save_job(job, dir / "job.json")
     return dir / "job.json"
+
+
+# What each training method changes in the demo job; every one trains on any CPU in about a minute.
+METHODS = {
+    "lora": "a LoRA on the UNet",
+    "dreambooth": "LoRA on the UNet and text encoder, with prior preservation on generated class images",
+    "full": "full fine-tuning of the UNet with an EMA, exported as a diffusers folder and one original-layout file",
+    "textual_inversion": "a new token <shape>, initialised from the letters' embeddings; "
+                         "only it trains",
+}
+
+
+def _method_overrides(method: str, dir: Path) -> dict:
+    if method == "dreambooth":
+        return {"dataset": {"folders": [{"path": str(dir / "dataset"), "instance_prompt": "a sks shape"}]},
+                "text_encoder": {"mode": "lora", "learning_rate": 1e-3},
+                "prior": {"enabled": True, "class_prompt": "a shape", "class_dir": str(dir / "class_images"),
+                          "num_class_images": 6, "sample_steps": 4, "guidance_scale": 3.0},
+                "validation": {"prompts": ["a sks shape", "a shape"]},
+                "output": {"name": "demo_dreambooth"}}
+    if method == "full":
+        return {"network": {"kind": "full"}, "optimizer": {"learning_rate": 3e-4},
+                "ema": {"enabled": True, "decay": 0.9}, "output": {"name": "demo_full"}}
+    if method == "textual_inversion":
+        return {"network": {"kind": "none"},
+                "tokens": {"new": [{"token": "<shape>", "init_pattern": "^[a-z]</w>$"}], "learning_rate": 5e-2},
+                "dataset": {"folders": [{"path": str(dir / "dataset"), "instance_prompt": "a <shape>"}]},
+                "validation": {"prompts": ["a red <shape> on a blue background"]},
+                "output": {"name": "demo_ti"}}
+    return {}
 
 
 def _write_clip_tokenizer(path: Path) -> Path:
@@ -156,6 +249,17 @@ def _write_clip_tokenizer(path: Path) -> Path:
         "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
         "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}), encoding="utf-8")
     return path
+
+
+def _t5_tokenizer():
+    # A Unigram vocabulary of single characters, with and without the word-start mark: spells any caption made
+    # of them (anything else is <unk>), which is all a random model needs.
+    from transformers import T5Tokenizer
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789.,:;!?'()<>[]-_"
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -3.0) for c in chars] + [("▁" + c, -2.5) for c in chars]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
 def _bytes_to_unicode() -> dict[int, str]:

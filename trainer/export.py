@@ -1,6 +1,7 @@
-"""Final LoRA files: diffusers/PEFT format for `load_lora_weights`, kohya format with `ss_` metadata for ComfyUI/A1111.
+"""Final LoRA files: diffusers/PEFT format for `load_lora_weights`, kohya format with `ss_` metadata for ComfyUI/A1111;
+and whole models: a diffusers folder and one original-layout .safetensors (trainer/single_file.py).
 
-Both embed the resolved job, so any file can be traced back to how it was made.
+All embed the resolved job, so any file can be traced back to how it was made.
 """
 
 from __future__ import annotations
@@ -15,23 +16,59 @@ from safetensors.torch import load_file, save_file
 from .job import Job
 
 JOB_METADATA_KEY = "sdtrainer_job"
+JOB_FILE = "sdtrainer_job.json"  # the resolved job inside an exported diffusers folder
 
 
-def write_lora(final_dir: Path, family, parts, lora_state: dict, job: Job, info: dict) -> dict[str, Path]:
-    """Write final/pytorch_lora_weights.safetensors and final/NAME.safetensors; returns their paths."""
-    final_dir.mkdir(parents=True, exist_ok=True)
-    job_json = json.dumps(job.model_dump(mode="json"), separators=(",", ":"))
-    adapter = {"r": job.network.rank, "lora_alpha": job.network.alpha,
-               "target_modules": sorted(job.network.target_modules), "lora_dropout": job.network.dropout}
-    diffusers_path = family.save_lora_diffusers(final_dir, {family.DENOISER: lora_state}, {family.DENOISER: adapter})
-    _add_metadata(diffusers_path, {JOB_METADATA_KEY: job_json})
-    outputs = {"diffusers": diffusers_path}
+def write_lora(final_dir: Path, family, parts, states: dict[str, dict], configs: dict[str, dict], job: Job,
+               info: dict) -> dict[str, Path]:
+    """Write final/pytorch_lora_weights.safetensors and final/NAME.safetensors; returns their paths. `states`
+    and `configs` (adapter metadata) are keyed by component: the denoiser's and any text encoder's LoRA."""
+    outputs = {"diffusers": write_lora_diffusers(final_dir, family, states, configs, job)}
     if job.output.save_kohya:
-        kohya_path = final_dir / f"{job.output.name}.safetensors"
-        metadata = {**kohya_metadata(job, info), **family.kohya_metadata(parts), JOB_METADATA_KEY: job_json}
-        save_file(family.kohya_state_dict({family.DENOISER: lora_state}, job.network.alpha), kohya_path, metadata=metadata)
-        outputs["kohya"] = kohya_path
+        outputs["kohya"] = write_lora_kohya(final_dir / f"{job.output.name}.safetensors", family, parts, states,
+                                            job, info)
     return outputs
+
+
+def write_lora_diffusers(directory: Path, family, states: dict[str, dict], configs: dict[str, dict],
+                         job: Job) -> Path:
+    """DIRECTORY/pytorch_lora_weights.safetensors, which `pipe.load_lora_weights(directory)` reads."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = family.save_lora_diffusers(directory, states, configs)
+    _add_metadata(path, {JOB_METADATA_KEY: job_json(job)})
+    return path
+
+
+def write_lora_kohya(path: Path, family, parts, states: dict[str, dict], job: Job, info: dict) -> Path:
+    """One kohya-format LoRA file with the `ss_` metadata (see `kohya_metadata` for what `info` holds)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {**kohya_metadata(job, info), **family.kohya_metadata(parts), JOB_METADATA_KEY: job_json(job)}
+    save_file(family.kohya_state_dict(states, job.network.alpha), path, metadata=metadata)
+    return path
+
+
+def write_full(final_dir: Path, pipe, job: Job, single_file: bool) -> dict[str, Path]:
+    """A whole model (fully fine-tuned or merged): final/diffusers, a folder `from_pretrained` loads, and with
+    `single_file` final/NAME.safetensors in the original layout; both carry the resolved job."""
+    outputs = {"diffusers": write_pipeline_folder(final_dir / "diffusers", pipe, job)}
+    if single_file:
+        from .single_file import write_single_file
+
+        outputs["single_file"] = write_single_file(pipe, final_dir / f"{job.output.name}.safetensors",
+                                                   {JOB_METADATA_KEY: job_json(job)})
+    return outputs
+
+
+def write_pipeline_folder(folder: Path, pipe, job: Job) -> Path:
+    """`pipe.save_pretrained(folder)` in safetensors, with the resolved job beside it as JOB_FILE."""
+    pipe.save_pretrained(folder, safe_serialization=True)
+    (folder / JOB_FILE).write_text(json.dumps(job.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
+    return folder
+
+
+def job_json(job: Job) -> str:
+    """The resolved job as compact JSON: what every exported file carries under JOB_METADATA_KEY."""
+    return json.dumps(job.model_dump(mode="json"), separators=(",", ":"))
 
 
 def kohya_metadata(job: Job, info: dict) -> dict[str, str]:

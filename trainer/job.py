@@ -38,6 +38,8 @@ class ModelSpec(_Section):
                         "whose configs describe it (needed offline).")
     revision: str = Field("", description="Hub revision (branch, tag or commit) when path is a model id.")
     variant: str = Field("", description="Hub weight variant, e.g. 'fp16', when path is a model id.")
+    load_t5: bool = Field(True, description="SD3: load the T5 text encoder; off saves ~10 GB and the prompt uses "
+                          "the two CLIP encoders only")
 
 
 FilterOp = Literal["==", "!=", ">", ">=", "<", "<=", "in", "not_in", "contains"]  # data, never code
@@ -233,7 +235,7 @@ class DiffusionSpec(_Section):
     timestep_bias_portion: float = Field(0.25, gt=0, le=1, description="Fraction of the timesteps biased "
                                          "(earlier/later).")
     timestep_bias_begin: int = Field(0, ge=0, le=1000, description="First biased timestep (range).")
-    timestep_bias_end: int = Field(1000, ge=0, le=1000, description="Last biased timestep (range).")
+    timestep_bias_end: int = Field(1000, ge=0, le=1000, description="End of the biased range (range; not included).")
     weighting_scheme: Literal["none", "logit_normal", "mode", "uniform"] = Field(
         "logit_normal", description="Flow-matching models (SD3): how timesteps are sampled.")
     logit_mean: float = Field(0.0, ge=-10, le=10, description="Mean of the logit-normal timestep density.")

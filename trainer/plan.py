@@ -10,12 +10,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import images
+from . import images, prior
 from .buckets import Layout, batches_per_epoch, layout
 from .cache import CachePlan, decide
 from .data_files import ImageItem, Scan, scan_dataset
 from .families import detect_family
 from .job import Job, JobError
+from .layers import describe_trainable
 
 RUN_FILES_ALLOWED_BEFORE_START = {"job.json"}  # the window writes the job into the run folder, then starts
 MAX_LISTED = 200  # skipped files listed by `check` one per line; the rest are counted
@@ -36,7 +37,7 @@ class Plan:
 
     def describe(self) -> list[str]:
         s, spec = self.scan, self.job.dataset
-        lines = [f"model family: {self.family}",
+        lines = [f"model family: {self.family}", *describe_trainable(self.job, self.family),
                  f"images: {s.num_images} ({s.captions_found} with captions, {s.captions_missing} missing: "
                  f"those use the instance prompt)"]
         for sub in s.subsets:
@@ -69,6 +70,9 @@ class Plan:
         lines.append(f"cache: latents {'on' if c.latents else 'off'}, text {'on' if c.text else 'off'}"
                      + (f", in {c.root}" if c.latents or c.text else ""))
         lines += [f"  note: {note}" for note in c.notes]
+        if self.job.prior.enabled:
+            lines.append(f"prior preservation: {prior.class_image_count(self.job, s.num_images)} class images in "
+                         f"{prior.class_dir(self.job)} ({prior.missing_count(self.job, s.num_images)} to generate)")
         lines += [f"samples per epoch (with repeats): {len(self.layout.samples)}",
                   f"processes: {self.world_size}",
                   f"batches per epoch: {self.batches_per_epoch}",
@@ -98,6 +102,19 @@ def replan(plan: Plan, broken: list[tuple[ImageItem, str]]) -> Plan:
     kept = [(item, b) for item, b in zip(plan.layout.samples, plan.layout.bucket_of) if id(item) not in ids]
     epoch = Layout(plan.layout.buckets, [i for i, _ in kept], [b for _, b in kept])
     return _counted(plan.job, plan.family, plan.scan, epoch, plan.output_dir)
+
+
+def class_layout(job: Job, images: list[Path]) -> Layout:
+    """DreamBooth's class images (`images`, as trainer/prior.py chose them) in buckets, like the instances."""
+    spec = prior.class_dataset_spec(job)
+    scan = scan_dataset(spec)
+    keep = {Path(p).resolve() for p in images}
+    scan.drop([(item, "not among the class images used") for item in scan.items if item.path.resolve() not in keep])
+    sizes = _probe(scan)
+    epoch, _ = layout(scan.items, sizes, spec)
+    if not epoch.samples:
+        raise JobError(f"prior.class_dir: no usable class images in {spec.folders[0].path}")
+    return epoch
 
 
 def _counted(job: Job, family: str, scan: Scan, epoch: Layout, output_dir: Path) -> Plan:

@@ -8,24 +8,25 @@ resumed run continues exactly where an uninterrupted one would be.
 from __future__ import annotations
 
 import gc
+import json
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
 
-from . import cache, checkpoint
-from .buckets import epoch_batches
+from . import cache, checkpoint, ema, export, prior, trainable
+from .buckets import batches_per_epoch, epoch_batches
 from .dataset import TrainDataset, collate
 from .events import Reporter
-from .export import write_lora
 from .families import family_module
 from .job import Job, JobError
-from .plan import Plan
+from .plan import Plan, class_layout
 
 
 @dataclass
@@ -56,30 +57,35 @@ def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Req
 
     family = family_module(plan.family)
     parts = family.load(job.model)
+    noise_notes = family.prepare_noise(parts, job.diffusion)
     # Half a million long-lived objects from torch/diffusers imports: freezing them keeps each later collection
     # (and interpreter shutdown) from walking them again; this process trains once and exits.
     gc.freeze()
     frozen_dtype = torch.float32 if accelerator.device.type == "cpu" else _autocast_dtype(accelerator)
     parts.vae.to(accelerator.device)  # fp32 always: the SD VAE overflows in fp16
     _to(parts.text_encoder, accelerator.device, frozen_dtype)
+    denoiser = parts.denoiser
+    _to(denoiser, accelerator.device, frozen_dtype)
+    class_layout = _class_images(job, plan, family, parts, accelerator, reporter)  # the base model draws them
 
-    unet = parts.denoiser
-    unet.requires_grad_(False)
-    _to(unet, accelerator.device, frozen_dtype)
-    set_seed(sched.seed)  # the LoRA's random init must be the same in every run of this job
-    _add_lora(unet, job)
+    set_seed(sched.seed)  # adapters' random init must be the same in every run of this job
+    tr = trainable.setup(family, parts, job, plan.total_steps)
     if job.precision.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    trained = {n: p for n, p in unet.named_parameters() if p.requires_grad}
-    for p in trained.values():
+        _gradient_checkpointing(tr)
+    for module in tr.modules.values():
+        module.train()
+    for p in tr.params.values():
         p.data = p.data.float()  # trained weights stay fp32 under mixed precision
-    optimizer = _optimizer(job, list(trained.values()))
+    optimizer = _optimizer(job, trainable.optimizer_groups(tr))
     from diffusers.optimization import get_scheduler
 
     lr_scheduler = get_scheduler(sched.lr_scheduler, optimizer, num_warmup_steps=sched.warmup_steps,
                                  num_training_steps=plan.total_steps)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    if tr.groups[0].name == "denoiser":
+        denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
+    else:
+        optimizer = accelerator.prepare(optimizer)
+    shadow = ema.create(trainable.ema_params(tr)) if job.ema.enabled else None
 
     start_step = 0
     if resume:
@@ -87,19 +93,34 @@ def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Req
         if found is None:
             reporter.log("no complete checkpoint found; starting from step 0", "warning")
         else:
-            start_step = checkpoint.load(found, trained, optimizer, lr_scheduler)["step"]
+            state, tensors, ema_tensors = checkpoint.load(found, optimizer, lr_scheduler)
+            trainable.load_tensors(tr, tensors, str(found))
+            if shadow is not None and ema_tensors is not None:
+                shadow.update({k: v.to(shadow[k].device) for k, v in ema_tensors.items() if k in shadow})
+            start_step = state["step"]
+            trainable.apply_stops(tr, optimizer, start_step)
             reporter.log(f"resumed from {found}")
 
     dataset = TrainDataset(plan.layout, job.dataset, sched.seed)
+    class_dataset = None
+    if class_layout is not None:
+        class_dataset = TrainDataset(class_layout, prior.class_dataset_spec(job), sched.seed + 1)
     started_at = time.time()
     if main:
         reporter.set_total(plan.total_steps, start_step)
         reporter.emit("run_started", job=job.model_dump(mode="json"), total_steps=plan.total_steps,
                       start_step=start_step, output_dir=str(out))
+        reporter.log(f"training {tr.count():,} parameters: " + ", ".join(
+            f"{g.name} {sum(p.numel() for p in g.params.values()):,}" for g in tr.groups))
+        for note in noise_notes:
+            reporter.log(note, "warning")
     warned = _prepare_data(job, plan, dataset, family, parts, accelerator, reporter)
+    if class_dataset is not None:
+        _prepare_data(job, plan, class_dataset, family, parts, accelerator, reporter, quiet=True)
+    run = _Run(accelerator, family, parts, job, tr, shadow, out, reporter)
     if job.validation.prompts and job.validation.at_start and start_step == 0:
-        _validate(accelerator, family, parts, unet, job, out, 0, reporter)
-    released = _release_frozen(parts, plan.caching, job)
+        _validate(run, denoiser, 0)
+    run.released = _release_frozen(parts, plan.caching, needed_again=bool(job.validation.prompts or tr.full))
 
     accum = sched.gradient_accumulation
     step, micro = start_step, start_step * accum
@@ -117,25 +138,30 @@ def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Req
         for batch in loader:
             _warn_skipped(batch["skipped"], warned, reporter, main)
             gen = _generator(sched.seed, micro, accelerator)
-            with accelerator.accumulate(unet):
-                latents = _latents(family, parts, batch, gen, accelerator.device)
-                cond = _conditioning(family, parts, batch, accelerator.device)
-                noisy, timesteps, target, _ = family.noisy_input_and_target(parts, latents, gen, job.diffusion)
-                with accelerator.autocast():
-                    pred = family.predict(parts, unet, noisy, timesteps, cond)
-                loss = _loss(pred, target, batch["weight"])
+            with accelerator.accumulate(denoiser):
+                with_grad = trainable.text_trains(tr, step)
+                loss = _batch_loss(run, denoiser, batch, gen, with_grad)
+                if class_dataset is not None:
+                    class_batch = _class_batch(class_dataset, sched, micro, accelerator)
+                    loss = loss + job.prior.loss_weight * _batch_loss(run, denoiser, class_batch, gen, with_grad)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and job.optimizer.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(list(trained.values()), job.optimizer.max_grad_norm)
+                if accelerator.sync_gradients:
+                    _sync_unprepared_grads(accelerator, tr)
+                    if job.optimizer.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(list(tr.params.values()), job.optimizer.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             micro += 1
             losses.append(loss.detach())
             if not accelerator.sync_gradients:
                 continue
+            trainable.after_optimizer_step(tr)
             lr = lr_scheduler.get_last_lr()[0]
             lr_scheduler.step()
             step += 1
+            trainable.apply_stops(tr, optimizer, step)
+            if shadow is not None:
+                ema.update(shadow, trainable.ema_params(tr), job.ema, step)
             step_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
             losses.clear()
             its, eta = timer.tick(step)
@@ -143,16 +169,16 @@ def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Req
                 reporter.emit("step", step=step, epoch=epoch, loss=step_loss, lr=lr, its=its, eta=eta)
             wants = _gather_requests(accelerator, reporter, requests)
             if wants.stop:
-                _save_checkpoint(accelerator, trained, optimizer, lr_scheduler, job, out, step, epoch, reporter)
+                _save_checkpoint(run, optimizer, lr_scheduler, step, epoch)
                 status = "stopped"
                 break
             every = job.output.checkpoint_every
             if wants.save or (every and step % every == 0 and step < plan.total_steps):
-                _save_checkpoint(accelerator, trained, optimizer, lr_scheduler, job, out, step, epoch, reporter)
+                _save_checkpoint(run, optimizer, lr_scheduler, step, epoch)
             val_every = job.validation.every_n_steps
             if job.validation.prompts and (wants.sample or (val_every and step % val_every == 0
                                                             and step < plan.total_steps)):
-                _validate(accelerator, family, parts, unet, job, out, step, reporter, released)
+                _validate(run, denoiser, step)
                 timer.pause_excluded()
             if step >= plan.total_steps:
                 break
@@ -160,11 +186,11 @@ def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Req
     outputs: dict = {}
     if status == "completed":
         if job.output.checkpoint_every:
-            _save_checkpoint(accelerator, trained, optimizer, lr_scheduler, job, out, step, epoch, reporter)
+            _save_checkpoint(run, optimizer, lr_scheduler, step, epoch)
         if job.validation.prompts:
-            _validate(accelerator, family, parts, unet, job, out, step, reporter, released)
+            _validate(run, denoiser, step)
         if main:
-            outputs = _export(accelerator, family, parts, unet, job, plan, out, step, epoch, started_at)
+            outputs = _export(run, denoiser, plan, step, epoch, started_at)
     if main:
         reporter.emit("run_finished", status=status, outputs={k: str(v) for k, v in outputs.items()})
     accelerator.wait_for_everyone()
@@ -172,13 +198,84 @@ def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Req
     return status
 
 
+@dataclass
+class _Run:
+    """What the helpers below share, so their signatures stay short."""
+    accelerator: Accelerator
+    family: Any
+    parts: Any
+    job: Job
+    tr: trainable.Trainable
+    shadow: dict | None
+    out: Path
+    reporter: Reporter
+    released: list[str] = field(default_factory=list)
+
+
+def _batch_loss(run: _Run, denoiser, batch: dict, gen: torch.Generator, with_grad: bool) -> torch.Tensor:
+    """The weighted denoising loss of one batch (instance or class images)."""
+    device = run.accelerator.device
+    family, parts, job = run.family, run.parts, run.job
+    latents = _latents(family, parts, batch, gen, device)
+    with torch.set_grad_enabled(with_grad):
+        cond = _conditioning(run, batch, device)
+    cond = family.drop_conditioning(parts, cond, gen, job.diffusion)
+    noisy, timesteps, target, weight = family.noisy_input_and_target(parts, latents, gen, job.diffusion)
+    with run.accelerator.autocast():
+        pred = family.predict(parts, denoiser, noisy, timesteps, cond)
+    return _loss(pred, target, batch["weight"].to(weight.device) * weight)
+
+
+def _class_images(job: Job, plan: Plan, family, parts, accelerator: Accelerator, reporter: Reporter):
+    """Prior preservation: generate the missing class images (main process), and lay them out in buckets."""
+    if not job.prior.enabled:
+        return None
+    if accelerator.is_main_process:
+        pipe = family.pipeline(parts, parts.denoiser)
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            prior.generate_missing(job, pipe, plan.scan.num_images, reporter, accelerator.device)
+    accelerator.wait_for_everyone()
+    images = prior.existing_class_images(prior.class_dir(job))[:prior.class_image_count(job, plan.scan.num_images)]
+    return class_layout(job, images)
+
+
+def _class_batch(dataset: TrainDataset, sched, micro: int, accelerator: Accelerator) -> dict:
+    """The class batch paired with micro-step `micro`: the class set is walked in its own seeded order."""
+    per_epoch = batches_per_epoch(dataset.layout.bucket_of, sched.batch_size, accelerator.num_processes)
+    epoch, offset = divmod(micro, per_epoch)
+    batch = epoch_batches(dataset.layout.bucket_of, sched.batch_size, sched.seed + 1, epoch,
+                          accelerator.process_index, accelerator.num_processes)[offset]
+    return collate([dataset[(index, epoch)] for index in batch])
+
+
+def _sync_unprepared_grads(accelerator: Accelerator, tr: trainable.Trainable) -> None:
+    """Text encoders and token rows are not wrapped for DDP; average their gradients across processes."""
+    if accelerator.num_processes == 1:
+        return
+    for group in tr.groups:
+        if group.name == "denoiser":
+            continue
+        for p in group.params.values():
+            if p.grad is not None:
+                p.grad = accelerator.reduce(p.grad, "mean")
+
+
+def _gradient_checkpointing(tr: trainable.Trainable) -> None:
+    for module in tr.modules.values():
+        if hasattr(module, "enable_gradient_checkpointing"):  # diffusers models
+            module.enable_gradient_checkpointing()
+        elif hasattr(module, "gradient_checkpointing_enable"):  # transformers models
+            module.gradient_checkpointing_enable()
+
+
 def _prepare_data(job: Job, plan: Plan, dataset: TrainDataset, family, parts, accelerator: Accelerator,
-                  reporter: Reporter) -> set[str]:
-    """Say which files are left out, fill the latent and text caches (main process first), point the dataset
-    at them. Returns the files already warned about."""
+                  reporter: Reporter, quiet: bool = False) -> set[str]:
+    """Say which files are left out (unless `quiet`: the class images), fill the latent and text caches (main
+    process first), point the dataset at them. Returns the files already warned about."""
     main = accelerator.is_main_process
     warned = {path for path, _ in plan.scan.skipped}
-    if main:
+    if main and not quiet:
         for path, why in plan.scan.skipped:
             reporter.log(f"skipped {path}: {why}", "warning")
         if plan.scan.skipped:
@@ -204,13 +301,13 @@ def _prepare_data(job: Job, plan: Plan, dataset: TrainDataset, family, parts, ac
     return warned
 
 
-def _release_frozen(parts, caching: cache.CachePlan, job: Job) -> list[str]:
+def _release_frozen(parts, caching: cache.CachePlan, needed_again: bool) -> list[str]:
     """With their outputs cached, the VAE and text encoder leave the accelerator: to the CPU when validation
-    needs them again (and only then moved back), else their weights are dropped. On a CPU-only machine the
-    first changes nothing; memory is only returned when no validation prompts are set."""
+    or a whole-model export needs them again (and only then moved back), else their weights are dropped. On a
+    CPU-only machine the first changes nothing; memory is only returned when they are not needed again."""
     released = [name for name, cached in (("vae", caching.latents), ("text_encoder", caching.text)) if cached]
     for name in released:
-        getattr(parts, name).to("cpu" if job.validation.prompts else "meta")
+        getattr(parts, name).to("cpu" if needed_again else "meta")
     if released:
         gc.collect()
         if torch.cuda.is_available():
@@ -233,16 +330,25 @@ def _latents(family, parts, batch: dict, gen: torch.Generator, device) -> torch.
     return family.encode_images(parts, batch["pixels"], gen)
 
 
-def _conditioning(family, parts, batch: dict, device) -> dict:
-    """The caption's encoding (cached or encoded now), plus what the family reads from the batch itself
-    (SDXL: each sample's size and crop)."""
+def _conditioning(run: _Run, batch: dict, device) -> dict:
+    """The caption's encoding (cached or encoded now, with the new tokens spelled out), plus what the family
+    reads from the batch itself (SDXL: each sample's size and crop)."""
+    family = run.family
     if "cond" in batch:
         cond = {name: value.to(device) for name, value in batch["cond"].items()}
     else:
-        with torch.no_grad():
-            cond = family.encode_prompts(parts, batch["captions"])
+        cond = family.encode_prompts(run.parts, [_expand(run, c) for c in batch["captions"]])
     cond.update({name: value.to(device) for name, value in family.conditioning_extras(batch).items()})
     return cond
+
+
+def _expand(run: _Run, text: str) -> str:
+    """A multi-vector new token stands for several tokenizer entries; captions and prompts name it once."""
+    if run.tr.tokens is None:
+        return text
+    from .tokens import expand_prompt
+
+    return expand_prompt(text, run.tr.tokens)
 
 
 def _loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -273,18 +379,8 @@ def _autocast_dtype(accelerator: Accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def _add_lora(unet, job: Job) -> None:
-    from peft import LoraConfig
-
-    config = LoraConfig(r=job.network.rank, lora_alpha=job.network.alpha, lora_dropout=job.network.dropout,
-                        init_lora_weights="gaussian", target_modules=job.network.target_modules)
-    try:
-        unet.add_adapter(config)
-    except ValueError as exc:
-        raise JobError(f"network.target_modules: {exc}".splitlines()[0]) from None
-
-
-def _optimizer(job: Job, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def _optimizer(job: Job, groups: list[dict]) -> torch.optim.Optimizer:
+    """AdamW over the parameter groups (each carries its own learning rate)."""
     opt = job.optimizer
     kwargs = dict(lr=opt.learning_rate, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
     if opt.name == "adamw8bit":
@@ -292,8 +388,8 @@ def _optimizer(job: Job, params: list[torch.nn.Parameter]) -> torch.optim.Optimi
             import bitsandbytes as bnb
         except ImportError:
             raise JobError("optimizer.name: adamw8bit needs bitsandbytes, which is not installed") from None
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def _generator(seed: int, micro: int, accelerator: Accelerator) -> torch.Generator:
@@ -329,55 +425,81 @@ def _gather_requests(accelerator: Accelerator, reporter: Reporter, requests: Req
     return wants
 
 
-def _save_checkpoint(accelerator, trained, optimizer, lr_scheduler, job: Job, out: Path, step: int, epoch: int,
-                     reporter: Reporter) -> None:
-    if accelerator.is_main_process:
-        path = checkpoint.save(out / "checkpoints", step, trained, optimizer, lr_scheduler,
-                               {"epoch": epoch}, job.output.keep_last)
-        reporter.emit("checkpoint", step=step, path=str(path))
-    accelerator.wait_for_everyone()
+def _save_checkpoint(run: _Run, optimizer, lr_scheduler, step: int, epoch: int) -> None:
+    if run.accelerator.is_main_process:
+        info = {"epoch": epoch, "job": run.job.model_dump(mode="json")}
+        path = checkpoint.save(run.out / "checkpoints", step, trainable.tensors(run.tr), optimizer, lr_scheduler,
+                               info, run.job.output.keep_last, ema=run.shadow)
+        run.reporter.emit("checkpoint", step=step, path=str(path))
+    run.accelerator.wait_for_everyone()
+
+
+def _exported_weights(run: _Run):
+    """A context in which the model holds what gets exported: the EMA weights when the job says so."""
+    from contextlib import nullcontext
+
+    if run.shadow is not None and run.job.ema.export_ema:
+        return ema.swapped_in(run.shadow, trainable.ema_params(run.tr))
+    return nullcontext()
 
 
 @torch.no_grad()
-def _validate(accelerator, family, parts, unet, job: Job, out: Path, step: int, reporter: Reporter,
-              released: list[str] = ()) -> None:
+def _validate(run: _Run, denoiser, step: int) -> None:
+    """Render the validation prompts with the weights that would be exported now."""
+    accelerator, parts, job = run.accelerator, run.parts, run.job
     if accelerator.is_main_process:
         val = job.validation
-        model = accelerator.unwrap_model(unet)
-        model.eval()
-        for name in released:  # the VAE / text encoder wait on the CPU while their outputs are cached
+        model = accelerator.unwrap_model(denoiser)
+        modules = list(run.tr.modules.values()) or [model]
+        for module in modules:
+            module.eval()
+        for name in run.released:  # the VAE / text encoder wait on the CPU while their outputs are cached
             getattr(parts, name).to(accelerator.device)
-        pipe = family.validation_pipeline(parts, model)
-        samples = out / "samples"
+        pipe = run.family.validation_pipeline(parts, model)
+        samples = run.out / "samples"
         samples.mkdir(parents=True, exist_ok=True)
         res = job.dataset.resolution
-        for i, prompt in enumerate(val.prompts):
-            seed = val.seed + i
-            with accelerator.autocast():
-                image = pipe(prompt, negative_prompt=val.negative_prompt or None, num_inference_steps=val.steps,
-                             guidance_scale=val.guidance_scale, height=res, width=res,
-                             generator=torch.Generator().manual_seed(seed)).images[0]
-            path = samples / f"step-{step:06d}-{i:02d}.png"
-            image.save(path)
-            reporter.emit("sample", step=step, prompt=prompt, seed=seed, path=str(path))
-        for name in released:
+        with _exported_weights(run):
+            for i, prompt in enumerate(val.prompts):
+                seed = val.seed + i
+                with accelerator.autocast():
+                    image = pipe(_expand(run, prompt), negative_prompt=val.negative_prompt or None,
+                                 num_inference_steps=val.steps, guidance_scale=val.guidance_scale, height=res,
+                                 width=res, generator=torch.Generator().manual_seed(seed)).images[0]
+                path = samples / f"step-{step:06d}-{i:02d}.png"
+                image.save(path)
+                run.reporter.emit("sample", step=step, prompt=prompt, seed=seed, path=str(path))
+        for name in run.released:
             getattr(parts, name).to("cpu")
-        model.train()
+        for module in modules:
+            module.train()
     accelerator.wait_for_everyone()
 
 
-def _export(accelerator, family, parts, unet, job: Job, plan: Plan, out: Path, step: int, epoch: int,
-            started_at: float) -> dict:
-    from peft.utils import get_peft_model_state_dict
-
-    lora_state = get_peft_model_state_dict(accelerator.unwrap_model(unet))
+def _export(run: _Run, denoiser, plan: Plan, step: int, epoch: int, started_at: float) -> dict:
+    """The final files: LoRA files for adapters, whole models for full fine-tunes, embeddings for new tokens."""
+    job, tr, final = run.job, run.tr, run.out / "final"
     captions: dict[str, list[str]] = {}
     for item in plan.scan.items:
         captions.setdefault(str(item.folder), []).append(item.caption)
     info = {"num_train_images": len(plan.layout.samples), "started_at": started_at, "step": step, "epoch": epoch,
             "total_steps": plan.total_steps, "captions_by_folder": captions,
             "folders": {str(s.folder): (s.repeats, s.images) for s in plan.scan.subsets}}
-    return write_lora(out / "final", family, parts, lora_state, job, info)
+    outputs: dict = {}
+    with _exported_weights(run):
+        if tr.lora_configs:
+            outputs.update(export.write_lora(final, run.family, run.parts, trainable.lora_states(tr),
+                                             tr.lora_configs, job, info))
+        if tr.full:
+            pipe = run.family.pipeline(run.parts, run.accelerator.unwrap_model(denoiser))
+            outputs.update(export.write_full(final, pipe, job, job.output.save_single_file))
+    if tr.tokens is not None:
+        from .tokens import save_embeddings
+
+        metadata = {export.JOB_METADATA_KEY: json.dumps(job.model_dump(mode="json"), separators=(",", ":"))}
+        for i, path in enumerate(save_embeddings(tr.tokens, final / "embeddings", metadata)):
+            outputs[f"embedding_{i}"] = path
+    return outputs
 
 
 class _StepTimer:

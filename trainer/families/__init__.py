@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..job import JobError, ModelSpec
 
-FAMILIES = {"sd1": "sd", "sd2": "sd", "sdxl": "sdxl"}
+FAMILIES = {"sd1": "sd", "sd2": "sd", "sdxl": "sdxl", "sd3": "sd3"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -74,6 +74,8 @@ def _family_from_folder(path: Path) -> str:
     index = _read_json(path / "model_index.json")
     cls = index.get("_class_name", "")
     has_text_encoder = (index.get("text_encoder") or [None])[0] is not None  # the XL refiner has only the 2nd
+    if cls == "StableDiffusion3Pipeline":
+        return "sd3"
     if cls in ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline") and has_text_encoder:
         return "sdxl"
     if cls not in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"):
@@ -94,31 +96,42 @@ def _family_from_hub_cache(spec: ModelSpec) -> str | None:
     folder = Path(found).parent  # a snapshot folder: unet/config.json sits beside it once downloaded
     if (folder / "unet" / "config.json").is_file():
         return _family_from_folder(folder)
-    return "sdxl" if _read_json(Path(found)).get("_class_name", "").startswith("StableDiffusionXL") else None
+    cls = _read_json(Path(found)).get("_class_name", "")
+    if cls == "StableDiffusion3Pipeline":
+        return "sd3"
+    return "sdxl" if cls.startswith("StableDiffusionXL") else None
 
 
 def _family_from_checkpoint_keys(path: Path) -> str:
     keys = _safetensors_keys(path)
+    if any(k.startswith("model.diffusion_model.joint_blocks.") for k in keys):
+        return "sd3"  # the MMDiT's joint blocks (its text encoders sit under text_encoders.*, when bundled)
     if any(k.startswith("conditioner.embedders.1.model.") for k in keys):
         return "sdxl"  # CLIP ViT-L, then OpenCLIP bigG (the refiner has only the latter, as embedders.0)
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         return "sd2"  # OpenCLIP text encoder
     if any(k.startswith("cond_stage_model.transformer.") for k in keys):
         return "sd1"
-    raise JobError(f"model.path: {path}: not a Stable Diffusion 1.x/2.x/XL checkpoint (no text encoder keys)")
+    raise JobError(f"model.path: {path}: not a Stable Diffusion 1.x/2.x/XL/3 checkpoint (no text encoder or "
+                   "MMDiT keys)")
 
 
-def _safetensors_keys(path: Path) -> list[str]:
-    """The tensor names from a safetensors header: an 8-byte length, then JSON."""
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from a safetensors header (an 8-byte little-endian length, then JSON): no torch,
+    and no need to read the weights."""
     try:
         with open(path, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
             if size > 100_000_000:
                 raise ValueError("header too large")
             header = json.loads(f.read(size))
-    except (OSError, ValueError, struct.error) as exc:
+        return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
         raise JobError(f"model.path: {path}: not a readable safetensors file ({exc})") from None
-    return [k for k in header if k != "__metadata__"]
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    return list(safetensors_shapes(path))
 
 
 def _read_json(path: Path) -> dict:

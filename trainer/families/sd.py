@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from ..job import JobError, ModelSpec
+from ..job import DiffusionSpec, JobError, ModelSpec
+from ..noise import draw_noise, draw_timesteps, min_snr_weights, timestep_weights, zero_terminal_snr_schedulers
 
 NAMES = ("sd1", "sd2")
 DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -78,6 +79,18 @@ def noise_scheduler_for(pipe, spec: ModelSpec):
     return noise_scheduler, prediction_type
 
 
+def prepare_noise(parts: Parts, diffusion: DiffusionSpec) -> list[str]:
+    """Apply the job's diffusion options to loaded parts (once, after `load`): zero terminal SNR rescales the
+    training and sampling schedulers, and the timestep-bias weights are computed now, so a bad range fails before
+    training. Returns notes for the log (warnings)."""
+    notes = []
+    if diffusion.zero_terminal_snr:
+        parts.noise_scheduler, parts.sample_scheduler, notes = zero_terminal_snr_schedulers(
+            parts.noise_scheduler, parts.sample_scheduler, parts.prediction_type)
+    timestep_weights(diffusion, parts.noise_scheduler.config.num_train_timesteps)
+    return notes
+
+
 def encode_prompts(parts: Parts, captions: list[str]) -> dict:
     """Not under no_grad: gradients reach the text encoder when it trains; callers that cache wrap it."""
     tok = parts.tokenizer(captions, padding="max_length", max_length=parts.tokenizer.model_max_length,
@@ -107,22 +120,46 @@ def sample_latents(parts: Parts, mean: torch.Tensor, std: torch.Tensor, generato
 
 def noisy_input_and_target(parts: Parts, latents: torch.Tensor, generator: torch.Generator, diffusion):
     """DDPM forward process: a random timestep per sample, the noised latents, what the UNet must predict, and
-    each sample's loss weight (B,)."""
+    each sample's loss weight (B,), with the job's noise offset, timestep bias and min-SNR-gamma weighting."""
     sched = parts.noise_scheduler
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator,
-                              device=latents.device).long()
+    if diffusion.zero_terminal_snr and not sched.config.get("rescale_betas_zero_snr"):
+        raise RuntimeError("diffusion.zero_terminal_snr is set but prepare_noise(parts, diffusion) was not called")
+    num_timesteps = sched.config.num_train_timesteps
+    noise = draw_noise(latents, generator, diffusion.noise_offset)
+    timesteps = draw_timesteps(latents.shape[0], num_timesteps, generator, latents.device,
+                               timestep_weights(diffusion, num_timesteps, latents.device))
     noisy = sched.add_noise(latents, noise, timesteps)
     if parts.prediction_type == "v_prediction":
         target = sched.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    return noisy, timesteps, target, torch.ones(latents.shape[0], device=latents.device)
+    if diffusion.min_snr_gamma > 0:
+        weight = min_snr_weights(sched, timesteps, diffusion.min_snr_gamma, parts.prediction_type)
+    else:
+        weight = torch.ones(latents.shape[0], device=latents.device)
+    return noisy, timesteps, target, weight
 
 
 def conditioning_extras(batch: dict) -> dict:
     """Conditioning taken from the batch rather than the caption: none for this family."""
     return {}
+
+
+def drop_conditioning(parts: Parts, cond: dict, generator: torch.Generator, diffusion) -> dict:
+    """Embedding dropout for classifier-free guidance: the text embedding zeroed per sample with probability
+    diffusion.encoder_dropout[0] (caption dropout, the usual way for this family, trains the empty prompt)."""
+    if diffusion.encoder_dropout:
+        cond = {**cond, "encoder_hidden_states": drop_rows(cond["encoder_hidden_states"],
+                                                           diffusion.encoder_dropout[0], generator)}
+    return cond
+
+
+def drop_rows(tensor: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """Each sample (first dim) zeroed with `probability`; draws nothing when it is 0, so seeded runs replay."""
+    if probability <= 0:
+        return tensor
+    keep = torch.rand(tensor.shape[0], generator=generator, device=generator.device) >= probability
+    return tensor * keep.to(tensor.device, tensor.dtype).view(-1, *([1] * (tensor.ndim - 1)))
 
 
 def predict(parts: Parts, unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:

@@ -19,11 +19,12 @@ import torch
 
 from ..job import JobError, ModelSpec
 from .sd import (DENOISER, _load_pipeline, _lora_kwargs, encode_image_dists, encode_images, noise_scheduler_for,
-                 noisy_input_and_target, sample_latents)
+                 noisy_input_and_target, prepare_noise, sample_latents)
 
 __all__ = ["DENOISER", "Parts", "load", "text_encoders", "pipeline", "encode_prompts", "encode_images",
-           "encode_image_dists", "sample_latents", "noisy_input_and_target", "conditioning_extras", "predict",
-           "validation_pipeline", "save_lora_diffusers", "kohya_state_dict", "kohya_metadata"]
+           "encode_image_dists", "sample_latents", "prepare_noise", "noisy_input_and_target",
+           "conditioning_extras", "predict", "validation_pipeline", "save_lora_diffusers", "kohya_state_dict",
+           "kohya_metadata"]
 
 NAMES = ("sdxl",)
 
@@ -97,6 +98,21 @@ def conditioning_extras(batch: dict) -> dict:
     and bucket, as SDXL was trained."""
     sizes = (batch["original_size"], batch["crop_top_left"], batch["target_size"])  # each (B, 2)
     return {"time_ids": torch.cat(sizes, dim=1).float()}
+
+
+def drop_conditioning(parts: Parts, cond: dict, generator: torch.Generator, diffusion) -> dict:
+    """Per-encoder embedding dropout: CLIP-L's and CLIP-G's parts of the hidden states (concatenated along the
+    feature axis) each zeroed per sample with its own probability, and the pooled embedding with its own."""
+    probs = list(diffusion.encoder_dropout)[:2]
+    if not probs and not diffusion.pooled_dropout:
+        return cond
+    probs += [probs[-1] if probs else 0.0] * (2 - len(probs))
+    split = parts.text_encoder.one.config.hidden_size
+    hidden = cond["encoder_hidden_states"]
+    one = drop_rows(hidden[..., :split], probs[0], generator)
+    two = drop_rows(hidden[..., split:], probs[1], generator)
+    pooled = drop_rows(cond["pooled"], diffusion.pooled_dropout, generator)
+    return {**cond, "encoder_hidden_states": torch.cat([one, two], dim=-1), "pooled": pooled}
 
 
 def predict(parts: Parts, unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:

@@ -1,0 +1,369 @@
+"""Layer selection: which modules of the denoiser train (LoRA or full fine-tuning), from the job's `layers`.
+
+The selection is made once, over a table of the modules that own parameters; the table comes from a torch model
+(the training loop) or from a local model's safetensors headers (`trainer check`, which must not import torch).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+from .families import check_model_path, safetensors_shapes
+from .job import Job, JobError
+
+# The denoiser's pipeline component per family (the family modules import torch, so it is repeated here).
+DENOISERS = {"sd1": "unet", "sd2": "unet", "sdxl": "unet", "sd3": "transformer"}
+
+# Projections inside attention modules: diffusers (SD3's joint attention adds the add_* ones), CLIP, T5.
+ATTENTION_PROJECTIONS = {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                         "to_add_out", "q_proj", "k_proj", "v_proj", "out_proj", "q", "k", "v", "o"}
+# Feed-forward containers: diffusers `ff` / `ff_context` (`ff.net.0.proj`, `ff.net.2`), CLIP `mlp`, T5.
+MLP_CONTAINERS = {"ff", "ff_context", "mlp", "DenseReluDense"}
+# Persistent buffers that safetensors files hold beside the weights; they never train.
+BUFFER_NAMES = {"pos_embed", "position_ids"}
+LISTED_BLOCKS = 12  # valid block names shown in an error about a block that matches nothing
+_SLICED = re.compile(r"^(?P<base>[^\[\]]+)\[(?P<spec>[^\[\]]*)\]$")  # transformer_blocks[-8:]
+_RANGE = re.compile(r"^(\d+)-(\d+)$")  # 12-23, inclusive
+
+
+@dataclass(frozen=True)
+class Module:
+    """A module that owns parameters: its full dotted name, what kind of layer it is, its parameters' shapes."""
+    name: str
+    kind: str  # "linear", "conv", "embedding", "norm" or "other"
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]  # (parameter name, shape), by name
+
+    @property
+    def params(self) -> int:
+        return sum(math.prod(shape) for _, shape in self.shapes)
+
+
+def table_from_model(model) -> list[Module]:
+    """The module table of a torch model, kinds from the module classes."""
+    import torch.nn as nn
+
+    seen: set[int] = set()  # a tied weight counts once, under its first name, as in named_parameters()
+    out = []
+    for name, module in model.named_modules():
+        shapes = []
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                shapes.append((pname, tuple(p.shape)))
+        if not shapes:
+            continue
+        if isinstance(module, nn.Linear):
+            kind = "linear"
+        elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            kind = "conv"
+        elif isinstance(module, nn.Embedding):
+            kind = "embedding"
+        else:
+            kind = _kind_from_shapes(name, dict(shapes))
+        out.append(Module(name, kind, tuple(sorted(shapes))))
+    return sorted(out, key=lambda m: _natural(m.name))
+
+
+def table_from_folder(root: str | Path, component: str, variant: str = "") -> list[Module]:
+    """The module table of `root/component` from its safetensors headers (no torch, no weights read)."""
+    files = _weight_files(Path(root) / component, variant)
+    if not files:
+        raise JobError(f"model.path: {Path(root) / component}: no .safetensors weights")
+    params: dict[str, dict[str, tuple[int, ...]]] = {}
+    for path in files:
+        for key, shape in safetensors_shapes(path).items():
+            module, _, pname = key.rpartition(".")
+            if pname not in BUFFER_NAMES:
+                params.setdefault(module, {})[pname] = shape
+    table = [Module(name, _kind_from_shapes(name, shapes), tuple(sorted(shapes.items())))
+             for name, shapes in params.items()]
+    return sorted(table, key=lambda m: _natural(m.name))
+
+
+def select(table: list[Module], job: Job) -> list[str]:
+    """Names of the modules that train under the job's network kind and layer selection."""
+    return _select(table, job, job.network.kind)
+
+
+def lora_target_names(model, job: Job) -> list[str]:
+    """Exact module names for peft's `LoraConfig(target_modules=...)`: the LoRA targets the layer selection keeps.
+
+    peft also wraps a module whose name ends with "." + a listed name; no listed top-level name of the SD
+    denoisers (conv_in, proj_out, ...) recurs inside a block, so the list means just these modules."""
+    table = table_from_model(model)
+    names = _select(table, job, "lora")
+    if not names:
+        raise _nothing_selected(table, job, "lora")
+    return names
+
+
+def full_trainable_names(model, job: Job) -> list[str]:
+    """Parameter names (as in `model.named_parameters()`) that train in full fine-tuning."""
+    table = table_from_model(model)
+    names = set(_select(table, job, "full"))
+    if not names:
+        raise _nothing_selected(table, job, "full")
+    return [f"{m.name}.{pname}" for m in table if m.name in names for pname, _ in m.shapes]
+
+
+def count_trainable(table: list[Module], job: Job) -> int:
+    """Parameters that train: LoRA adds rank*(in+out) per linear and, per conv, lora_A (in->rank, the conv's
+    kernel) plus lora_B (1x1, rank->out), as peft builds them; full fine-tuning trains the modules' own weights."""
+    names = set(select(table, job))
+    rank = job.network.rank
+    total = 0
+    for m in table:
+        if m.name not in names:
+            continue
+        if job.network.kind == "lora":
+            out_dim, in_dim, *kernel = dict(m.shapes)["weight"]
+            total += rank * (in_dim * math.prod(kernel) + out_dim)  # a linear has no kernel: prod() is 1
+        else:
+            total += m.params
+    return total
+
+
+def describe_trainable(job: Job, family_name: str) -> list[str]:
+    """`trainer check`'s lines about what trains in the denoiser, counted from the model's headers (no torch)."""
+    component = DENOISERS[family_name]
+    net = job.network
+    if net.kind == "none":
+        return [f"trainable: nothing in the {component} (network.kind none)"]
+    kind = check_model_path(job.model)
+    if kind == "file":
+        return ["trainable parameters: counted once the model is a local diffusers folder (model.path is a "
+                "single-file checkpoint)"]
+    root = Path(job.model.path).expanduser() if kind == "folder" else _hub_snapshot(job, component)
+    if root is None:
+        return ["trainable parameters: shown once the model is local (it is downloaded when the run starts)"]
+    if not _weight_files(root / component, job.model.variant):
+        return [f"trainable parameters: not counted ({root / component} holds no .safetensors weights)"]
+    table = table_from_folder(root, component, job.model.variant)
+    names = select(table, job)
+    if not names:
+        raise _nothing_selected(table, job, net.kind)
+    count = count_trainable(table, job)
+    total = sum(m.params for m in table)
+    what = f"{len(names)} LoRA layers" if net.kind == "lora" else f"{len(names)} layers (full fine-tuning)"
+    return [f"trainable: {count:,} parameters in {what} of the {component} (of {total:,} in the model)"]
+
+
+def _select(table: list[Module], job: Job, kind: str) -> list[str]:
+    if kind == "none":
+        return []
+    spec, targets = job.layers, job.network.target_modules
+    kinds = {"all": None, "attention": {"attention"}, "attention_mlp": {"attention", "mlp"}}[spec.module_kinds]
+    train = _blocks(table, spec.train_blocks, "layers.train_blocks") if spec.train_blocks else None
+    freeze = _blocks(table, spec.freeze_blocks, "layers.freeze_blocks")
+    out = []
+    for m in table:
+        if (train is not None and m.name not in train) or m.name in freeze:
+            continue
+        if (kinds is not None and _role(m) not in kinds) or (spec.exclude_adanorm and _role(m) == "adanorm"):
+            continue
+        if spec.include_patterns and not any(fnmatchcase(m.name, p) for p in spec.include_patterns):
+            continue
+        if any(fnmatchcase(m.name, p) for p in spec.exclude_patterns):
+            continue
+        if kind == "lora" and not _is_lora_target(m, targets):
+            continue
+        out.append(m.name)
+    return out
+
+
+def _role(module: Module) -> str:
+    """"attention" (a projection inside an attention module), "mlp" (a feed-forward layer), "adanorm" (the
+    linear of an adaptive norm: timestep modulation), or "" for anything else."""
+    if module.kind not in ("linear", "conv"):
+        return ""  # norms inside attention (SD3's norm_q) are not projections
+    segments = module.name.split(".")
+    # `to_out.0`: the projection is item 0 of a list, so its attention module sits one level further up.
+    tail_length = 2 if segments[-1].isdigit() and len(segments) > 1 else 1
+    tail, parents = ".".join(segments[-tail_length:]), segments[:-tail_length]
+    if segments[-1] == "linear" and parents and parents[-1].startswith("norm"):
+        return "adanorm"
+    if tail in ATTENTION_PROJECTIONS and parents and re.search("attn|attention", parents[-1], re.IGNORECASE):
+        return "attention"
+    if MLP_CONTAINERS.intersection(segments[:-1]):
+        return "mlp"
+    return ""
+
+
+def _is_lora_target(m: Module, targets: list[str]) -> bool:
+    # peft's rule for a list of names: the module's name is one, or ends with "." + one.
+    if m.kind not in ("linear", "conv"):
+        return False
+    return not targets or any(m.name == t or m.name.endswith("." + t) for t in targets)
+
+
+def _nothing_selected(table: list[Module], job: Job, kind: str) -> JobError:
+    """Say which part of the job leaves nothing to train."""
+    if kind == "lora" and not any(_is_lora_target(m, job.network.target_modules) for m in table):
+        return JobError(f"network.target_modules: none of {', '.join(job.network.target_modules)} is a linear or "
+                        "conv layer of the denoiser")
+    spec = job.layers
+    fields = [name for name, value in (("train_blocks", spec.train_blocks), ("freeze_blocks", spec.freeze_blocks),
+                                       ("module_kinds", spec.module_kinds != "all"),
+                                       ("exclude_adanorm", spec.exclude_adanorm),
+                                       ("include_patterns", spec.include_patterns),
+                                       ("exclude_patterns", spec.exclude_patterns)) if value]
+    among = f" among network.target_modules ({', '.join(job.network.target_modules)})" if (
+        kind == "lora" and job.network.target_modules) else ""
+    return JobError(f"{', '.join('layers.' + f for f in fields) or 'layers'}: the layer selection leaves nothing "
+                    f"in the denoiser to train{among}")
+
+
+def _blocks(table: list[Module], entries: list[str], field: str) -> set[str]:
+    """Names of the modules inside any of the entries; an entry that matches nothing is a JobError (every
+    prefix it resolves to comes from a module name, so one that resolves matches at least one module)."""
+    children = _children(table)
+    names = [m.name for m in table]
+    out: set[str] = set()
+    for entry in entries:
+        prefixes = _resolve(entry, children, field)
+        out |= {n for n in names for p in prefixes if n == p or n.startswith(p + ".")}
+    return out
+
+
+def _resolve(entry: str, children: dict[tuple, list[str]], field: str) -> list[str]:
+    """The dotted prefixes an entry stands for: segment by segment, a glob, an inclusive index range ('12-23'),
+    or a name with a Python slice or index over its numbered children ('transformer_blocks[-8:]')."""
+    prefixes: list[tuple[str, ...]] = [()]
+    for segment in entry.strip().split("."):
+        sliced = _SLICED.match(segment)
+        step: list[tuple[str, ...]] = []
+        for prefix in prefixes:
+            if sliced:
+                for base in _matching(children.get(prefix, []), sliced["base"]):
+                    numbered = [c for c in children.get(prefix + (base,), []) if c.isdigit()]
+                    numbered.sort(key=int)
+                    step += [prefix + (base, c) for c in _apply_slice(numbered, sliced["spec"], entry, field)]
+            else:
+                step += [prefix + (c,) for c in _matching(children.get(prefix, []), segment)]
+        if not step:
+            reached = prefixes[0]
+            valid = _listing(children, reached)
+            where = f" under {'.'.join(reached)}" if reached else ""
+            raise JobError(f"{field}: {entry!r} matches no module{where} (valid: {', '.join(valid) or 'none'})")
+        prefixes = step
+    return [".".join(p) for p in prefixes]
+
+
+def _matching(candidates: list[str], pattern: str) -> list[str]:
+    bounds = _RANGE.match(pattern)
+    if bounds:
+        low, high = int(bounds[1]), int(bounds[2])
+        return [c for c in candidates if c.isdigit() and low <= int(c) <= high]
+    return [c for c in candidates if fnmatchcase(c, pattern)]
+
+
+def _apply_slice(items: list[str], spec: str, entry: str, field: str) -> list[str]:
+    parts = spec.split(":")
+    try:
+        numbers = [int(p) if p.strip() else None for p in parts]
+    except ValueError:
+        numbers = []
+    zero_step = len(numbers) == 3 and numbers[2] == 0
+    if not 1 <= len(numbers) <= 3 or numbers == [None] or zero_step:
+        raise JobError(f"{field}: {entry!r}: [{spec}] is not an index or a slice such as [-8:] or [12:24]")
+    if len(numbers) == 1:
+        index = numbers[0]
+        return [items[index]] if -len(items) <= index < len(items) else []
+    return items[slice(*numbers)]
+
+
+def _children(table: list[Module]) -> dict[tuple, list[str]]:
+    """For each dotted prefix (as a tuple), its child segments in natural order."""
+    out: dict[tuple, list[str]] = {}
+    for m in table:
+        segments = tuple(m.name.split("."))
+        for depth in range(len(segments)):
+            kids = out.setdefault(segments[:depth], [])
+            if segments[depth] not in kids:
+                kids.append(segments[depth])
+    for kids in out.values():
+        kids.sort(key=_segment_key)
+    return out
+
+
+def _listing(children: dict[tuple, list[str]], prefix: tuple) -> list[str]:
+    """Names under prefix, a container of numbered blocks as one range; at most LISTED_BLOCKS, then '...'."""
+    out = []
+    for child in children.get(prefix, []):
+        path = prefix + (child,)
+        name = ".".join(path)
+        numbered = children.get(path, [])
+        if numbered and all(c.isdigit() for c in numbered):
+            first, last = numbered[0], numbered[-1]
+            out.append(f"{name}.{first}" if first == last else f"{name}.{first}-{last}")
+        else:
+            out.append(name)
+    return out[:LISTED_BLOCKS] + (["..."] if len(out) > LISTED_BLOCKS else [])
+
+
+def _kind_from_shapes(name: str, shapes: dict[str, tuple[int, ...]]) -> str:
+    """A module's kind from its parameters alone (what a safetensors header shows)."""
+    weight = shapes.get("weight")
+    if set(shapes) <= {"weight", "bias"} and weight is not None:
+        if len(weight) in (3, 4, 5):
+            return "conv"
+        if len(weight) == 2:
+            # An embedding table is a 2-D weight like a linear's, but has no bias and says what it is.
+            last = name.rpartition(".")[2]
+            if "bias" not in shapes and ("embedding" in last or last in ("shared", "embed_tokens",
+                                                                         "relative_attention_bias")):
+                return "embedding"
+            return "linear"
+        if all(len(s) == 1 for s in shapes.values()):
+            return "norm"
+    return "other"
+
+
+def _weight_files(folder: Path, variant: str = "") -> list[Path]:
+    """A component folder's safetensors files: one file, or the shards its index names; [] when there are none.
+    The variant's files (e.g. fp16) are preferred, as diffusers loads them."""
+    for stem in ("diffusion_pytorch_model", "model"):
+        for var in ([variant] if variant else []) + [""]:
+            single = folder / _with_variant(f"{stem}.safetensors", var)
+            if single.is_file():
+                return [single]
+            index = folder / _with_variant(f"{stem}.safetensors.index.json", var)
+            if index.is_file():
+                try:
+                    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    raise JobError(f"model.path: {index}: not a readable shard index ({exc})") from None
+                return [folder / name for name in sorted(set(weight_map.values()))]
+    return []
+
+
+def _hub_snapshot(job: Job, component: str) -> Path | None:
+    """The local snapshot folder of a hub model whose component config is in the hub cache, else None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(job.model.path, f"{component}/config.json", revision=job.model.revision or None)
+    return Path(found).parent.parent if isinstance(found, str) else None
+
+
+def _with_variant(filename: str, variant: str) -> str:
+    # diffusers' naming: the variant goes before the last suffix (model.fp16.safetensors, ...index.fp16.json).
+    if not variant:
+        return filename
+    stem, _, suffix = filename.rpartition(".")
+    return f"{stem}.{variant}.{suffix}"
+
+
+def _natural(name: str) -> tuple:
+    """Sort key: numbered blocks in number order (2 before 10)."""
+    return tuple(_segment_key(s) for s in name.split("."))
+
+
+def _segment_key(segment: str) -> tuple:
+    return (0, int(segment), "") if segment.isdigit() else (1, 0, segment)
