@@ -129,7 +129,7 @@ def test_prompt_layout_with_and_without_t5(sd3_run, parts):
         no_t5_parts = sd3.load(ModelSpec(path=str(sd3_run / "model"), load_t5=False))
         no_t5 = sd3.encode_prompts(no_t5_parts, captions)
     assert no_t5_parts.text_encoder.three is None and "text_encoder_3" not in sd3.text_encoders(no_t5_parts)
-    assert list(sd3.text_encoders(parts)) == ["text_encoder", "text_encoder_2", "text_encoder_3"]
+    assert list(sd3.text_encoders(parts)) == ["text_encoder", "text_encoder_2"]  # T5 never trains
     hidden = full["encoder_hidden_states"]
     assert hidden.shape == (2, 77 + 256, 96) and full["pooled"].shape == (2, 32 + 48)
     assert hidden[:, :77, 80:].abs().max() == 0  # CLIP-L 32 + CLIP-G 48 wide, padded to T5's 96
@@ -225,3 +225,10 @@ def _scheduler_only(shift: float):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return SimpleNamespace(noise_scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift))
+
+
+def test_check_refuses_sizes_the_transformer_cannot_patch(sd3_run, capsys):
+    job = str(sd3_run / "job.json")
+    assert main(["check", job, "--set", "dataset.bucket_step=8"]) == 2
+    assert "dataset.bucket_step: 8 is not a multiple of 16" in capsys.readouterr().err
+    assert main(["check", job, "--set", "dataset.resolution=72"]) == 2

@@ -240,10 +240,14 @@ def cache_root(setting: str) -> Path:
 def model_identity(spec: ModelSpec, component: str, extra: str = "") -> str:
     """A short hash naming one frozen part of the model (its config, weight sizes and times) and how it runs."""
     path = Path(spec.path).expanduser()
-    parts = [component, extra]
+    parts = [component, extra, f"load_t5={spec.load_t5}" if component == "text_encoder" else ""]
     if path.is_dir():
-        # SDXL's captions go through a second encoder and tokenizer too (absent, and skipped, for SD1.x/2.x).
-        text = ["tokenizer", "text_encoder_2", "tokenizer_2"] if component == "text_encoder" else []
+        # SDXL's and SD3's captions go through more encoders and tokenizers (absent, and skipped, for SD1.x/2.x);
+        # SD3's T5 only when the job loads it.
+        text = []
+        if component == "text_encoder":
+            text = ["tokenizer", "text_encoder_2", "tokenizer_2"]
+            text += ["text_encoder_3", "tokenizer_3"] if spec.load_t5 else []
         folders = [path / component] + [path / name for name in text]
         for folder in folders:
             for f in sorted(folder.glob("*")) if folder.is_dir() else []:

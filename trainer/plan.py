@@ -14,7 +14,7 @@ from . import images, prior
 from .buckets import Layout, batches_per_epoch, layout
 from .cache import CachePlan, decide
 from .data_files import ImageItem, Scan, scan_dataset
-from .families import detect_family
+from .families import SIZE_MULTIPLE, detect_family
 from .job import Job, JobError
 from .layers import describe_trainable
 
@@ -84,6 +84,7 @@ class Plan:
 
 def make_plan(job: Job, resume: bool = False) -> Plan:
     family = detect_family(job.model)
+    _check_sizes(job, family)
     scan = scan_dataset(job.dataset)
     if scan.num_images == 0 and not scan.skipped and not scan.filter_reasons:
         folders = ", ".join(f.path for f in job.dataset.folders)
@@ -126,6 +127,15 @@ def _counted(job: Job, family: str, scan: Scan, epoch: Layout, output_dir: Path)
     steps_per_epoch = batches / sched.gradient_accumulation
     total = sched.max_steps or math.ceil(sched.epochs * steps_per_epoch)
     return Plan(family, scan, world, batches, steps_per_epoch, total, output_dir, epoch, decide(job), job)
+
+
+def _check_sizes(job: Job, family: str) -> None:
+    """A transformer family patches its latents: sides that don't divide fail at the first step otherwise."""
+    multiple = SIZE_MULTIPLE.get(family, 8)
+    for name in ("bucket_step", "resolution"):
+        value = getattr(job.dataset, name)
+        if value % multiple:
+            raise JobError(f"dataset.{name}: {value} is not a multiple of {multiple}, which {family} models need")
 
 
 def _probe(scan: Scan) -> list[tuple[int, int]]:

@@ -64,12 +64,37 @@ def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Req
     frozen_dtype = torch.float32 if accelerator.device.type == "cpu" else _autocast_dtype(accelerator)
     parts.vae.to(accelerator.device)  # fp32 always: the SD VAE overflows in fp16
     _to(parts.text_encoder, accelerator.device, frozen_dtype)
+    found = checkpoint.latest(out / "checkpoints") if resume else None
+    if resume and found is None:
+        reporter.log("no complete checkpoint found; starting from step 0", "warning")
+    start_step = checkpoint.read_state(found)["step"] if found else 0
+
+    dataset = TrainDataset(plan.layout, job.dataset, sched.seed)
+    started_at = time.time()
+    if main:
+        reporter.set_total(plan.total_steps, start_step)
+        reporter.emit("run_started", job=job.model_dump(mode="json"), total_steps=plan.total_steps,
+                      start_step=start_step, output_dir=str(out))
+        for note in noise_notes:
+            reporter.log(note, "warning")
+    # The caches fill before the denoiser reaches the accelerator: a big model's text encoders and denoiser
+    # need not fit beside each other.
+    warned = _prepare_data(job, plan, dataset, family, parts, accelerator, reporter)
+    class_samples = _class_images(job, plan, family, parts, accelerator, reporter, frozen_dtype)
+    class_dataset = None
+    if class_samples is not None:
+        class_dataset = TrainDataset(class_samples, prior.class_dataset_spec(job), sched.seed + 1)
+        _prepare_data(job, plan, class_dataset, family, parts, accelerator, reporter, quiet=True)
+    whole_model_export = "full" in (job.network.kind, job.text_encoder.mode)
+    released = _release_frozen(parts, plan.caching, needed_again=bool(job.validation.prompts or whole_model_export))
+
     denoiser = parts.denoiser
     _to(denoiser, accelerator.device, frozen_dtype)
-    class_layout = _class_images(job, plan, family, parts, accelerator, reporter)  # the base model draws them
-
     set_seed(sched.seed)  # adapters' random init must be the same in every run of this job
     tr = trainable.setup(family, parts, job, plan.total_steps)
+    if main:
+        reporter.log(f"training {tr.count():,} parameters: " + ", ".join(
+            f"{g.name} {sum(p.numel() for p in g.params.values()):,}" for g in tr.groups))
     if job.precision.gradient_checkpointing:
         _gradient_checkpointing(tr)
     for module in tr.modules.values():
@@ -86,41 +111,18 @@ def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Req
     else:
         optimizer = accelerator.prepare(optimizer)
     shadow = ema.create(trainable.ema_params(tr)) if job.ema.enabled else None
+    if found:
+        _, tensors, ema_tensors = checkpoint.load(found, optimizer, lr_scheduler)
+        trainable.load_tensors(tr, tensors, str(found))
+        if shadow is not None and ema_tensors is not None:
+            shadow.update({k: v.to(shadow[k].device) for k, v in ema_tensors.items() if k in shadow})
+        trainable.apply_stops(tr, optimizer, start_step)
+        reporter.log(f"resumed from {found}")
 
-    start_step = 0
-    if resume:
-        found = checkpoint.latest(out / "checkpoints")
-        if found is None:
-            reporter.log("no complete checkpoint found; starting from step 0", "warning")
-        else:
-            state, tensors, ema_tensors = checkpoint.load(found, optimizer, lr_scheduler)
-            trainable.load_tensors(tr, tensors, str(found))
-            if shadow is not None and ema_tensors is not None:
-                shadow.update({k: v.to(shadow[k].device) for k, v in ema_tensors.items() if k in shadow})
-            start_step = state["step"]
-            trainable.apply_stops(tr, optimizer, start_step)
-            reporter.log(f"resumed from {found}")
-
-    dataset = TrainDataset(plan.layout, job.dataset, sched.seed)
-    class_dataset = None
-    if class_layout is not None:
-        class_dataset = TrainDataset(class_layout, prior.class_dataset_spec(job), sched.seed + 1)
-    started_at = time.time()
-    if main:
-        reporter.set_total(plan.total_steps, start_step)
-        reporter.emit("run_started", job=job.model_dump(mode="json"), total_steps=plan.total_steps,
-                      start_step=start_step, output_dir=str(out))
-        reporter.log(f"training {tr.count():,} parameters: " + ", ".join(
-            f"{g.name} {sum(p.numel() for p in g.params.values()):,}" for g in tr.groups))
-        for note in noise_notes:
-            reporter.log(note, "warning")
-    warned = _prepare_data(job, plan, dataset, family, parts, accelerator, reporter)
-    if class_dataset is not None:
-        _prepare_data(job, plan, class_dataset, family, parts, accelerator, reporter, quiet=True)
-    run = _Run(accelerator, family, parts, job, tr, shadow, out, reporter)
+    run = _Run(accelerator, family, parts, job, tr, shadow, out, reporter,
+               num_class_images=len(class_samples.samples) if class_samples else 0, released=released)
     if job.validation.prompts and job.validation.at_start and start_step == 0:
         _validate(run, denoiser, 0)
-    run.released = _release_frozen(parts, plan.caching, needed_again=bool(job.validation.prompts or tr.full))
 
     accum = sched.gradient_accumulation
     step, micro = start_step, start_step * accum
@@ -209,6 +211,7 @@ class _Run:
     shadow: dict | None
     out: Path
     reporter: Reporter
+    num_class_images: int = 0
     released: list[str] = field(default_factory=list)
 
 
@@ -226,11 +229,12 @@ def _batch_loss(run: _Run, denoiser, batch: dict, gen: torch.Generator, with_gra
     return _loss(pred, target, batch["weight"].to(weight.device) * weight)
 
 
-def _class_images(job: Job, plan: Plan, family, parts, accelerator: Accelerator, reporter: Reporter):
+def _class_images(job: Job, plan: Plan, family, parts, accelerator: Accelerator, reporter: Reporter, dtype):
     """Prior preservation: generate the missing class images (main process), and lay them out in buckets."""
     if not job.prior.enabled:
         return None
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and prior.missing_count(job, plan.scan.num_images):
+        _to(parts.denoiser, accelerator.device, dtype)
         pipe = family.pipeline(parts, parts.denoiser)
         pipe.set_progress_bar_config(disable=True)
         with torch.no_grad():
@@ -484,6 +488,7 @@ def _export(run: _Run, denoiser, plan: Plan, step: int, epoch: int, started_at: 
         captions.setdefault(str(item.folder), []).append(item.caption)
     info = {"num_train_images": len(plan.layout.samples), "started_at": started_at, "step": step, "epoch": epoch,
             "total_steps": plan.total_steps, "captions_by_folder": captions,
+            "num_class_images": run.num_class_images,
             "folders": {str(s.folder): (s.repeats, s.images) for s in plan.scan.subsets}}
     outputs: dict = {}
     with _exported_weights(run):

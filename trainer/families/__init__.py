@@ -11,8 +11,10 @@ What a family module provides (the loop calls nothing else; see sd.py for the re
   pipeline(parts, denoiser) -> the diffusers pipeline; validation_pipeline(parts, denoiser) -> a callable like it
   encode_prompts(parts, captions) -> {name: tensor}   (not under no_grad: text encoders may train)
   encode_image_dists(parts, pixels) -> (mean, std); sample_latents(parts, mean, std, gen); encode_images(...)
+  prepare_noise(parts, diffusion) -> notes: applies the job's noise-schedule options once after load
   noisy_input_and_target(parts, latents, gen, diffusion) -> (noisy, timesteps, target, loss weight (B,))
-  conditioning_extras(batch) -> {name: tensor}; predict(parts, denoiser, noisy, timesteps, cond) -> prediction
+  conditioning_extras(batch) -> {name: tensor}; drop_conditioning(parts, cond, gen, diffusion) -> cond
+  predict(parts, denoiser, noisy, timesteps, cond) -> prediction
   save_lora_diffusers(dir, states, adapter_configs), kohya_state_dict(states, alpha), kohya_metadata(parts):
          states and configs keyed by component name ("unet", "text_encoder", ...)
 """
@@ -28,6 +30,8 @@ from pathlib import Path
 from ..job import JobError, ModelSpec
 
 FAMILIES = {"sd1": "sd", "sd2": "sd", "sdxl": "sdxl", "sd3": "sd3"}
+# Image sides a family's denoiser accepts are multiples of this (VAE factor x patch size); default 8.
+SIZE_MULTIPLE = {"sd3": 16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

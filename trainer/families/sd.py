@@ -187,16 +187,26 @@ def save_lora_diffusers(directory: Path, states: dict[str, dict], adapter_config
 
 
 def kohya_state_dict(states: dict[str, dict], alpha: float) -> dict:
-    """PEFT LoRA keys to kohya names (`lora_unet_down_blocks_0_..._to_q.lora_down.weight` + `.alpha`)."""
+    """PEFT LoRA keys to kohya names (`lora_unet_down_blocks_0_..._to_q.lora_down.weight` + `.alpha`; text
+    encoders `lora_te1_text_model_encoder_layers_0_self_attn_q_proj...`, SDXL's second `lora_te2_...`)."""
     from diffusers.utils import convert_state_dict_to_kohya
 
-    prefixed = {f"{component}.{k}": v for component, state in states.items() for k, v in state.items()}
+    prefixed = {f"{component}.{_clip_path(component, k)}": v for component, state in states.items()
+                for k, v in state.items()}
     out = convert_state_dict_to_kohya(prefixed)
     # diffusers writes alpha = rank; the network was trained with the job's alpha, so that is what tools need.
     for key in out:
         if key.endswith(".alpha"):
             out[key] = torch.tensor(float(alpha))
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def _clip_path(component: str, key: str) -> str:
+    """transformers 5 names CLIPTextModel's weights without the `text_model.` level that A1111 and ComfyUI
+    expect in kohya text-encoder names (they skip `lora_te1_encoder_...` silently); put it back."""
+    if component.startswith("text_encoder") and not key.startswith("text_model."):
+        return f"text_model.{key}"
+    return key
 
 
 def kohya_metadata(parts: Parts) -> dict[str, str]:

@@ -73,12 +73,11 @@ def load(spec: ModelSpec) -> Parts:
 
 
 def text_encoders(parts: Parts) -> dict:
-    """{pipeline component name: (tokenizer, text encoder)}: both CLIPs, and T5 when it is loaded."""
-    out = {"text_encoder": (parts.tokenizer, parts.text_encoder.one),
-           "text_encoder_2": (parts.tokenizer_2, parts.text_encoder.two)}
-    if parts.text_encoder.three is not None:
-        out["text_encoder_3"] = (parts.tokenizer_3, parts.text_encoder.three)
-    return out
+    """{pipeline component name: (tokenizer, text encoder)} of the encoders that can train (LoRA, full, new
+    tokens): both CLIPs. T5 always stays frozen: diffusers and ComfyUI load no T5 LoRA, and at 4.7B parameters
+    training it is not what SD3 LoRAs do; a new token reaches T5 as plain text."""
+    return {"text_encoder": (parts.tokenizer, parts.text_encoder.one),
+            "text_encoder_2": (parts.tokenizer_2, parts.text_encoder.two)}
 
 
 def pipeline(parts: Parts, denoiser):
