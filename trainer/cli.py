@@ -133,7 +133,7 @@ def _provenance() -> dict:
 
 def _parser() -> argparse.ArgumentParser:
     from .convert import FORMATS
-    from .demo import METHODS
+    from .demo import BUILDERS, METHODS
 
     p = argparse.ArgumentParser(prog="python -m trainer", description="Train LoRAs for Stable Diffusion models.")
     sub = p.add_subparsers(required=True, metavar="COMMAND")
@@ -141,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="write a tiny model, dataset and job that train on any CPU in a minute")
     demo.add_argument("dir", help="an empty or new folder")
     demo.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
-    demo.add_argument("--family", choices=("sd1", "sdxl", "sd3"), default="sd1",
+    demo.add_argument("--family", choices=tuple(BUILDERS), default="sd1",
                       help="which tiny model to build (default sd1)")
     demo.add_argument("--method", choices=tuple(METHODS), default="lora",
                       help="how it trains: " + "; ".join(f"{k}: {v}" for k, v in METHODS.items()))

@@ -24,9 +24,30 @@ SIZES = ((96, 80), (80, 96), (72, 72), (112, 88))
 
 def build_tiny_sd15(path: Path, seed: int = 0) -> Path:
     """Write a tiny SD1.5-layout diffusers folder with random weights (~6 MB); loads offline."""
+    from diffusers import PNDMScheduler
+
+    # SD1.5's own scheduler config, so prediction type and noise schedule match what real models use.
+    scheduler = PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", prediction_type="epsilon", steps_offset=1,
+                              skip_prk_steps=True, set_alpha_to_one=False)
+    return _build_tiny_sd(path, seed, text_width=32, scheduler=scheduler)
+
+
+def build_tiny_sd2(path: Path, seed: int = 0) -> Path:
+    """A tiny SD2.x-layout folder (~40 MB): a 1024-wide text encoder (what tells SD2 from SD1) and SD 2.1's
+    v-prediction DDIM scheduler config."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", prediction_type="v_prediction", steps_offset=1,
+                              clip_sample=False, set_alpha_to_one=False)
+    return _build_tiny_sd(path, seed, text_width=1024, scheduler=scheduler)
+
+
+def _build_tiny_sd(path: Path, seed: int, text_width: int, scheduler) -> Path:
     # Imported here so the dataset and job builders (and importing this module) stay light and torch-free.
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     path = Path(path)
@@ -37,7 +58,8 @@ def build_tiny_sd15(path: Path, seed: int = 0) -> Path:
         unet = UNet2DConditionModel(
             block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8)
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=text_width,
+            attention_head_dim=8)
         torch.manual_seed(seed)
         vae = AutoencoderKL(
             block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
@@ -45,13 +67,10 @@ def build_tiny_sd15(path: Path, seed: int = 0) -> Path:
             up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"))
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(CLIPTextConfig(
-            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
+            hidden_size=text_width, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            projection_dim=32,
             vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    # SD1.5's own scheduler config, so prediction type and noise schedule match what real models use.
-    scheduler = PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", prediction_type="epsilon", steps_offset=1,
-                              skip_prk_steps=True, set_alpha_to_one=False)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -155,7 +174,51 @@ def build_tiny_sd3(path: Path, seed: int = 0) -> Path:
     return path
 
 
-BUILDERS = {"sd1": build_tiny_sd15, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3}
+def build_tiny_flux(path: Path, seed: int = 0) -> Path:
+    """Write a tiny Flux.1-dev-layout diffusers folder with random weights (a guidance-embedding transformer on
+    2x2-packed latents, a 16-channel VAE that downsamples 8x, CLIP-L and T5 encoders); loads offline."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+    path = Path(path)
+    tokenizer = CLIPTokenizer.from_pretrained(_write_clip_tokenizer(path / "tokenizer"))
+    tokenizer_2 = _t5_tokenizer()
+    width_clip, width_t5 = 32, 48  # unequal (768 and 4096 in Flux), so a slip between the two shows
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=width_t5, pooled_projection_dim=width_clip,
+            guidance_embeds=True, axes_dims_rope=(4, 6, 6))  # 64 = 16 latent channels x a 2x2 patch
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(
+            block_out_channels=(16, 16, 32, 32), in_channels=3, out_channels=3, latent_channels=16,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            norm_num_groups=8, sample_size=64, scaling_factor=0.3611, shift_factor=0.1159,
+            use_quant_conv=False, use_post_quant_conv=False)  # Flux's VAE config, but for the sizes
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            hidden_size=width_clip, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            projection_dim=width_clip, vocab_size=len(tokenizer), max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+        torch.manual_seed(seed + 1)
+        text_encoder_2 = T5EncoderModel(T5Config(
+            vocab_size=len(tokenizer_2), d_model=width_t5, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+            pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id))
+    # FLUX.1-dev's own scheduler config: the shift grows with the image's token count.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+BUILDERS = {"sd1": build_tiny_sd15, "sd2": build_tiny_sd2, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3,
+            "flux": build_tiny_flux}
 # What a family's demo job changes: transformer models bucket in steps of 16 (VAE 8 x patch 2) and take a LoRA on
 # their joint attention's image and text projections.
 FAMILY_OVERRIDES = {
