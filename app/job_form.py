@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import typing
 
 from pydantic import BaseModel, ValidationError
@@ -20,6 +21,8 @@ from PySide6.QtWidgets import QAbstractItemView, QCheckBox, QComboBox, QFileDial
     QTableWidget, QTableWidgetItem, QToolButton, QVBoxLayout, QWidget
 
 from trainer.job import Job
+
+from .block_picker import BlockPicker
 
 INT32_MAX = 2**31 - 1
 ERROR_STYLE = "border: 1px solid #c00000;"
@@ -35,6 +38,8 @@ SECTION_TITLES = {
     "validation": "Validation",
     "output": "Output",
 }
+# Block lists that get a "Pick blocks…" button (app/block_picker.py reads the model's block tree).
+BLOCK_FIELDS = {("layers", "train_blocks"), ("layers", "freeze_blocks")}
 # Paths that must be set before a run can start, with the reason shown on the Start button.
 REQUIRED = {
     ("model", "path"): "Choose a base model (Model → path)",
@@ -499,6 +504,8 @@ class JobForm(QWidget):
         super().__init__(parent)
         self.editors: dict[tuple[str, str], FieldEditor] = {}
         self.groups: dict[str, QGroupBox] = {}
+        self.trainer_command: list[str] | None = None  # the block picker's `python -m trainer`; tests swap it
+        self.block_picker: BlockPicker | None = None
         self.group_errors: dict[str, QLabel] = {}
         self._loading = False
         body = QWidget()
@@ -515,6 +522,12 @@ class JobForm(QWidget):
             for name, info in model.model_fields.items():
                 editor = make_editor(name, info)
                 editor.changed.connect(self._on_edit)
+                if (section, name) in BLOCK_FIELDS:
+                    pick = QPushButton("Pick blocks…")
+                    pick.setToolTip("Check the blocks that train in a tree of the model's blocks "
+                                    "(reads the model in model.path)")
+                    pick.clicked.connect(self.pick_blocks)
+                    editor.row.addWidget(pick, 0, Qt.AlignmentFlag.AlignTop)
                 label = QLabel(label_for(name))
                 label.setToolTip(tooltip(name, info))
                 if isinstance(editor, ModelListEditor):  # a table needs the full width
@@ -617,6 +630,24 @@ class JobForm(QWidget):
 
     def set_dataset_folders(self, paths: list[str]) -> None:
         self.editors[("dataset", "folders")].set([{"path": p} for p in paths])
+
+    def pick_blocks(self) -> None:
+        """Open the block picker on model.path (its config folder for a single-file checkpoint); OK writes
+        the layer lists back into the form."""
+        path, config = self.editor("model.path").get(), self.editor("model.config").get()
+        if config and os.path.isfile(os.path.expanduser(path)):
+            path = config
+        if self.block_picker is not None:
+            self.block_picker.deleteLater()
+        self.block_picker = BlockPicker(path, self.editor("layers.train_blocks").get(),
+                                        self.editor("layers.freeze_blocks").get(), self.trainer_command, self)
+        self.block_picker.accepted.connect(self._on_blocks_picked)
+        self.block_picker.open()
+
+    def _on_blocks_picked(self) -> None:
+        train, freeze = self.block_picker.lists()
+        self.editor("layers.train_blocks").set(train)
+        self.editor("layers.freeze_blocks").set(freeze)
 
     # ---- errors --------------------------------------------------------------------------------------
 

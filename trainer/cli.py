@@ -85,10 +85,13 @@ def cmd_run(args) -> int:
 
 
 def cmd_inspect_model(args) -> int:
+    from .families import check_model_path
     from .inspect_model import main_json
 
+    spec = ModelSpec(path=args.model)
+    check_model_path(spec)  # a wrong path answers at once, before the libraries load
     _quiet_libraries()
-    print(main_json(ModelSpec(path=args.model)))
+    print(main_json(spec))
     return EXIT_OK
 
 

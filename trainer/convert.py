@@ -36,6 +36,9 @@ def export(source: Path, fmt: str, out: Path | None = None, lora_scale: float | 
     if lora_scale is not None and fmt not in ("merged", "single-file"):
         raise JobError(f"--lora-scale: only merged and single-file exports fuse the LoRA, not {fmt}")
     src = resolve_source(Path(source))
+    if fmt == "kohya" and "lora" not in (src.job.network.kind, src.job.text_encoder.mode):
+        raise JobError(f"--format kohya: the run trained no LoRA (network.kind {src.job.network.kind}, "
+                       f"text_encoder.mode {src.job.text_encoder.mode}); export diffusers, merged or single-file")
     target = Path(out).expanduser() if out else src.run / "export" / fmt
     if fmt == "single-file" and target.suffix.lower() != ".safetensors":
         target = target / f"{src.job.output.name}.safetensors"
@@ -85,9 +88,6 @@ def _from_checkpoint(family, src: Source, fmt: str, target: Path, scale: float, 
     if ema is not None and job.ema.export_ema and not raw:
         weights = {**weights, **ema}  # the EMA leaves out the token rows: those come from the raw weights
     trainable.load_tensors(tr, weights, str(src.checkpoint))
-    if fmt == "kohya" and not tr.lora_configs:
-        raise JobError(f"--format kohya: {src.checkpoint} holds no LoRA (network.kind {job.network.kind}, "
-                       f"text_encoder.mode {job.text_encoder.mode}); export diffusers, merged or single-file")
     pipe = family.pipeline(parts, parts.denoiser)
     written: list[Path] = []
     if fmt in ("diffusers", "kohya"):
@@ -131,8 +131,7 @@ def _from_final(family, src: Source, fmt: str, target: Path, scale: float) -> li
             written.append(Path(shutil.copy2(lora, target / LORA_FILE)))
     elif fmt == "kohya":
         if not lora.is_file():
-            raise JobError(f"--format kohya: {final} holds no LoRA (network.kind {job.network.kind}); export "
-                           "diffusers, merged or single-file")
+            raise JobError(f"--format kohya: {lora}: file not found (the run has no checkpoint to rebuild it from)")
         kohya = final / f"{job.output.name}.safetensors"
         path = target / kohya.name
         target.mkdir(parents=True, exist_ok=True)
@@ -164,17 +163,16 @@ def _from_final(family, src: Source, fmt: str, target: Path, scale: float) -> li
 
 
 def _write_model(pipe, job: Job, fmt: str, target: Path) -> list[Path]:
-    """merged: a diffusers folder (and NAME.safetensors in it when output.save_single_file); single-file: the
-    one original-layout file."""
+    """merged: a diffusers folder, and NAME.safetensors in it when output.save_single_file and the family has
+    an original layout; single-file: the one original-layout file."""
     from .export import JOB_METADATA_KEY, job_json, write_pipeline_folder
-    from .single_file import pipeline_layout, write_single_file
+    from .single_file import original_layout, write_single_file
 
-    pipeline_layout(pipe)  # a family without an original layout fails before anything is written
     metadata = {JOB_METADATA_KEY: job_json(job)}
     if fmt == "single-file":
         return [write_single_file(pipe, target, metadata)]
     written = [write_pipeline_folder(target, pipe, job)]
-    if job.output.save_single_file:
+    if job.output.save_single_file and original_layout(pipe) is not None:
         written.append(write_single_file(pipe, target / f"{job.output.name}.safetensors", metadata))
     return written
 

@@ -18,6 +18,7 @@ DEPTH = 3
 TRAINABLE_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 # The classes a model_index.json may name for them, and their library (a name from a file picks only these).
 COMPONENT_CLASSES = {"UNet2DConditionModel": "diffusers", "SD3Transformer2DModel": "diffusers",
+                     "FluxTransformer2DModel": "diffusers",
                      "CLIPTextModel": "transformers", "CLIPTextModelWithProjection": "transformers",
                      "T5EncoderModel": "transformers"}
 

@@ -14,10 +14,10 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from .families import check_model_path, safetensors_shapes
-from .job import Job, JobError
+from .job import BlockEntryError, Job, JobError, block_children, resolve_block
 
 # The denoiser's pipeline component per family (the family modules import torch, so it is repeated here).
-DENOISERS = {"sd1": "unet", "sd2": "unet", "sdxl": "unet", "sd3": "transformer"}
+DENOISERS = {"sd1": "unet", "sd2": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "transformer"}
 
 # Projections inside attention modules: diffusers (SD3's joint attention adds the add_* ones), CLIP, T5.
 ATTENTION_PROJECTIONS = {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
@@ -27,8 +27,6 @@ MLP_CONTAINERS = {"ff", "ff_context", "mlp", "DenseReluDense"}
 # Persistent buffers that safetensors files hold beside the weights; they never train.
 BUFFER_NAMES = {"pos_embed", "position_ids"}
 LISTED_BLOCKS = 12  # valid block names shown in an error about a block that matches nothing
-_SLICED = re.compile(r"^(?P<base>[^\[\]]+)\[(?P<spec>[^\[\]]*)\]$")  # transformer_blocks[-8:]
-_RANGE = re.compile(r"^(\d+)-(\d+)$")  # 12-23, inclusive
 
 
 @dataclass(frozen=True)
@@ -221,73 +219,16 @@ def _nothing_selected(table: list[Module], job: Job, kind: str) -> JobError:
 def _blocks(table: list[Module], entries: list[str], field: str) -> set[str]:
     """Names of the modules inside any of the entries; an entry that matches nothing is a JobError (every
     prefix it resolves to comes from a module name, so one that resolves matches at least one module)."""
-    children = _children(table)
     names = [m.name for m in table]
+    children = block_children(names)
     out: set[str] = set()
     for entry in entries:
-        prefixes = _resolve(entry, children, field)
+        try:
+            prefixes = resolve_block(entry, children)
+        except BlockEntryError as exc:
+            valid = ", ".join(_listing(children, exc.reached)) or "none"
+            raise JobError(f"{field}: {exc}" + (f" (valid: {valid})" if "matches no" in str(exc) else "")) from None
         out |= {n for n in names for p in prefixes if n == p or n.startswith(p + ".")}
-    return out
-
-
-def _resolve(entry: str, children: dict[tuple, list[str]], field: str) -> list[str]:
-    """The dotted prefixes an entry stands for: segment by segment, a glob, an inclusive index range ('12-23'),
-    or a name with a Python slice or index over its numbered children ('transformer_blocks[-8:]')."""
-    prefixes: list[tuple[str, ...]] = [()]
-    for segment in entry.strip().split("."):
-        sliced = _SLICED.match(segment)
-        step: list[tuple[str, ...]] = []
-        for prefix in prefixes:
-            if sliced:
-                for base in _matching(children.get(prefix, []), sliced["base"]):
-                    numbered = [c for c in children.get(prefix + (base,), []) if c.isdigit()]
-                    numbered.sort(key=int)
-                    step += [prefix + (base, c) for c in _apply_slice(numbered, sliced["spec"], entry, field)]
-            else:
-                step += [prefix + (c,) for c in _matching(children.get(prefix, []), segment)]
-        if not step:
-            reached = prefixes[0]
-            valid = _listing(children, reached)
-            where = f" under {'.'.join(reached)}" if reached else ""
-            raise JobError(f"{field}: {entry!r} matches no module{where} (valid: {', '.join(valid) or 'none'})")
-        prefixes = step
-    return [".".join(p) for p in prefixes]
-
-
-def _matching(candidates: list[str], pattern: str) -> list[str]:
-    bounds = _RANGE.match(pattern)
-    if bounds:
-        low, high = int(bounds[1]), int(bounds[2])
-        return [c for c in candidates if c.isdigit() and low <= int(c) <= high]
-    return [c for c in candidates if fnmatchcase(c, pattern)]
-
-
-def _apply_slice(items: list[str], spec: str, entry: str, field: str) -> list[str]:
-    parts = spec.split(":")
-    try:
-        numbers = [int(p) if p.strip() else None for p in parts]
-    except ValueError:
-        numbers = []
-    zero_step = len(numbers) == 3 and numbers[2] == 0
-    if not 1 <= len(numbers) <= 3 or numbers == [None] or zero_step:
-        raise JobError(f"{field}: {entry!r}: [{spec}] is not an index or a slice such as [-8:] or [12:24]")
-    if len(numbers) == 1:
-        index = numbers[0]
-        return [items[index]] if -len(items) <= index < len(items) else []
-    return items[slice(*numbers)]
-
-
-def _children(table: list[Module]) -> dict[tuple, list[str]]:
-    """For each dotted prefix (as a tuple), its child segments in natural order."""
-    out: dict[tuple, list[str]] = {}
-    for m in table:
-        segments = tuple(m.name.split("."))
-        for depth in range(len(segments)):
-            kids = out.setdefault(segments[:depth], [])
-            if segments[depth] not in kids:
-                kids.append(segments[depth])
-    for kids in out.values():
-        kids.sort(key=_segment_key)
     return out
 
 

@@ -1,6 +1,5 @@
 """Single-file export: a diffusers SD 1.x/2.x/XL pipeline's weights as one .safetensors in the original
-CompVis/Stability layout (`model.diffusion_model.*`, `first_stage_model.*`, the text encoders): what ComfyUI and
-A1111 load.
+CompVis/Stability layout (`model.diffusion_model.*`, `first_stage_model.*`, ...), the file ComfyUI and A1111 load.
 
 The names invert diffusers' own single-file loader (diffusers/loaders/single_file_utils.py). They are built from the
 model's configs rather than fixed tables, so any number of blocks and layers maps, the tiny test models included.
@@ -48,7 +47,10 @@ def write_single_file(pipe, path: Path, metadata: dict[str, str]) -> Path:
 
 def original_state_dict(pipe) -> dict[str, torch.Tensor]:
     """Every UNet, VAE and text-encoder tensor of the pipeline under its original-layout name (on the CPU)."""
-    layout = pipeline_layout(pipe)
+    layout = original_layout(pipe)
+    if layout is None:
+        raise JobError(f"single-file export: {type(pipe).__name__} has no original-layout mapping (Stable "
+                       "Diffusion 1.x, 2.x and XL base have)")
     out = _prefixed("model.diffusion_model.", unet_state_dict(pipe.unet))
     out.update(_prefixed("first_stage_model.", vae_state_dict(pipe.vae)))
     if layout == "sd1":
@@ -64,8 +66,9 @@ def original_state_dict(pipe) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
-def pipeline_layout(pipe) -> str:
-    """Which original layout the pipeline maps to: "sd1" (CLIP ViT-L), "sd2" (OpenCLIP ViT-H) or "sdxl"."""
+def original_layout(pipe) -> str | None:
+    """Which original layout the pipeline maps to: "sd1" (CLIP ViT-L), "sd2" (OpenCLIP ViT-H), "sdxl", or None
+    (no mapping: other families, the SDXL refiner)."""
     name = type(pipe).__name__
     if name in SDXL_CLASSES and pipe.text_encoder is not None:
         return "sdxl"
@@ -73,8 +76,7 @@ def pipeline_layout(pipe) -> str:
         # SD 2.x's OpenCLIP has 1024-wide states, CLIP ViT-L 768: the same test diffusers' loader and
         # trainer.families use to tell them apart.
         return "sd2" if pipe.unet.config.cross_attention_dim == 1024 else "sd1"
-    raise JobError(f"single-file export: {name} has no original-layout mapping (Stable Diffusion 1.x, 2.x and XL "
-                   "base have)")
+    return None
 
 
 def unet_state_dict(unet) -> dict[str, torch.Tensor]:
