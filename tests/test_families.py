@@ -11,7 +11,7 @@ from trainer.families import detect_family
 from trainer.job import ModelSpec
 
 # family -> (the first block of its denoiser, whether the single-file layout exists for it)
-FAMILIES = {"sd1": ("down_blocks.0", True), "sd2": ("down_blocks.0", True), "sdxl": ("down_blocks.0", False),
+FAMILIES = {"sd1": ("down_blocks.0", True), "sd2": ("down_blocks.0", True), "sdxl": ("down_blocks.0", True),
             "sd3": ("transformer_blocks.0", False)}
 QUIET = ["--set", "validation.prompts=[]", "--set", "output.checkpoint_every=0"]
 
