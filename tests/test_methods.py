@@ -190,3 +190,36 @@ def test_resume_matches_an_uninterrupted_run(demos, tmp_path, method):
             load_file(run / "checkpoints" / "step-4" / "ema.safetensors")
         for key in ea:
             torch.testing.assert_close(ea[key], eb[key], rtol=1e-5, atol=1e-6)
+
+
+def test_dreambooth_full_finetune_with_text_encoder_8bit_adam_and_checkpointing(demos, tmp_path):
+    job = _copy(demos, "dreambooth", tmp_path)
+    assert main(["run", str(job), *QUIET, "--set", "schedule.max_steps=2", "--set", "network.kind=full",
+                 "--set", "text_encoder.mode=full", "--set", "optimizer.name=adamw8bit",
+                 "--set", "precision.gradient_checkpointing=true", "--set", "output.save_single_file=false"]) == 0
+    base, tuned = _pipe(job.parent / "model"), _pipe(job.parent / "run" / "final" / "diffusers")
+    for name in ("unet", "text_encoder"):
+        before, after = getattr(base, name).state_dict(), getattr(tuned, name).state_dict()
+        assert any(not torch.equal(before[k], after[k]) for k in before), f"the {name} did not train"
+
+
+def test_text_encoder_stops_after_its_fraction_while_the_unet_trains_on(demo_job):
+    run = demo_job.parent / "run"
+    assert main(["run", str(demo_job), *QUIET, "--set", "text_encoder.mode=lora", "--set", "text_encoder.stop_fraction=0.5",
+                 "--set", "text_encoder.learning_rate=0.01", "--set", "schedule.max_steps=4",
+                 "--set", "output.checkpoint_every=1", "--set", "output.keep_last=10"]) == 0
+    steps = {n: load_file(run / "checkpoints" / f"step-{n}" / "weights.safetensors") for n in (1, 2, 4)}
+    te = [k for k in steps[4] if k.startswith("text_encoder.")]
+    unet = [k for k in steps[4] if k.startswith("unet.") and "lora_B" in k]
+    assert te and unet
+    assert any(not torch.equal(steps[1][k], steps[2][k]) for k in te), "the text encoder trains before the stop"
+    assert all(torch.equal(steps[2][k], steps[4][k]) for k in te), "the text encoder moved after its stop step"
+    assert any(not torch.equal(steps[2][k], steps[4][k]) for k in unet), "the UNet must train on"
+
+
+def test_pivotal_tuning_writes_a_lora_and_an_embedding(demos, tmp_path):
+    job = _copy(demos, "textual_inversion", tmp_path)
+    assert main(["run", str(job), *QUIET, "--set", "schedule.max_steps=2", "--set", "network.kind=lora"]) == 0
+    final = job.parent / "run" / "final"
+    assert (final / "pytorch_lora_weights.safetensors").is_file() and (final / "demo_ti.safetensors").is_file()
+    assert len(list((final / "embeddings").glob("*.safetensors"))) == 1

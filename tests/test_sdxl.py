@@ -105,3 +105,21 @@ def test_validation_decodes_like_the_pipeline(sdxl_run):
     theirs = wrapped.pipe(**args, generator=torch.Generator().manual_seed(1)).images[0]
     np.testing.assert_allclose(ours, theirs, atol=1e-6)
     assert wrapped("a green square", num_inference_steps=2, height=64, width=64).images[0].size == (64, 64)
+
+
+def test_embedding_dropout_zeroes_each_encoders_part_with_its_probability():
+    from types import SimpleNamespace
+
+    from trainer.job import DiffusionSpec
+
+    one = SimpleNamespace(config=SimpleNamespace(hidden_size=3))
+    parts = SimpleNamespace(text_encoder=SimpleNamespace(one=one))
+    cond = {"encoder_hidden_states": torch.ones(4000, 2, 5), "pooled": torch.ones(4000, 6)}
+    spec = DiffusionSpec(encoder_dropout=[0.5, 0.0], pooled_dropout=0.25)
+    family = family_module("sdxl")
+    out = family.drop_conditioning(parts, cond, torch.Generator().manual_seed(0), spec)
+    first, second = out["encoder_hidden_states"][..., :3], out["encoder_hidden_states"][..., 3:]
+    dropped = (first.abs().sum(dim=(1, 2)) == 0).float().mean().item()
+    assert abs(dropped - 0.5) < 0.04 and bool((second == 1).all())
+    assert abs((out["pooled"].abs().sum(dim=1) == 0).float().mean().item() - 0.25) < 0.04
+    assert family.drop_conditioning(parts, cond, torch.Generator(), DiffusionSpec()) is cond

@@ -141,3 +141,24 @@ def test_runs_unchanged_under_accelerate_launch(demo_job):
     assert proc.returncode == 0, err[-2000:]
     events, _ = read_events(demo_job.parent / "run" / "events.jsonl")
     assert events[-1]["type"] == "run_finished" and events[-1]["status"] == "completed"
+
+
+def test_8bit_adam_state_round_trips_through_a_checkpoint(tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    param, other = torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(5000))
+    opt = bnb.optim.AdamW8bit([param, other], lr=1e-3)  # nested quantisation state, a map shared by both
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    for _ in range(2):
+        param.grad, other.grad = torch.randn(5000), torch.randn(5000)
+        opt.step()
+    checkpoint.save(tmp_path, 2, {"p": param, "o": other}, opt, sched, {}, keep_last=1)
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in (param, other)]
+    opt2 = bnb.optim.AdamW8bit(copies, lr=1e-3)
+    checkpoint.load(tmp_path / "step-2", opt2, torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0))
+    for p, c in zip((param, other), copies):
+        grad = torch.randn(5000)
+        p.grad, c.grad = grad.clone(), grad.clone()
+    opt.step()
+    opt2.step()
+    assert torch.equal(param, copies[0]) and torch.equal(other, copies[1])

@@ -80,24 +80,36 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.T
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors go to safetensors under `state.<param>.<key>`; numbers and the param groups go to JSON."""
-    tensors, scalars = {}, {}
-    for pid, entries in state_dict["state"].items():
-        for key, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{pid}.{key}"] = value.detach().to("cpu").contiguous()
-            else:
-                scalars.setdefault(str(pid), {})[key] = value
-    return tensors, {"scalars": scalars, "param_groups": _jsonable(state_dict["param_groups"])}
+    """Tensors go to safetensors as `state.N`, their places in the (possibly nested: bitsandbytes keeps its
+    quantisation state in a dict) per-parameter state to JSON under `paths`; numbers and param groups to JSON."""
+    tensors: dict[str, torch.Tensor] = {}
+    paths: dict[str, list[list]] = {}
+    seen: dict[tuple, str] = {}  # bitsandbytes shares one quantisation map between parameters: stored once
+
+    def walk(value, path: list):
+        if torch.is_tensor(value):
+            identity = (value.data_ptr(), tuple(value.shape), value.dtype)
+            if identity not in seen:
+                seen[identity] = f"state.{len(tensors)}"
+                tensors[seen[identity]] = value.detach().to("cpu").contiguous()
+            paths.setdefault(seen[identity], []).append(path)
+            return None
+        if isinstance(value, dict):
+            return {str(k): walk(v, path + [str(k)]) for k, v in value.items()}
+        return _jsonable(value)
+
+    scalars = {str(pid): walk(entries, [str(pid)]) for pid, entries in state_dict["state"].items()}
+    return tensors, {"scalars": scalars, "paths": paths, "param_groups": _jsonable(state_dict["param_groups"])}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        _, pid, key = name.split(".", 2)
-        state.setdefault(int(pid), {})[key] = value
-    for pid, entries in meta["scalars"].items():
-        state.setdefault(int(pid), {}).update(entries)
+    state = {int(pid): entries for pid, entries in meta["scalars"].items()}
+    for name, places in meta["paths"].items():
+        for path in places:
+            node = state[int(path[0])]
+            for key in path[1:-1]:
+                node = node[key]
+            node[path[-1]] = tensors[name]
     return {"state": state, "param_groups": meta["param_groups"]}
 
 

@@ -7,6 +7,7 @@ Torch is imported only by the commands that train, so `check` answers at once.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import traceback
@@ -64,6 +65,11 @@ def cmd_run(args) -> int:
     save_job(job, out / "job.json", extra={PROVENANCE_KEY: _provenance()})
     reporter = Reporter(out / "events.jsonl", args.events, plan.total_steps)
     try:
+        _hide_bitsandbytes(job.optimizer.name != "adamw8bit")
+        # Importing torch and diffusers and loading the model make about a million long-lived objects; each
+        # collection meanwhile would walk them all again (a fifth of the start-up). train() freezes them once
+        # the model is loaded and turns the collector back on.
+        gc.disable()
         _quiet_libraries()
         from .train import train
 
@@ -81,6 +87,7 @@ def cmd_run(args) -> int:
         print(tail, file=sys.stderr)
         return EXIT_FAILED
     finally:
+        gc.enable()  # also when loading failed
         reporter.close()
 
 
@@ -105,6 +112,17 @@ def cmd_export(args) -> int:
     return EXIT_OK
 
 
+def cmd_sample_cascade(args) -> int:
+    from .cascade_lora import sample
+
+    _quiet_libraries()
+    path = sample(args.model, args.prompt, Path(args.out), lora=args.lora or "", decoder=args.decoder or "",
+                  scale=args.lora_scale, negative_prompt=args.negative_prompt, steps=args.steps,
+                  guidance_scale=args.guidance_scale, height=args.height, width=args.width, seed=args.seed)
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
 def _quiet_libraries() -> None:
     """The libraries' import-time notices (no torchvision, no optional kernels, loading bars) bury our own
     progress; real problems still reach the user as errors."""
@@ -117,6 +135,16 @@ def _quiet_libraries() -> None:
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()
+
+
+def _hide_bitsandbytes(hide: bool) -> None:
+    """diffusers, peft and transformers import bitsandbytes whenever it is installed, and it imports torch's
+    compiler: 0.7 s of every start-up, and a notice about 4-bit kernels. Only the adamw8bit optimizer uses it
+    (and imports it itself), so other runs hide it: with None in sys.modules, find_spec() reports it missing."""
+    if hide:
+        sys.modules.setdefault("bitsandbytes", None)
+    elif "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+        del sys.modules["bitsandbytes"]  # hidden by an earlier run in this process (tests run several)
 
 
 def _provenance() -> dict:
@@ -169,6 +197,26 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="write over an existing non-empty output")
     export.add_argument("--raw", action="store_true", help="export the raw trained weights, not their EMA")
     export.set_defaults(func=cmd_export)
+
+    cascade = sub.add_parser("sample-cascade", help="render a prompt with Stable Cascade stage C and a trained "
+                             "LoRA file (diffusers has no LoRA loader for it)")
+    cascade.add_argument("--model", required=True, help="stage C: a StableCascadePriorPipeline (or combined) "
+                         "diffusers folder or model id")
+    cascade.add_argument("--lora", metavar="FILE", help="a run's final/pytorch_lora_weights.safetensors "
+                         "(default: none, the base model)")
+    cascade.add_argument("--prompt", required=True)
+    cascade.add_argument("--out", required=True, metavar="PNG", help="the image to write")
+    cascade.add_argument("--decoder", metavar="STAGE_B", help="stage B: a StableCascadeDecoderPipeline folder or "
+                         "id, e.g. stabilityai/stable-cascade; without one (and no combined model) the PNG shows "
+                         "stage C's latents (their first three channels), not an image")
+    cascade.add_argument("--lora-scale", type=float, default=1.0, metavar="S", help="LoRA strength (default 1)")
+    cascade.add_argument("--negative-prompt", default="")
+    cascade.add_argument("--steps", type=int, default=20, help="stage C sampling steps (default 20)")
+    cascade.add_argument("--guidance-scale", type=float, default=4.0, help="stage C guidance (default 4)")
+    cascade.add_argument("--height", type=int, default=1024, help="image height in pixels (default 1024)")
+    cascade.add_argument("--width", type=int, default=1024, help="image width in pixels (default 1024)")
+    cascade.add_argument("--seed", type=int, default=0)
+    cascade.set_defaults(func=cmd_sample_cascade)
 
     for name, func, text in (("check", cmd_check, "validate a job and its data and print the plan"),
                              ("run", cmd_run, "train")):

@@ -1,5 +1,5 @@
-"""A self-contained demo: a tiny random-weight SD1.5 (or SDXL, or SD3) pipeline, a procedural dataset and a job
-that trains on them.
+"""A self-contained demo: a tiny random-weight SD1.5 (or SD2, SDXL, SD3, Flux, Stable Cascade) pipeline, a
+procedural dataset and a job that trains on them.
 
 It lets a new user (and the end-to-end tests) run the whole trainer in under a minute on a CPU, offline.
 """
@@ -217,14 +217,90 @@ def build_tiny_flux(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def build_tiny_cascade(path: Path, seed: int = 0) -> Path:
+    """Write a tiny Stable Cascade stage C folder with random weights (StableCascadePriorPipeline: the prior, a CLIP
+    text encoder with projection, DDPMWuerstchenScheduler), its EfficientNet encoder in effnet/ (the stride-32
+    EfficientNetV2 layout, narrow and shallow), and in decoder/ a tiny stage B (StableCascadeDecoderPipeline with
+    a Paella VQGAN as stage A) that turns 4x4 stage C latents into 128 px images; loads offline."""
+    import torch
+    from diffusers import (DDPMWuerstchenScheduler, StableCascadeDecoderPipeline, StableCascadePriorPipeline,
+                           StableCascadeUNet)
+    from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from trainer.families.cascade import EfficientNetEncoder, save_effnet
+
+    path = Path(path)
+    tokenizer = CLIPTokenizer.from_pretrained(_write_clip_tokenizer(path / "tokenizer"))
+    hidden, pooled = 32, 24  # unequal (both 1280 in Stable Cascade), so a slip between the two shows
+    effnet_config = {"stem": 8, "stages": [["fused", 1, 3, 1, 8, 8, 1], ["fused", 2, 3, 2, 8, 16, 1],
+                                           ["fused", 2, 3, 2, 16, 16, 1], ["mb", 2, 3, 2, 16, 24, 1],
+                                           ["mb", 2, 3, 1, 24, 24, 1], ["mb", 2, 3, 2, 24, 32, 1]],
+                     "last": 64, "latent_channels": 16}
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=hidden, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            projection_dim=pooled, vocab_size=len(tokenizer), max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        prior = StableCascadeUNet(  # stage C's layout (switch_level False: no down-sampling), but for the sizes
+            in_channels=16, out_channels=16, conditioning_dim=32, block_out_channels=(32, 32),
+            num_attention_heads=(2, 2), down_num_layers_per_block=(1, 1), up_num_layers_per_block=(1, 1),
+            switch_level=(False,), clip_text_in_channels=hidden, clip_text_pooled_in_channels=pooled,
+            clip_image_in_channels=16, dropout=(0.1, 0.1))
+        torch.manual_seed(seed)
+        text_encoder = clip()
+        torch.manual_seed(seed)
+        effnet = EfficientNetEncoder(effnet_config)
+        # Running statistics as a trained encoder has them (fresh ones are 0 and 1, which leave latents tiny).
+        for module in effnet.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+        torch.manual_seed(seed + 1)
+        decoder = StableCascadeUNet(  # stage B's layout: effnet and pixel conditioning, no text but the pooled
+            in_channels=4, out_channels=4, conditioning_dim=32, block_out_channels=(16, 32),
+            num_attention_heads=(-1, 2), down_num_layers_per_block=(1, 1), up_num_layers_per_block=(1, 1),
+            block_types_per_layer=(("SDCascadeResBlock", "SDCascadeTimestepBlock"),
+                                   ("SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock")),
+            clip_text_pooled_in_channels=pooled, effnet_in_channels=16, pixel_mapper_in_channels=3,
+            timestep_conditioning_type=("sca",), dropout=(0.0, 0.0), switch_level=None)
+        torch.manual_seed(seed + 1)
+        vqgan = PaellaVQModel(levels=2, bottleneck_blocks=1, embed_dim=16, latent_channels=4, num_vq_embeddings=8)
+        torch.manual_seed(seed + 1)
+        decoder_text_encoder = clip()
+    scheduler = DDPMWuerstchenScheduler()  # Stable Cascade's own config (scaler 1, s 0.008)
+    StableCascadePriorPipeline(tokenizer=tokenizer, text_encoder=text_encoder, prior=prior,
+                               scheduler=scheduler).save_pretrained(path, safe_serialization=True)
+    save_effnet(effnet, path)
+    # latent_dim_scale 8: 4x4 stage C latents make 32x32 stage B latents, which the VQGAN decodes to 128 px.
+    StableCascadeDecoderPipeline(decoder=decoder, tokenizer=tokenizer, text_encoder=decoder_text_encoder,
+                                 scheduler=scheduler, vqgan=vqgan, latent_dim_scale=8.0).save_pretrained(
+        path / "decoder", safe_serialization=True)
+    return path
+
+
 BUILDERS = {"sd1": build_tiny_sd15, "sd2": build_tiny_sd2, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3,
-            "flux": build_tiny_flux}
+            "flux": build_tiny_flux, "cascade": build_tiny_cascade}
 # What a family's demo job changes: transformer models bucket in steps of 16 (VAE 8 x patch 2) and take a LoRA on
 # their joint attention's image and text projections.
 FAMILY_OVERRIDES = {
     "sd3": {"dataset": {"bucket_step": 16},
             "network": {"target_modules": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
                                            "add_v_proj", "to_add_out"]}},
+    "flux": {"dataset": {"bucket_step": 16},
+             "network": {"target_modules": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                                            "add_v_proj", "to_add_out"]}},
+    # Stable Cascade: sides in steps of the EfficientNet's 32 (128 px: 4x4 latents), Stability's LoRA filter
+    # ['.attn'] (the attention projections of its attention blocks), and no kohya or single-file export.
+    "cascade": {"dataset": {"resolution": 128, "bucket_step": 32},
+                "network": {"target_modules": ["to_q", "to_k", "to_v", "to_out.0"]},
+                "layers": {"include_patterns": ["*.attention.*"]},
+                "output": {"save_kohya": False, "save_single_file": False}},
 }
 
 
@@ -265,6 +341,8 @@ def build_demo(dir: Path, steps: int = 40, family: str = "sd1", method: str = "l
         "schedule": {"max_steps": steps},
     }), "demo job")
     job = validate(merge(job.model_dump(mode="json"), FAMILY_OVERRIDES.get(family, {})), "demo job")
+    if family == "cascade":  # stage B, built beside stage C, renders the validation images
+        job.model.decoder = str(dir / "model" / "decoder")
     job = validate(merge(job.model_dump(mode="json"), _method_overrides(method, dir)), "demo job")
     save_job(job, dir / "job.json")
     return dir / "job.json"

@@ -1,13 +1,16 @@
 """Flow matching (rectified flow) for training: noise levels, the shifted sigma schedule, the noisy input and
-the velocity target. Shared by the flow-matching families (SD3 now, Flux later); every draw uses the caller's
+the velocity target. Shared by the flow-matching families (SD3, Flux); every draw uses the caller's
 generator, so a resumed run replays exactly.
 
 The forward process is x_σ = (1 − σ)·x0 + σ·ε and the model predicts the velocity ε − x0 (the SD3 paper's
 rectified flow). A sample's noise level t is drawn from the job's density (`diffusion.weighting_scheme`), then
 looked up in the model's discrete schedule, shifted as its scheduler shifts it: σ = shift·t / (1 + (shift − 1)·t).
+Flux's shift depends on the image's size (`resolution_shift`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -32,6 +35,19 @@ def noisy_input_and_target(latents: torch.Tensor, generator: torch.Generator, di
     target = noise - latents
     weight = compute_loss_weighting_for_sd3(diffusion.weighting_scheme, sigmas)
     return noisy, timesteps, target, weight
+
+
+def resolution_shift(config, image_seq_len: int) -> float:
+    """The shift a dynamically shifting scheduler (Flux's; `config` is its config) uses for an image of
+    `image_seq_len` tokens: μ from diffusers' `calculate_shift` (linear in the token count, base_shift at
+    base_image_seq_len, max_shift at max_image_seq_len), as the pipeline computes it. The scheduler's exponential
+    time shift σ = e^μ / (e^μ + 1/t − 1) is the shift formula above with shift = e^μ (its linear one: shift = μ)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    mu = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256),
+                         config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                         config.get("max_shift", 1.15))
+    return math.exp(mu) if config.get("time_shift_type", "exponential") == "exponential" else mu
 
 
 def sample_noise_levels(diffusion: DiffusionSpec, batch_size: int, generator: torch.Generator,

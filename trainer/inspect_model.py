@@ -15,10 +15,10 @@ from .layers import DENOISERS
 
 # How deep the tree goes per component: UNet blocks → their attentions/resnets → transformer blocks.
 DEPTH = 3
-TRAINABLE_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+TRAINABLE_COMPONENTS = ("unet", "transformer", "prior", "text_encoder", "text_encoder_2", "text_encoder_3")
 # The classes a model_index.json may name for them, and their library (a name from a file picks only these).
 COMPONENT_CLASSES = {"UNet2DConditionModel": "diffusers", "SD3Transformer2DModel": "diffusers",
-                     "FluxTransformer2DModel": "diffusers",
+                     "FluxTransformer2DModel": "diffusers", "StableCascadeUNet": "diffusers",
                      "CLIPTextModel": "transformers", "CLIPTextModelWithProjection": "transformers",
                      "T5EncoderModel": "transformers"}
 

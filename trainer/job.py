@@ -32,7 +32,7 @@ class _Section(BaseModel):
 class ModelSpec(_Section):
     path: str = Field("", description="Base model: a local diffusers folder, a Hugging Face model id, "
                       "or a single-file .safetensors checkpoint.")
-    family: Literal["auto", "sd1", "sd2", "sdxl", "sd3", "flux"] = Field(
+    family: Literal["auto", "sd1", "sd2", "sdxl", "sd3", "flux", "cascade"] = Field(
         "auto", description="Model family; 'auto' reads it from the model's configs.")
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
         "auto", description="What the model predicts; 'auto' takes it from the model's scheduler config.")
@@ -42,6 +42,9 @@ class ModelSpec(_Section):
     variant: str = Field("", description="Hub weight variant, e.g. 'fp16', when path is a model id.")
     load_t5: bool = Field(True, description="SD3: load the T5 text encoder; off saves ~10 GB and the prompt uses "
                           "the two CLIP encoders only")
+    decoder: str = Field("", description="Stable Cascade: the stage B decoder (diffusers folder or id, e.g. "
+                         "'stabilityai/stable-cascade') used only for validation images; empty: validation shows "
+                         "stage C's latents (their first three channels) instead of an image.")
 
 
 FilterOp = Literal["==", "!=", ">", ">=", "<", "<=", "in", "not_in", "contains"]  # data, never code

@@ -17,13 +17,16 @@ from .families import check_model_path, safetensors_shapes
 from .job import BlockEntryError, Job, JobError, block_children, resolve_block
 
 # The denoiser's pipeline component per family (the family modules import torch, so it is repeated here).
-DENOISERS = {"sd1": "unet", "sd2": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "transformer"}
+DENOISERS = {"sd1": "unet", "sd2": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "transformer",
+             "cascade": "prior"}
 
 # Projections inside attention modules: diffusers (SD3's joint attention adds the add_* ones), CLIP, T5.
 ATTENTION_PROJECTIONS = {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                          "to_add_out", "q_proj", "k_proj", "v_proj", "out_proj", "q", "k", "v", "o"}
 # Feed-forward containers: diffusers `ff` / `ff_context` (`ff.net.0.proj`, `ff.net.2`), CLIP `mlp`, T5.
 MLP_CONTAINERS = {"ff", "ff_context", "mlp", "DenseReluDense"}
+# Flux's single-stream blocks run attention and MLP in parallel: proj_mlp is the MLP's input, proj_out mixes both.
+SINGLE_BLOCK_MLP = {"proj_mlp", "proj_out"}
 # Persistent buffers that safetensors files hold beside the weights; they never train.
 BUFFER_NAMES = {"pos_embed", "position_ids"}
 LISTED_BLOCKS = 12  # valid block names shown in an error about a block that matches nothing
@@ -188,6 +191,8 @@ def _role(module: Module) -> str:
     if tail in ATTENTION_PROJECTIONS and parents and re.search("attn|attention", parents[-1], re.IGNORECASE):
         return "attention"
     if MLP_CONTAINERS.intersection(segments[:-1]):
+        return "mlp"
+    if tail in SINGLE_BLOCK_MLP and parents and parents[-2:-1] == ["single_transformer_blocks"]:
         return "mlp"
     return ""
 

@@ -58,9 +58,11 @@ def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Req
     family = family_module(plan.family)
     parts = family.load(job.model)
     noise_notes = family.prepare_noise(parts, job.diffusion)
-    # Half a million long-lived objects from torch/diffusers imports: freezing them keeps each later collection
-    # (and interpreter shutdown) from walking them again; this process trains once and exits.
+    # About a million long-lived objects from torch/diffusers imports and the model: freezing them keeps each
+    # later collection (and interpreter shutdown) from walking them again; this process trains once and exits.
+    # `trainer run` keeps the collector off until here (it would walk them again and again while they are made).
     gc.freeze()
+    gc.enable()
     frozen_dtype = torch.float32 if accelerator.device.type == "cpu" else _autocast_dtype(accelerator)
     parts.vae.to(accelerator.device)  # fp32 always: the SD VAE overflows in fp16
     _to(parts.text_encoder, accelerator.device, frozen_dtype)
@@ -269,7 +271,9 @@ def _gradient_checkpointing(tr: trainable.Trainable) -> None:
     for module in tr.modules.values():
         if hasattr(module, "enable_gradient_checkpointing"):  # diffusers models
             module.enable_gradient_checkpointing()
-        elif hasattr(module, "gradient_checkpointing_enable"):  # transformers models
+        elif hasattr(module, "activation_checkpointing_enable"):  # transformers 5 models
+            module.activation_checkpointing_enable()
+        elif hasattr(module, "gradient_checkpointing_enable"):  # older transformers
             module.gradient_checkpointing_enable()
 
 
@@ -497,7 +501,13 @@ def _export(run: _Run, denoiser, plan: Plan, step: int, epoch: int, started_at: 
                                              tr.lora_configs, job, info))
         if tr.full:
             pipe = run.family.pipeline(run.parts, run.accelerator.unwrap_model(denoiser))
-            outputs.update(export.write_full(final, pipe, job, job.output.save_single_file))
+            from .single_file import original_layout
+
+            single = job.output.save_single_file and original_layout(pipe) is not None
+            if job.output.save_single_file and not single:
+                run.reporter.log(f"no original single-file layout for {plan.family} models: wrote the "
+                                 "diffusers folder only", "warning")
+            outputs.update(export.write_full(final, pipe, job, single))
     if tr.tokens is not None:
         from .tokens import save_embeddings
 

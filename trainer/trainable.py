@@ -166,7 +166,12 @@ def _add_lora(module, rank: int, alpha: float, dropout: float, targets: list[str
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
                         target_modules=targets)
     try:
-        module.add_adapter(config)
+        if hasattr(module, "add_adapter"):
+            module.add_adapter(config)
+        else:  # no adapter mixin (Stable Cascade's StableCascadeUNet): peft injects the same layers directly
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(config, module)
     except ValueError as exc:
         raise JobError(f"{field_name}.target_modules: {exc}".splitlines()[0]) from None
 

@@ -29,9 +29,12 @@ from pathlib import Path
 
 from ..job import JobError, ModelSpec
 
-FAMILIES = {"sd1": "sd", "sd2": "sd", "sdxl": "sdxl", "sd3": "sd3"}
-# Image sides a family's denoiser accepts are multiples of this (VAE factor x patch size); default 8.
-SIZE_MULTIPLE = {"sd3": 16}
+FAMILIES = {"sd1": "sd", "sd2": "sd", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux", "cascade": "cascade"}
+# Image sides a family's denoiser accepts are multiples of this (VAE factor x patch size; Stable Cascade: its
+# EfficientNet encoder's 32); default 8.
+SIZE_MULTIPLE = {"sd3": 16, "flux": 16, "cascade": 32}
+# Stable Cascade stage C: the prior pipeline, or the combined one whose components include it (prior_prior, ...).
+CASCADE_CLASSES = ("StableCascadePriorPipeline", "StableCascadeCombinedPipeline")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -80,6 +83,10 @@ def _family_from_folder(path: Path) -> str:
     has_text_encoder = (index.get("text_encoder") or [None])[0] is not None  # the XL refiner has only the 2nd
     if cls == "StableDiffusion3Pipeline":
         return "sd3"
+    if cls == "FluxPipeline":
+        return "flux"
+    if cls in CASCADE_CLASSES:
+        return "cascade"
     if cls in ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline") and has_text_encoder:
         return "sdxl"
     if cls not in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"):
@@ -103,6 +110,10 @@ def _family_from_hub_cache(spec: ModelSpec) -> str | None:
     cls = _read_json(Path(found)).get("_class_name", "")
     if cls == "StableDiffusion3Pipeline":
         return "sd3"
+    if cls == "FluxPipeline":
+        return "flux"
+    if cls in CASCADE_CLASSES:
+        return "cascade"
     return "sdxl" if cls.startswith("StableDiffusionXL") else None
 
 
@@ -110,14 +121,16 @@ def _family_from_checkpoint_keys(path: Path) -> str:
     keys = _safetensors_keys(path)
     if any(k.startswith("model.diffusion_model.joint_blocks.") for k in keys):
         return "sd3"  # the MMDiT's joint blocks (its text encoders sit under text_encoders.*, when bundled)
+    if any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys):
+        return "flux"  # BFL's transformer alone, or bundled with the VAE and text encoders (ComfyUI's layout)
     if any(k.startswith("conditioner.embedders.1.model.") for k in keys):
         return "sdxl"  # CLIP ViT-L, then OpenCLIP bigG (the refiner has only the latter, as embedders.0)
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         return "sd2"  # OpenCLIP text encoder
     if any(k.startswith("cond_stage_model.transformer.") for k in keys):
         return "sd1"
-    raise JobError(f"model.path: {path}: not a Stable Diffusion 1.x/2.x/XL/3 checkpoint (no text encoder or "
-                   "MMDiT keys)")
+    raise JobError(f"model.path: {path}: not a Stable Diffusion 1.x/2.x/XL/3 or Flux checkpoint (no text "
+                   "encoder, MMDiT or Flux transformer keys)")
 
 
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:

@@ -17,26 +17,11 @@ import torch
 from .. import flow
 from ..job import DiffusionSpec, JobError, ModelSpec
 from .sd import _load_pipeline, _lora_kwargs, drop_rows, encode_image_dists
+from .text_encoders import TextEncoders
 
 NAMES = ("sd3",)
 DENOISER = "transformer"  # the denoiser's name among the pipeline's components
 T5_TOKENS = 256  # the pipeline's default max_sequence_length: training sees prompts as validation renders them
-
-
-class TextEncoders(torch.nn.Module):
-    """CLIP-L, CLIP-G and T5 (None when not loaded) as one module, so the loop moves them together."""
-
-    def __init__(self, one, two, three):
-        super().__init__()
-        self.one, self.two, self.three = one, two, three  # CLIPTextModelWithProjection x2, T5EncoderModel
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.one.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.one.device
 
 
 @dataclass
@@ -63,7 +48,7 @@ def load(spec: ModelSpec) -> Parts:
                        "leave it on auto")
     without_t5 = {} if spec.load_t5 else {"text_encoder_3": None, "tokenizer_3": None}
     pipe = _load_pipeline(StableDiffusion3Pipeline, spec, **without_t5)
-    encoders = TextEncoders(pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)
+    encoders = TextEncoders(one=pipe.text_encoder, two=pipe.text_encoder_2, three=pipe.text_encoder_3)
     for frozen in (pipe.vae, encoders):
         frozen.requires_grad_(False)
         frozen.eval()

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from ..job import JobError, ModelSpec
-from .sd import (DENOISER, _load_pipeline, _lora_kwargs, encode_image_dists, encode_images, noise_scheduler_for,
-                 noisy_input_and_target, prepare_noise, sample_latents)
+from .sd import (DENOISER, _load_pipeline, _lora_kwargs, drop_rows, encode_image_dists, encode_images,
+                 noise_scheduler_for, noisy_input_and_target, prepare_noise, sample_latents)
+from .text_encoders import TextEncoders
 
 __all__ = ["DENOISER", "Parts", "load", "text_encoders", "pipeline", "encode_prompts", "encode_images",
            "encode_image_dists", "sample_latents", "prepare_noise", "noisy_input_and_target",
@@ -27,23 +28,6 @@ __all__ = ["DENOISER", "Parts", "load", "text_encoders", "pipeline", "encode_pro
            "kohya_metadata"]
 
 NAMES = ("sdxl",)
-
-
-class TextEncoders(torch.nn.Module):
-    """Both CLIP encoders as one module, so the loop's moves (device, dtype, off the accelerator once the
-    captions are cached) apply to both without the loop knowing there are two."""
-
-    def __init__(self, one, two):
-        super().__init__()
-        self.one, self.two = one, two  # CLIPTextModel, CLIPTextModelWithProjection
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.one.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.one.device
 
 
 @dataclass
@@ -68,7 +52,7 @@ def load(spec: ModelSpec) -> Parts:
         raise JobError(f"model.path: {spec.path}: not an SDXL base model (the refiner has one text encoder "
                        "and is not supported)")
     noise_scheduler, prediction_type = noise_scheduler_for(pipe, spec)
-    encoders = TextEncoders(pipe.text_encoder, pipe.text_encoder_2)
+    encoders = TextEncoders(one=pipe.text_encoder, two=pipe.text_encoder_2)
     for frozen in (pipe.vae, encoders):
         frozen.requires_grad_(False)
         frozen.eval()
