@@ -30,8 +30,13 @@ ERROR_STYLE = "border: 1px solid #c00000;"
 SECTION_TITLES = {
     "model": "Model",
     "dataset": "Dataset",
-    "method": "Method and prior preservation",
-    "network": "Network",
+    "network": "Network (what trains in the denoiser)",
+    "layers": "Layers (blocks and kinds that train)",
+    "text_encoder": "Text encoders",
+    "tokens": "New tokens (textual inversion, pivotal tuning)",
+    "prior": "Prior preservation (DreamBooth)",
+    "ema": "EMA (moving average of the weights)",
+    "diffusion": "Noise and loss",
     "optimizer": "Optimizer",
     "schedule": "Schedule",
     "precision": "Precision and memory",
@@ -326,7 +331,8 @@ class JsonEditor(FieldEditor):
 
 
 class ModelListEditor(FieldEditor):
-    """A list of small sections (dataset folders): a table with a column per field of the item model."""
+    """A list of small sections (dataset folders, new tokens): a table with a column per field of the item
+    model; items with a `path` get folder pickers, others an Add button that appends a row to fill in."""
 
     def __init__(self, name, info, item_model: type[BaseModel]):
         super().__init__(name, info)
@@ -343,21 +349,29 @@ class ModelListEditor(FieldEditor):
         metrics = self.table.horizontalHeader().fontMetrics()
         for col, column in enumerate(self.columns):
             width = metrics.horizontalAdvance(label_for(column)) + 20
-            self.table.setColumnWidth(col, 170 if column == "path" else width)
+            self.table.setColumnWidth(col, 170 if col == 0 else width)  # the path or token: the widest
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.verticalHeader().setVisible(False)
         self.table.setFixedHeight(120)
         self.table.itemChanged.connect(self.changed)
-        add = QPushButton("Add folder…")
-        add.setToolTip("Add an image folder to the dataset (or drop a folder on the window)")
-        add.clicked.connect(self.pick_and_add)
-        change = QPushButton("Change…")
-        change.setToolTip("Choose another folder for the selected row")
-        change.clicked.connect(self.pick_for_selected)
         remove = QPushButton("Remove")
         remove.clicked.connect(self.remove_selected)
+        if "path" in self.columns:
+            add = QPushButton("Add folder…")
+            add.setToolTip("Add an image folder to the dataset (or drop a folder on the window)")
+            add.clicked.connect(self.pick_and_add)
+            change = QPushButton("Change…")
+            change.setToolTip("Choose another folder for the selected row")
+            change.clicked.connect(self.pick_for_selected)
+            row_buttons = (add, change, remove)
+        else:
+            add = QPushButton("Add")
+            add.setToolTip("Add a row with the default values; then edit its cells")
+            add.clicked.connect(self.add_blank)
+            row_buttons = (add, remove)
+        self.add_button = add
         buttons = QVBoxLayout()
-        for b in (add, change, remove):
+        for b in row_buttons:
             buttons.addWidget(b)
         buttons.addStretch(1)
         holder = QWidget()
@@ -375,6 +389,11 @@ class ModelListEditor(FieldEditor):
             self.table.setItem(row, col, QTableWidgetItem(_cell_text(data.get(column, ""))))
         self.table.blockSignals(False)
         self.changed.emit()
+
+    def add_blank(self) -> None:
+        self.add_row({})
+        self.table.setCurrentCell(self.table.rowCount() - 1, 0)
+        self.table.editItem(self.table.item(self.table.rowCount() - 1, 0))
 
     def pick_and_add(self):
         path = QFileDialog.getExistingDirectory(self.widget, "Add an image folder")

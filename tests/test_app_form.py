@@ -235,3 +235,21 @@ def test_dataset_view_follows_the_dataset_while_another_field_is_invalid(app_win
     with qtbot.waitSignal(app_window.dataset.scanned, timeout=5000):
         app_window.form.set_dataset_folders([str(tmp_path)])
     assert app_window.dataset.scan.num_images == 1
+
+
+def test_new_tokens_are_added_as_rows_and_edited_in_cells(qtbot):
+    form = JobForm()
+    qtbot.addWidget(form)
+    editor = form.editor("tokens.new")
+    assert editor.add_button.text() == "Add"  # not a folder picker: a token has no path
+    editor.add_button.click()
+    editor.table.item(0, editor.columns.index("token")).setText("[fernando]")
+    editor.table.item(0, editor.columns.index("init_pattern")).setText("^dog</w>$")
+    form.editor("network.kind").set("none")
+    values, errors = form.values()
+    assert not errors and values["tokens"]["new"] == [{"token": "[fernando]", "init_pattern": "^dog</w>$",
+                                                       "vectors": 1}]
+    job, reasons = form.check()
+    assert job is None and not any("token" in r or "network" in r for r in reasons), reasons  # only paths missing
+    editor.table.item(0, editor.columns.index("vectors")).setText("0")
+    assert any("tokens.new" in r for r in form.check()[1])
