@@ -98,7 +98,8 @@ def _prepare_latents(job: Job, root: Path, dataset, family, parts, reporter, fil
     from .crops import close_detector
 
     spec = dataset.spec
-    store = Store(root, "latents", model_identity(job.model, "vae", str(parts.vae.dtype)))
+    encoder = getattr(family, "IMAGE_ENCODER", "vae")  # the model folder's image encoder (Cascade: effnet)
+    store = Store(root, "latents", model_identity(job.model, encoder, str(parts.vae.dtype)))
     index = HashIndex(root)
     flips = (False, True) if spec.random_flip else (False,)
     contents: dict[int, str] = {}

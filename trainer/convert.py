@@ -43,9 +43,14 @@ def export(source: Path, fmt: str, out: Path | None = None, lora_scale: float | 
     if fmt == "single-file" and target.suffix.lower() != ".safetensors":
         target = target / f"{src.job.output.name}.safetensors"
     _check_free(target, force)
-    from .families import detect_family, family_module
+    from .families import WITHOUT_KOHYA, detect_family, family_module
 
-    family = family_module(detect_family(src.job.model))
+    name = detect_family(src.job.model)
+    lora_only = fmt == "kohya" or (fmt in ("merged", "single-file") and src.job.network.kind != "full")
+    if name in WITHOUT_KOHYA and lora_only:
+        raise JobError(f"--format {fmt}: not available for {name} models (diffusers has no LoRA loader for them); "
+                       "use --format diffusers")
+    family = family_module(name)
     scale = 1.0 if lora_scale is None else lora_scale
     if src.checkpoint is not None:
         return _from_checkpoint(family, src, fmt, target, scale, raw)

@@ -17,6 +17,9 @@ import torch
 from .job import DiffusionSpec
 from .noise import draw_noise
 
+# What shapes a flow-matching run's timesteps, where DDPM options (min-SNR, timestep bias) would.
+TIMESTEP_OPTIONS = "flow matching; weighting_scheme, logit_mean/std, mode_scale and flow_shift shape its timesteps"
+
 
 def noisy_input_and_target(latents: torch.Tensor, generator: torch.Generator, diffusion: DiffusionSpec,
                            num_train_timesteps: int, shift: float):

@@ -77,6 +77,14 @@ def zero_terminal_snr_schedulers(noise_scheduler, sample_scheduler, prediction_t
     return noise, sample, notes
 
 
+def unused_ddpm_options(diffusion: DiffusionSpec, family: str, instead: str) -> list[str]:
+    """Notes for the DDPM-schedule options a family without that schedule ignores (flow matching, GDF)."""
+    unused = [name for name, on in (("min_snr_gamma", diffusion.min_snr_gamma > 0),
+                                    ("zero_terminal_snr", diffusion.zero_terminal_snr),
+                                    ("timestep_bias", diffusion.timestep_bias != "none")) if on]
+    return [f"diffusion.{name}: not used by {family} ({instead})" for name in unused]
+
+
 @lru_cache(maxsize=8)
 def _bias_weights(strategy: str, num_timesteps: int, multiplier: float, portion: float, begin: int, end: int,
                   device: torch.device) -> torch.Tensor:

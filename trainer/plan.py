@@ -14,7 +14,7 @@ from . import images, prior
 from .buckets import Layout, batches_per_epoch, layout
 from .cache import CachePlan, decide
 from .data_files import ImageItem, Scan, scan_dataset
-from .families import SIZE_MULTIPLE, detect_family
+from .families import SIZE_MULTIPLE, WITHOUT_CLASS_IMAGES, WITHOUT_KOHYA, detect_family
 from .job import Job, JobError
 from .layers import describe_trainable
 
@@ -84,7 +84,7 @@ class Plan:
 
 def make_plan(job: Job, resume: bool = False) -> Plan:
     family = detect_family(job.model)
-    _check_sizes(job, family)
+    _check_family_rules(job, family)
     scan = scan_dataset(job.dataset)
     if scan.num_images == 0 and not scan.skipped and not scan.filter_reasons:
         folders = ", ".join(f.path for f in job.dataset.folders)
@@ -129,8 +129,13 @@ def _counted(job: Job, family: str, scan: Scan, epoch: Layout, output_dir: Path)
     return Plan(family, scan, world, batches, steps_per_epoch, total, output_dir, epoch, decide(job), job)
 
 
-def _check_sizes(job: Job, family: str) -> None:
-    """A transformer family patches its latents: sides that don't divide fail at the first step otherwise."""
+def _check_family_rules(job: Job, family: str) -> None:
+    """What the family cannot do fails here, not at the first step or at export. A transformer family patches
+    its latents, so image sides must divide."""
+    if family in WITHOUT_KOHYA and job.output.save_kohya and job.network.kind == "lora":
+        raise JobError(f"output.save_kohya: {family} models have no kohya LoRA format; set it to false")
+    if family in WITHOUT_CLASS_IMAGES and job.prior.enabled:
+        raise JobError(f"prior.enabled: prior preservation is not available for {family} models")
     multiple = SIZE_MULTIPLE.get(family, 8)
     for name in ("bucket_step", "resolution"):
         value = getattr(job.dataset, name)

@@ -15,6 +15,7 @@ What a family module provides (the loop calls nothing else; see sd.py for the re
   noisy_input_and_target(parts, latents, gen, diffusion) -> (noisy, timesteps, target, loss weight (B,))
   conditioning_extras(batch) -> {name: tensor}; drop_conditioning(parts, cond, gen, diffusion) -> cond
   predict(parts, denoiser, noisy, timesteps, cond) -> prediction
+  IMAGE_ENCODER (optional): the model folder holding the image encoder, "vae" when absent
   save_lora_diffusers(dir, states, adapter_configs), kohya_state_dict(states, alpha), kohya_metadata(parts):
          states and configs keyed by component name ("unet", "text_encoder", ...)
 """
@@ -33,6 +34,10 @@ FAMILIES = {"sd1": "sd", "sd2": "sd", "sdxl": "sdxl", "sd3": "sd3", "flux": "flu
 # Image sides a family's denoiser accepts are multiples of this (VAE factor x patch size; Stable Cascade: its
 # EfficientNet encoder's 32); default 8.
 SIZE_MULTIPLE = {"sd3": 16, "flux": 16, "cascade": 32}
+# What a family cannot do, refused by `check` before anything loads: Stable Cascade has no kohya LoRA format, and
+# its stage C draws latents, not the images DreamBooth's class set needs.
+WITHOUT_KOHYA = {"cascade"}
+WITHOUT_CLASS_IMAGES = {"cascade"}
 # Stable Cascade stage C: the prior pipeline, or the combined one whose components include it (prior_prior, ...).
 CASCADE_CLASSES = ("StableCascadePriorPipeline", "StableCascadeCombinedPipeline")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

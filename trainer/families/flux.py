@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .. import flow
+from .. import flow, noise
 from ..job import DiffusionSpec, JobError, ModelSpec
 from .sd import _clip_path, _load_pipeline, _lora_kwargs, drop_rows, encode_image_dists  # noqa: F401
 from .sd3 import encode_images, sample_latents  # noqa: F401  (the same VAE layout as SD3: shifted, then scaled)
@@ -81,11 +81,7 @@ def prepare_noise(parts: Parts, diffusion: DiffusionSpec) -> list[str]:
     """Keep the job's training guidance on the parts (predict feeds it to the guidance embedding); notes for the
     DDPM options that flow matching has no use for, and for a guidance the model cannot take (schnell)."""
     parts.guidance = diffusion.flux_guidance
-    unused = [name for name, on in (("min_snr_gamma", diffusion.min_snr_gamma > 0),
-                                    ("zero_terminal_snr", diffusion.zero_terminal_snr),
-                                    ("timestep_bias", diffusion.timestep_bias != "none")) if on]
-    notes = [f"diffusion.{name}: not used by Flux (flow matching); weighting_scheme, logit_mean/std, mode_scale "
-             "and flow_shift shape its timesteps" for name in unused]
+    notes = noise.unused_ddpm_options(diffusion, "Flux", flow.TIMESTEP_OPTIONS)
     if diffusion.flux_guidance != 1.0 and not parts.denoiser.config.guidance_embeds:
         notes.append("diffusion.flux_guidance: this model has no guidance embedding (e.g. FLUX.1-schnell); "
                      "it is not used")

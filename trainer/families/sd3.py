@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .. import flow
+from .. import flow, noise
 from ..job import DiffusionSpec, JobError, ModelSpec
 from .sd import _load_pipeline, _lora_kwargs, drop_rows, encode_image_dists
 from .text_encoders import TextEncoders
@@ -78,11 +78,7 @@ def pipeline(parts: Parts, denoiser):
 
 def prepare_noise(parts: Parts, diffusion: DiffusionSpec) -> list[str]:
     """Notes for the DDPM options that flow matching has no use for (the flow options need no preparing)."""
-    unused = [name for name, on in (("min_snr_gamma", diffusion.min_snr_gamma > 0),
-                                    ("zero_terminal_snr", diffusion.zero_terminal_snr),
-                                    ("timestep_bias", diffusion.timestep_bias != "none")) if on]
-    return [f"diffusion.{name}: not used by SD3 (flow matching); weighting_scheme, logit_mean/std, mode_scale "
-            "and flow_shift shape its timesteps" for name in unused]
+    return noise.unused_ddpm_options(diffusion, "SD3", flow.TIMESTEP_OPTIONS)
 
 
 def encode_prompts(parts: Parts, captions: list[str]) -> dict:
