@@ -56,7 +56,7 @@ def test_full_finetune_keeps_a_frozen_block_and_exports_a_pipeline(demos, family
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_text_encoder_lora_loads_in_the_family_pipeline(demos, family, tmp_path):
+def test_unet_and_text_encoder_lora_load_in_the_family_pipeline_and_change_the_image(demos, family, tmp_path):
     job = demos[family]
     out = tmp_path / "run"
     assert main(["run", str(job), *QUIET, "--set", f"output.output_dir={out}", "--set", "text_encoder.mode=lora",
@@ -69,9 +69,10 @@ def test_text_encoder_lora_loads_in_the_family_pipeline(demos, family, tmp_path)
         ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
         return [getattr(pipe, name)(ids)[0] for name in encoders]
 
-    before = encoded()
+    before, base_image = encoded(), _render(pipe)
     pipe.load_lora_weights(out / "final")
     after = encoded()
+    assert np.abs(_render(pipe) - base_image).mean() > 1e-4, "the LoRA must change the image"
     for name, b, a in zip(encoders, before, after):
         assert (a - b).abs().max() > 1e-5, f"the {name} LoRA did not load"
     if (out / "final" / "demo_lora.safetensors").is_file():  # the kohya file gives the same encoders
