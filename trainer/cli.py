@@ -65,12 +65,11 @@ def cmd_run(args) -> int:
     save_job(job, out / "job.json", extra={PROVENANCE_KEY: _provenance()})
     reporter = Reporter(out / "events.jsonl", args.events, plan.total_steps)
     try:
-        _hide_bitsandbytes(job.optimizer.name != "adamw8bit")
         # Importing torch and diffusers and loading the model make about a million long-lived objects; each
         # collection meanwhile would walk them all again (a fifth of the start-up). train() freezes them once
         # the model is loaded and turns the collector back on.
         gc.disable()
-        _quiet_libraries()
+        _quiet_libraries(need_bitsandbytes=job.optimizer.name == "adamw8bit")
         from .train import train
 
         status = train(job, plan, reporter, args.resume)
@@ -123,10 +122,12 @@ def cmd_sample_cascade(args) -> int:
     return EXIT_OK
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(need_bitsandbytes: bool = False) -> None:
     """The libraries' import-time notices (no torchvision, no optional kernels, loading bars) bury our own
-    progress; real problems still reach the user as errors."""
+    progress; real problems still reach the user as errors. Call before importing them."""
     import logging
+
+    _hide_bitsandbytes(not need_bitsandbytes)
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
