@@ -80,3 +80,20 @@ def test_unet_and_text_encoder_lora_load_in_the_family_pipeline_and_change_the_i
         pipe.load_lora_weights(out / "final", weight_name="demo_lora.safetensors")
         for a, k in zip(after, encoded()):
             torch.testing.assert_close(k, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_trains_from_a_single_file_checkpoint_with_a_local_config(demos, family, tmp_path):
+    from trainer.single_file import write_single_file
+
+    model = demos[family].parent / "model"
+    checkpoint = write_single_file(_pipe(model), tmp_path / "model.safetensors", {})
+    assert detect_family(ModelSpec(path=str(checkpoint))) == family  # from the checkpoint's keys alone
+    out = tmp_path / "run"
+    assert main(["run", str(demos[family]), *QUIET, "--set", f"output.output_dir={out}",
+                 "--set", f"model.path={checkpoint}", "--set", f"model.config={model}",
+                 "--set", "schedule.max_steps=2"]) == 0
+    pipe = _pipe(model)
+    base = _render(pipe)
+    pipe.load_lora_weights(out / "final")
+    assert np.abs(_render(pipe) - base).mean() > 1e-4
