@@ -17,7 +17,7 @@ import torch
 
 from .. import flow, noise
 from ..job import DiffusionSpec, JobError, ModelSpec
-from .sd import _clip_path, _load_pipeline, _lora_kwargs, drop_rows, encode_image_dists  # noqa: F401
+from .sd import _load_pipeline, _lora_kwargs, alpha_folded, drop_rows, encode_image_dists  # noqa: F401
 from .sd3 import encode_images, sample_latents  # noqa: F401  (the same VAE layout as SD3: shifted, then scaled)
 from .text_encoders import TextEncoders
 
@@ -183,14 +183,7 @@ def kohya_state_dict(states: dict[str, dict], alpha: float) -> dict:
     other Flux-shaped models. Diffusers reads these names directly, so one file serves both. Without `.alpha`
     keys ComfyUI applies scale 1 and diffusers takes alpha = rank, also scale 1: the job's alpha is folded into
     lora_B so both apply it."""
-    out = {}
-    for component, state in states.items():
-        for key, value in state.items():
-            if ".lora_B." in key:
-                rank = state[key.replace(".lora_B.", ".lora_A.")].shape[0]
-                value = value * (alpha / rank)
-            out[f"{component}.{_clip_path(component, key)}"] = value.contiguous()
-    return out
+    return alpha_folded(states, alpha)
 
 
 def kohya_metadata(parts: Parts) -> dict[str, str]:

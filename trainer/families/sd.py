@@ -201,6 +201,20 @@ def kohya_state_dict(states: dict[str, dict], alpha: float) -> dict:
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def alpha_folded(states: dict[str, dict], alpha: float) -> dict:
+    """PEFT LoRA keys with diffusers' component prefixes and the job's alpha/rank folded into lora_B, for the
+    families whose tools read diffusers' names (SD3, Flux): without `.alpha` keys both ComfyUI and diffusers
+    apply scale 1, so the folded weights give the trained strength in each."""
+    out = {}
+    for component, state in states.items():
+        for key, value in state.items():
+            if ".lora_B." in key:
+                rank = state[key.replace(".lora_B.", ".lora_A.")].shape[0]
+                value = value * (alpha / rank)
+            out[f"{component}.{_clip_path(component, key)}"] = value.contiguous()
+    return out
+
+
 def _clip_path(component: str, key: str) -> str:
     """transformers 5 names CLIPTextModel's weights without the `text_model.` level that A1111 and ComfyUI
     expect in kohya text-encoder names (they skip `lora_te1_encoder_...` silently); put it back."""

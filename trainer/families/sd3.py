@@ -16,7 +16,7 @@ import torch
 
 from .. import flow, noise
 from ..job import DiffusionSpec, JobError, ModelSpec
-from .sd import _load_pipeline, _lora_kwargs, drop_rows, encode_image_dists
+from .sd import _load_pipeline, _lora_kwargs, alpha_folded, drop_rows, encode_image_dists
 from .text_encoders import TextEncoders
 
 NAMES = ("sd3",)
@@ -179,14 +179,7 @@ def kohya_state_dict(states: dict[str, dict], alpha: float) -> dict:
     converts no kohya SD3 keys), so one file serves both. Without `.alpha` keys ComfyUI applies scale 1 and
     diffusers takes alpha = rank, also scale 1: the job's alpha is folded into lora_B so both apply it."""
     _refuse_t5(states)
-    out = {}
-    for component, state in states.items():
-        for key, value in state.items():
-            if ".lora_B." in key:
-                rank = state[key.replace(".lora_B.", ".lora_A.")].shape[0]
-                value = value * (alpha / rank)
-            out[f"{component}.{key}"] = value.contiguous()
-    return out
+    return alpha_folded(states, alpha)
 
 
 def kohya_metadata(parts: Parts) -> dict[str, str]:
