@@ -40,6 +40,9 @@ WITHOUT_KOHYA = {"cascade"}
 WITHOUT_CLASS_IMAGES = {"cascade"}
 # Stable Cascade stage C: the prior pipeline, or the combined one whose components include it (prior_prior, ...).
 CASCADE_CLASSES = ("StableCascadePriorPipeline", "StableCascadeCombinedPipeline")
+# Pipelines whose class alone names the family (SD1/SD2/SDXL need a closer look at their configs).
+PIPELINE_FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux",
+                     **{c: "cascade" for c in CASCADE_CLASSES}}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -86,12 +89,8 @@ def _family_from_folder(path: Path) -> str:
     index = _read_json(path / "model_index.json")
     cls = index.get("_class_name", "")
     has_text_encoder = (index.get("text_encoder") or [None])[0] is not None  # the XL refiner has only the 2nd
-    if cls == "StableDiffusion3Pipeline":
-        return "sd3"
-    if cls == "FluxPipeline":
-        return "flux"
-    if cls in CASCADE_CLASSES:
-        return "cascade"
+    if cls in PIPELINE_FAMILIES:
+        return PIPELINE_FAMILIES[cls]
     if cls in ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline") and has_text_encoder:
         return "sdxl"
     if cls not in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"):
@@ -113,12 +112,8 @@ def _family_from_hub_cache(spec: ModelSpec) -> str | None:
     if (folder / "unet" / "config.json").is_file():
         return _family_from_folder(folder)
     cls = _read_json(Path(found)).get("_class_name", "")
-    if cls == "StableDiffusion3Pipeline":
-        return "sd3"
-    if cls == "FluxPipeline":
-        return "flux"
-    if cls in CASCADE_CLASSES:
-        return "cascade"
+    if cls in PIPELINE_FAMILIES:
+        return PIPELINE_FAMILIES[cls]
     return "sdxl" if cls.startswith("StableDiffusionXL") else None
 
 
