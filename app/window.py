@@ -30,6 +30,15 @@ STATE_TEXT = {"idle": "Idle", "starting": "Starting the trainer…", "running": 
               "stopping": "Stopping (saving a checkpoint)…"}
 
 
+# The demo's training methods (`python -m trainer demo --method`; a test keeps the two lists alike): the demo
+# dialog's button, the method, and what it trains.
+DEMO_METHODS = {
+    "LoRA": ("lora", "a LoRA on the UNet"),
+    "DreamBooth": ("dreambooth", "LoRA on the UNet and text encoder, prior preservation on generated class images"),
+    "Full fine-tune": ("full", "the whole UNet with an EMA, saved as a diffusers folder and one .safetensors file"),
+    "Textual inversion": ("textual_inversion", "a new token <shape>; only its embedding trains"),
+}
+
 class MainWindow(QMainWindow):
     demoReady = Signal(str)  # the demo's job.json, loaded into the editor
 
@@ -240,8 +249,8 @@ class MainWindow(QMainWindow):
 
     # ---- the demo ----------------------------------------------------------------------------------------
 
-    def create_demo(self, folder: str | Path) -> None:
-        """`python -m trainer demo FOLDER` in the background; its job is loaded when it is done."""
+    def create_demo(self, folder: str | Path, method: str = "lora") -> None:
+        """`python -m trainer demo FOLDER --method METHOD` in the background; its job is loaded when it is done."""
         folder = Path(folder)
         self._demo = QProcess(self)
         self._demo.setWorkingDirectory(str(REPO_ROOT))
@@ -249,7 +258,8 @@ class MainWindow(QMainWindow):
         self._demo.finished.connect(lambda code, status: self._on_demo_built(folder, code))
         self.act_demo.setEnabled(False)
         self._notice(f"Building the demo in {folder} (a tiny model and dataset; a few seconds)…")
-        self._demo.start(self.runner.command_prefix[0], [*self.runner.command_prefix[1:], "demo", str(folder)])
+        self._demo.start(self.runner.command_prefix[0],
+                         [*self.runner.command_prefix[1:], "demo", str(folder), "--method", method])
 
     def _on_demo_built(self, folder: Path, code: int) -> None:
         output = bytes(self._demo.readAll().data()).decode("utf-8", "replace").strip()
@@ -265,8 +275,13 @@ class MainWindow(QMainWindow):
 
     def create_demo_dialog(self) -> None:
         parent = QFileDialog.getExistingDirectory(self, "Where to create the demo folder", str(Path.home()))
-        if parent:
-            self.create_demo(_free_folder(Path(parent) / "sdtrainer-demo", first=True))
+        if not parent:
+            return
+        choice = self.ask("Demo", "How should the demo train? (Each takes about a minute on a CPU.)\n\n"
+                          + "\n".join(f"{label}: {what}" for label, (_, what) in DEMO_METHODS.items()),
+                          [*DEMO_METHODS, "Cancel"])
+        if choice in DEMO_METHODS:
+            self.create_demo(_free_folder(Path(parent) / "sdtrainer-demo", first=True), DEMO_METHODS[choice][0])
 
     # ---- form → Start --------------------------------------------------------------------------------
 

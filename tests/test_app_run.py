@@ -218,3 +218,22 @@ def test_live_log_shows_trainer_output_once(app_window, qtbot, tmp_path, monkeyp
     log = app_window.run_panel.log.toPlainText()
     assert "fake trainer:" in log  # stderr
     assert log.count("run completed") == 1
+
+
+def test_demo_dialog_builds_the_chosen_method(app_window, qtbot, tmp_path, monkeypatch):
+    import sys
+
+    from app import window as window_module
+    from trainer.demo import METHODS
+
+    offered = {method for method, _ in window_module.DEMO_METHODS.values()}
+    assert offered == set(METHODS)  # every method the trainer's demo builds is offered, and no other
+    monkeypatch.setattr(window_module.QFileDialog, "getExistingDirectory", lambda *a, **k: str(tmp_path))
+    monkeypatch.setattr(app_window.runner, "command_prefix", [sys.executable, "-m", "trainer"])  # the real demo
+    app_window.answers.append("DreamBooth")
+    with qtbot.waitSignal(app_window.demoReady, timeout=30000):
+        app_window.create_demo_dialog()
+    assert "DreamBooth" in app_window.questions[-1][1]
+    job = app_window.form.job_or_none()
+    assert job.prior.enabled and job.text_encoder.mode == "lora" and job.output.name == "demo_dreambooth"
+    assert job.output.output_dir == str(tmp_path / "sdtrainer-demo" / "run")
