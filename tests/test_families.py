@@ -1,6 +1,8 @@
 """Every model family on its tiny demo model: detection, full fine-tuning with a frozen block, and a text-encoder
 LoRA that loads in the family's diffusers pipeline."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -97,3 +99,18 @@ def test_trains_from_a_single_file_checkpoint_with_a_local_config(demos, family,
     base = _render(pipe)
     pipe.load_lora_weights(out / "final")
     assert np.abs(_render(pipe) - base).mean() > 1e-4
+
+
+@pytest.mark.parametrize("family,keys", [("sdxl", {"clip_l", "clip_g"}), ("sd3", {"clip_l", "clip_g"}),
+                                         ("flux", {"emb_params"})])
+def test_new_token_trains_on_every_clip_of_the_family(demos, family, keys, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    token = [{"token": "<shape>", "init_pattern": "^[a-z]</w>$"}]
+    assert main(["run", str(demos[family]), *QUIET, "--set", f"output.output_dir={out}", "--set", "network.kind=none",
+                 "--set", f"tokens.new={json.dumps(token)}", "--set", "schedule.max_steps=2"]) == 0
+    files = list((out / "final" / "embeddings").glob("*.safetensors"))
+    assert len(files) == 1
+    saved = load_file(files[0])
+    assert set(saved) == keys and all(bool(torch.isfinite(t).all()) for t in saved.values())
