@@ -48,7 +48,7 @@ def _build_tiny_sd(path: Path, seed: int, text_width: int, scheduler) -> Path:
     # Imported here so the dataset and job builders (and importing this module) stay light and torch-free.
     import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     path = Path(path)
     tokenizer = CLIPTokenizer.from_pretrained(_write_clip_tokenizer(path / "tokenizer"))
@@ -66,11 +66,7 @@ def _build_tiny_sd(path: Path, seed: int, text_width: int, scheduler) -> Path:
             down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
             up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"))
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            hidden_size=text_width, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-            projection_dim=32,
-            vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+        text_encoder = _tiny_clip(CLIPTextModel, tokenizer, text_width, projection=32)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -82,16 +78,12 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
     """Write a tiny SDXL-layout diffusers folder with random weights (two CLIP encoders); loads offline."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     path = Path(path)
     tokenizer = CLIPTokenizer.from_pretrained(_write_clip_tokenizer(path / "tokenizer"))
     tokenizer_2 = CLIPTokenizer.from_pretrained(_write_clip_tokenizer(path / "tokenizer_2"))
     hidden, time_dim = 32, 8  # each encoder's width; the size embedding's width per number
-    text_config = dict(hidden_size=hidden, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                       projection_dim=hidden, vocab_size=len(tokenizer), max_position_embeddings=77,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
@@ -108,9 +100,9 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
             down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
             up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), scaling_factor=0.13025, force_upcast=True)
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+        text_encoder = _tiny_clip(CLIPTextModel, tokenizer, hidden)
         torch.manual_seed(seed + 1)
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
+        text_encoder_2 = _tiny_clip(CLIPTextModelWithProjection, tokenizer, hidden)
     # SDXL base's own scheduler config.
     scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                        beta_schedule="scaled_linear", prediction_type="epsilon", steps_offset=1,
@@ -128,7 +120,7 @@ def build_tiny_sd3(path: Path, seed: int = 0) -> Path:
     import torch
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline)
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
     path = Path(path)
     tokenizer = CLIPTokenizer.from_pretrained(_write_clip_tokenizer(path / "tokenizer"))
@@ -136,13 +128,6 @@ def build_tiny_sd3(path: Path, seed: int = 0) -> Path:
     tokenizer_3 = _t5_tokenizer()
     # Unequal widths, as in SD3 (768, 1280, 4096), so a slip between the encoders' slices of the prompt shows.
     width_l, width_g, width_t5 = 32, 48, 96
-
-    def clip(width: int):
-        return CLIPTextModelWithProjection(CLIPTextConfig(
-            hidden_size=width, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-            projection_dim=width, vocab_size=len(tokenizer), max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id))
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -158,9 +143,9 @@ def build_tiny_sd3(path: Path, seed: int = 0) -> Path:
             up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), scaling_factor=1.5305, shift_factor=0.0609,
             use_quant_conv=False, use_post_quant_conv=False)  # SD3's VAE config, but for the sizes
         torch.manual_seed(seed)
-        text_encoder = clip(width_l)
+        text_encoder = _tiny_clip(CLIPTextModelWithProjection, tokenizer, width_l)
         torch.manual_seed(seed + 1)
-        text_encoder_2 = clip(width_g)
+        text_encoder_2 = _tiny_clip(CLIPTextModelWithProjection, tokenizer, width_g)
         torch.manual_seed(seed + 2)
         text_encoder_3 = T5EncoderModel(T5Config(
             vocab_size=len(tokenizer_3), d_model=width_t5, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
@@ -179,7 +164,7 @@ def build_tiny_flux(path: Path, seed: int = 0) -> Path:
     2x2-packed latents, a 16-channel VAE that downsamples 8x, CLIP-L and T5 encoders); loads offline."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
     path = Path(path)
     tokenizer = CLIPTokenizer.from_pretrained(_write_clip_tokenizer(path / "tokenizer"))
@@ -198,11 +183,7 @@ def build_tiny_flux(path: Path, seed: int = 0) -> Path:
             norm_num_groups=8, sample_size=64, scaling_factor=0.3611, shift_factor=0.1159,
             use_quant_conv=False, use_post_quant_conv=False)  # Flux's VAE config, but for the sizes
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            hidden_size=width_clip, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-            projection_dim=width_clip, vocab_size=len(tokenizer), max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id))
+        text_encoder = _tiny_clip(CLIPTextModel, tokenizer, width_clip)
         torch.manual_seed(seed + 1)
         text_encoder_2 = T5EncoderModel(T5Config(
             vocab_size=len(tokenizer_2), d_model=width_t5, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
@@ -226,7 +207,7 @@ def build_tiny_cascade(path: Path, seed: int = 0) -> Path:
     from diffusers import (DDPMWuerstchenScheduler, StableCascadeDecoderPipeline, StableCascadePriorPipeline,
                            StableCascadeUNet)
     from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     from trainer.families.cascade import EfficientNetEncoder, save_effnet
 
@@ -238,13 +219,6 @@ def build_tiny_cascade(path: Path, seed: int = 0) -> Path:
                                            ["mb", 2, 3, 1, 24, 24, 1], ["mb", 2, 3, 2, 24, 32, 1]],
                      "last": 64, "latent_channels": 16}
 
-    def clip():
-        return CLIPTextModelWithProjection(CLIPTextConfig(
-            hidden_size=hidden, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-            projection_dim=pooled, vocab_size=len(tokenizer), max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id))
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         prior = StableCascadeUNet(  # stage C's layout (switch_level False: no down-sampling), but for the sizes
@@ -253,7 +227,7 @@ def build_tiny_cascade(path: Path, seed: int = 0) -> Path:
             switch_level=(False,), clip_text_in_channels=hidden, clip_text_pooled_in_channels=pooled,
             clip_image_in_channels=16, dropout=(0.1, 0.1))
         torch.manual_seed(seed)
-        text_encoder = clip()
+        text_encoder = _tiny_clip(CLIPTextModelWithProjection, tokenizer, hidden, projection=pooled)
         torch.manual_seed(seed)
         effnet = EfficientNetEncoder(effnet_config)
         # Running statistics as a trained encoder has them (fresh ones are 0 and 1, which leave latents tiny).
@@ -272,7 +246,7 @@ def build_tiny_cascade(path: Path, seed: int = 0) -> Path:
         torch.manual_seed(seed + 1)
         vqgan = PaellaVQModel(levels=2, bottleneck_blocks=1, embed_dim=16, latent_channels=4, num_vq_embeddings=8)
         torch.manual_seed(seed + 1)
-        decoder_text_encoder = clip()
+        decoder_text_encoder = _tiny_clip(CLIPTextModelWithProjection, tokenizer, hidden, projection=pooled)
     scheduler = DDPMWuerstchenScheduler()  # Stable Cascade's own config (scaler 1, s 0.008)
     StableCascadePriorPipeline(tokenizer=tokenizer, text_encoder=text_encoder, prior=prior,
                                scheduler=scheduler).save_pretrained(path, safe_serialization=True)
@@ -376,6 +350,17 @@ def _method_overrides(method: str, dir: Path) -> dict:
                 "validation": {"prompts": ["a red <shape> on a blue background"]},
                 "output": {"name": "demo_ti"}}
     return {}
+
+
+def _tiny_clip(model_class, tokenizer, width: int, projection: int = 0):
+    """A 2-layer CLIP text encoder of `width` (projection: its pooled width, default the same) for `tokenizer`."""
+    from transformers import CLIPTextConfig
+
+    return model_class(CLIPTextConfig(
+        hidden_size=width, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        projection_dim=projection or width, vocab_size=len(tokenizer), max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
 
 
 def _write_clip_tokenizer(path: Path) -> Path:
