@@ -161,17 +161,15 @@ def _add_group(tr: Trainable, name: str, component: str, module, lr: float, stop
 
 
 def _add_lora(module, rank: int, alpha: float, dropout: float, targets: list[str], field_name: str) -> None:
-    from peft import LoraConfig
+    """LoRA layers on `module` through peft's own API, for diffusers and transformers models alike: the models'
+    `add_adapter` glue checks library versions against each other (transformers 5.24 refuses peft 0.21), and a
+    new release must not be able to switch text-encoder training off. The layers and keys are the same."""
+    from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
                         target_modules=targets)
     try:
-        if hasattr(module, "add_adapter"):
-            module.add_adapter(config)
-        else:  # no adapter mixin (Stable Cascade's StableCascadeUNet): peft injects the same layers directly
-            from peft import inject_adapter_in_model
-
-            inject_adapter_in_model(config, module)
+        inject_adapter_in_model(config, module)
     except ValueError as exc:
         raise JobError(f"{field_name}.target_modules: {exc}".splitlines()[0]) from None
 
