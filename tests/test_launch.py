@@ -5,6 +5,7 @@ No real pip runs here: ensure_setup gets a fake runner. Nothing touches the repo
 
 import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ PY = "/venv/bin/python"
     (["--demo", "d"], "demo"),
     (["--setup"], "setup"),
     (["--test"], "test"),
+    (["--update-lock"], "update-lock"),
 ])
 def test_modes(argv, mode):
     assert launch.parse_args(argv).mode == mode
@@ -143,27 +145,40 @@ class FakePip:
         return 1 if len(self.commands) == self.fail_at else 0
 
 
+LOCK_TEXT = ("accelerate==1.16.0 \\\n    --hash=sha256:aa\n"
+             "numpy==2.4.6 ; python_full_version < '3.12' \\\n    --hash=sha256:bb\n"
+             "numpy==2.5.5 ; python_full_version >= '3.12' \\\n    --hash=sha256:cc\n"
+             "peft==0.21.2 \\\n    --hash=sha256:dd\n"
+             "transformers==5.23.0 \\\n    --hash=sha256:ee\n    # via\n    #   diffusers\n")
+MATCHING = {"accelerate": "1.16.0", "numpy": "2.4.6", "peft": "0.21.2", "transformers": "5.23.0", "pip": "25.0"}
+
+
 @pytest.fixture
 def tree(tmp_path):
     repo, venv = tmp_path / "repo", tmp_path / "repo" / ".venv"
     venv.mkdir(parents=True)
-    (repo / "pyproject.toml").write_text('[project]\nname = "sdtrainer"\n')
+    (repo / "pyproject.toml").write_text('[project]\nname = "sdtrainer"\ndependencies = ["peft>=0.13"]\n')
+    (repo / launch.LOCK).write_text(LOCK_TEXT)
+    (repo / launch.TEST_LOCK).write_text(LOCK_TEXT + "pytest==9.2.0 \\\n    --hash=sha256:ff\n")
     return repo, venv
 
 
-def setup(tree, pip, env=None, wanted=frozenset()):
+def setup(tree, pip, env=None, wanted=frozenset(), installed=None):
     repo, venv = tree
     return launch.ensure_setup(PY, venv, repo, set(wanted), env or {}, runner=pip,
-                               torch_version=lambda python, dist: "2.13.0+cpu")
+                               installed=MATCHING if installed is None else installed)
 
 
-def test_first_setup_installs_torch_first_then_the_project_holding_torch(tree):
+def test_first_setup_installs_torch_then_exactly_the_lock_then_the_project_and_checks(tree):
     repo, venv = tree
     pip = FakePip()
     assert setup(tree, pip) == 0
     assert pip.commands == [
         [PY, "-m", "pip", "install", "--disable-pip-version-check", launch.DEFAULT_TORCH],
-        [PY, "-m", "pip", "install", "--disable-pip-version-check", "-e", str(repo), "torch==2.13.0+cpu"]]
+        [PY, "-m", "pip", "install", "--disable-pip-version-check", "--require-hashes", "--no-deps",
+         "-r", str(repo / launch.LOCK)],
+        [PY, "-m", "pip", "install", "--disable-pip-version-check", "--no-deps", "-e", str(repo)],
+        [PY, "-m", "pip", "check", "--disable-pip-version-check"]]
     stamp = json.loads((venv / launch.STAMP_NAME).read_text())
     assert stamp["torch"] == launch.DEFAULT_TORCH and stamp["extras"] == []
     assert b"pip says something" in (venv / launch.LOG_NAME).read_bytes()
@@ -176,14 +191,28 @@ def test_second_setup_with_the_same_inputs_runs_no_pip(tree):
     assert again.commands == []
 
 
-def test_changed_pyproject_installs_again(tree):
+@pytest.mark.parametrize("changed", ["pyproject.toml", launch.LOCK, launch.TEST_LOCK])
+def test_a_changed_pyproject_or_lock_installs_again(tree, changed):
     repo, _ = tree
     setup(tree, FakePip())
-    (repo / "pyproject.toml").write_text('[project]\nname = "sdtrainer"\ndependencies = ["tqdm"]\n')
+    (repo / changed).write_text((repo / changed).read_text() + "\n# changed\n")
     again = FakePip()
     assert setup(tree, again) == 0
-    assert len(again.commands) == 2
+    assert len(again.commands) == 4
     assert setup(tree, FakePip(fail_at=1)) == 0  # and then it is stamped again
+
+
+def test_an_environment_that_drifted_from_the_lock_is_named_and_installed_again(tree, capsys):
+    setup(tree, FakePip())
+    pip = FakePip()
+    assert setup(tree, pip, installed={**MATCHING, "transformers": "5.25.0"}) == 0
+    out = capsys.readouterr().out
+    assert "transformers 5.25.0 is installed; the lock has 5.23.0" in out
+    assert "transformers 5.25.0 with peft 0.21.2" in out and "text-encoder LoRAs" in out  # the known-bad pair
+    assert pip.commands[1][-2:] == ["-r", str(tree[0] / launch.LOCK)]
+    # a package the lock does not know (pip, the user's own) and one it leaves out on this platform are no drift
+    quiet = FakePip()
+    assert setup(tree, quiet, installed={"accelerate": "1.16.0", "pip": "99"}) == 0 and quiet.commands == []
 
 
 def test_torch_choice_from_the_environment(tree):
@@ -191,23 +220,24 @@ def test_torch_choice_from_the_environment(tree):
     pip = FakePip()
     env = {"SDTRAINER_TORCH": "torch==2.14.1", "SDTRAINER_TORCH_INDEX": "https://download.pytorch.org/whl/cu128"}
     assert setup(tree, pip, env) == 0
-    torch_step, project_step = pip.commands
+    torch_step, *others = pip.commands
     assert torch_step[-3:] == ["torch==2.14.1", "--index-url", "https://download.pytorch.org/whl/cu128"]
-    assert "--index-url" not in project_step  # the index is for the PyTorch step only
+    assert not any("--index-url" in step for step in others)  # the index is for the PyTorch step only
 
 
-def test_test_mode_adds_the_test_extra_once(tree):
+def test_test_mode_installs_the_test_lock_once(tree):
     repo, _ = tree
     setup(tree, FakePip())
     pip = FakePip()
     assert setup(tree, pip, wanted={"test"}) == 0
-    assert pip.commands[1][-2:] == [f"{repo}[test]", "torch==2.13.0+cpu"]
+    assert pip.commands[1][-2:] == ["-r", str(repo / launch.TEST_LOCK)]
     again = FakePip()
     assert setup(tree, again) == 0 and setup(tree, again, wanted={"test"}) == 0
     assert again.commands == []
 
 
-@pytest.mark.parametrize("fail_at, step", [(1, "PyTorch"), (2, "sdtrainer and its dependencies")])
+@pytest.mark.parametrize("fail_at, step", [(1, "PyTorch"), (2, launch.LOCK), (3, "Installing sdtrainer"),
+                                           (4, "pip check")])
 def test_failed_pip_names_the_step_and_log_writes_no_stamp_and_retries(tree, capsys, fail_at, step):
     _, venv = tree
     assert setup(tree, FakePip(fail_at=fail_at)) == 1
@@ -217,7 +247,7 @@ def test_failed_pip_names_the_step_and_log_writes_no_stamp_and_retries(tree, cap
     assert not (venv / launch.STAMP_NAME).exists()
     retry = FakePip()
     assert setup(tree, retry) == 0
-    assert len(retry.commands) == 2
+    assert len(retry.commands) == 4
 
 
 def test_a_failed_update_removes_the_old_stamp(tree):
@@ -226,6 +256,159 @@ def test_a_failed_update_removes_the_old_stamp(tree):
     (repo / "pyproject.toml").write_text('[project]\nname = "sdtrainer"\nversion = "2"\n')
     assert setup(tree, FakePip(fail_at=2)) == 1
     assert not (venv / launch.STAMP_NAME).exists()
+
+
+def test_a_missing_lock_is_one_line(tree, capsys):
+    repo, _ = tree
+    (repo / launch.LOCK).unlink()
+    assert setup(tree, FakePip()) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and launch.LOCK in err
+
+
+# ---- the lock and the known-bad releases ------------------------------------------------------------------------
+
+def test_parse_lock_keeps_each_python_range_version():
+    assert launch.parse_lock(LOCK_TEXT) == {"accelerate": {"1.16.0"}, "numpy": {"2.4.6", "2.5.5"},
+                                            "peft": {"0.21.2"}, "transformers": {"5.23.0"}}
+
+
+@pytest.mark.parametrize("version, op, bound, expected", [
+    ("5.24.0", ">=", "5.24", True), ("5.23.9", ">=", "5.24", False), ("5.25.0rc1", ">=", "5.24", True),
+    ("0.21.2", "<", "0.22", True), ("0.22", "<", "0.22", False), ("3.11.7", "<", "3.12", True),
+])
+def test_version_matches(version, op, bound, expected):
+    assert launch.version_matches(version, op, bound) is expected
+
+
+def test_known_bad_pairs_are_found_only_together():
+    assert launch.known_bad_found({"transformers": "5.24.0", "peft": "0.22.0"}) == []
+    assert launch.known_bad_found({"transformers": "5.23.0", "peft": "0.21.2"}) == []
+    (line, name), = launch.known_bad_found({"transformers": "5.24.0", "peft": "0.21.2", "python": "3.11.7"})
+    assert name == "transformers" and "peft 0.21.2" in line and "\n" not in line
+
+
+def test_pyproject_keeps_every_known_bad_release_out():
+    tomllib = pytest.importorskip("tomllib")
+    requirements = pytest.importorskip("packaging.requirements")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    reqs = [requirements.Requirement(d) for d in project["dependencies"]]
+    for rule in launch.KNOWN_BAD:
+        name, op, bound = rule["package"]
+        assert op == ">="  # the first bad release is `bound`: pyproject must not allow it where the pair can meet
+        other, other_op, other_bound = rule["with"]
+        env = {"python_version": "3.11", "python_full_version": "3.11.0"} if other == "python" else {}
+        chosen = [r for r in reqs if launch.normalize(r.name) == name and (r.marker is None or r.marker.evaluate(env))]
+        assert chosen, name
+        assert not any(r.specifier.contains(bound) or r.specifier.contains(bound + ".0") for r in chosen), rule
+
+
+def test_committed_locks_pin_everything_with_hashes_and_agree():
+    runtime = (REPO / launch.LOCK).read_text()
+    test = (REPO / launch.TEST_LOCK).read_text()
+    pins, test_pins = launch.parse_lock(runtime), launch.parse_lock(test)
+    assert {"diffusers", "transformers", "peft", "accelerate", "pydantic"} <= pins.keys()
+    assert {"pytest", "pytest-qt"} <= test_pins.keys() and "pytest" not in pins
+    assert all(test_pins[name] == versions for name, versions in pins.items())  # the suite tests what users get
+    assert not any(name == "torch" or name.startswith(("nvidia-", "triton")) for name in test_pins)
+    for text in (runtime, test):
+        blocks = [b for b in text.split("\n") if re.match(r"^[a-z0-9]", b)]
+        assert blocks and all(b.endswith("\\") for b in blocks)  # each pin continues with its hashes
+        assert "--hash=sha256:" in text and "/work/" not in text and "/home/" not in text
+    assert not launch.known_bad_found({n: max(v, key=launch._release) for n, v in pins.items()})
+
+
+def test_an_environment_matching_the_lock_has_no_problems():
+    assert launch.environment_problems(LOCK_TEXT, MATCHING) == []
+    assert launch.environment_problems(LOCK_TEXT, {**MATCHING, "numpy": "2.5.5"}) == []  # the 3.12 row
+
+
+RESOLVED = """accelerate==1.16.0
+    # via sdtrainer (pyproject.toml)
+networkx==3.6.1
+    # via
+    #   scikit-image
+    #   torch
+nvidia-cublas==13.1.1.3 ; sys_platform == 'linux'
+    # via
+    #   nvidia-cudnn-cu13
+    #   torch
+nvidia-cudnn-cu13==9.20.0.48 ; sys_platform == 'linux'
+    # via torch
+sympy==1.14.0
+    # via torch
+mpmath==1.3.0
+    # via sympy
+"""
+
+
+def test_torch_only_follows_the_via_notes():
+    assert launch.torch_only(RESOLVED) == {"nvidia-cublas", "nvidia-cudnn-cu13", "sympy", "mpmath"}
+
+
+def test_held_back_names_the_known_break():
+    lines = launch.held_back({"transformers": {"5.23.0"}, "peft": {"0.21.2"}, "numpy": {"2.4.6"}},
+                             {"transformers": {"5.25.0"}, "peft": {"0.21.2"}, "numpy": {"2.4.6"}})
+    assert len(lines) == 1
+    assert lines[0].startswith("transformers 5.25.0 is out; the lock keeps 5.23.0.") and "peft 0.21.2" in lines[0]
+
+
+def test_uncapped_requirements_drop_upper_bounds_only(tmp_path):
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\ndependencies = ["transformers>=4.45,<5.24", "x[y]>=1,!=1.5", '
+        '"PySide6-Essentials>=6.6,<6.12; python_version < \'3.12\'"]\n'
+        '[project.optional-dependencies]\ntest = ["pytest"]\n')
+    assert launch.uncapped_requirements(tmp_path / "pyproject.toml") == [
+        "transformers>=4.45", "x[y]>=1", "PySide6-Essentials>=6.6; python_version < '3.12'", "pytest"]
+
+
+def test_failed_tests_from_junit(tmp_path):
+    (tmp_path / "j.xml").write_text(
+        '<testsuites><testsuite><testcase classname="tests.test_a" name="test_ok"/>'
+        '<testcase classname="tests.test_a" name="test_bad"><failure message="x"/></testcase>'
+        '<testcase classname="tests.test_b" name="test_err"><error message="y"/></testcase></testsuite></testsuites>')
+    assert launch.failed_tests(tmp_path / "j.xml") == ["tests.test_a::test_bad", "tests.test_b::test_err"]
+
+
+class FakeUpdate:
+    """Stands in for pip and uv in update_lock: `uv pip compile ... -o FILE` writes FILE from `outputs`."""
+
+    def __init__(self, repo, outputs):
+        self.repo, self.outputs, self.commands = repo, outputs, []
+
+    def __call__(self, cmd, log):
+        self.commands.append(cmd)
+        if "compile" in cmd:
+            out = cmd[cmd.index("-o") + 1]
+            (self.repo / out).write_text(self.outputs[Path(out).name])
+        return 0
+
+
+@pytest.mark.parametrize("suite_rc", [0, 1])
+def test_update_lock_rewrites_the_lock_only_when_the_suite_passes(tree, monkeypatch, capsys, suite_rc):
+    repo, _ = tree
+    newer = LOCK_TEXT.replace("accelerate==1.16.0", "accelerate==1.17.0")
+    fake = FakeUpdate(repo, {"resolved.txt": RESOLVED, launch.TEST_LOCK: newer, launch.LOCK: newer,
+                             "uncapped.txt": newer.replace("transformers==5.23.0", "transformers==5.25.0")})
+    monkeypatch.setattr(launch.subprocess, "call", lambda cmd: (repo / launch.UPDATE_VENV).mkdir() or 0)
+
+    def pytest_run(cmd, cwd, env=None):
+        junit = Path(next(a for a in cmd if a.startswith("--junitxml=")).split("=", 1)[1])
+        junit.write_text('<testsuite><testcase classname="tests.test_x" name="test_lora">'
+                         '<failure message="m"/></testcase></testsuite>' if suite_rc else "<testsuite/>")
+        return suite_rc
+
+    monkeypatch.setattr(launch, "call", pytest_run)
+    assert launch.update_lock(repo, {}, runner=fake) == suite_rc
+    out = capsys.readouterr().out
+    assert "Held back: transformers 5.25.0 is out; the lock keeps 5.23.0." in out and "peft 0.21.2" in out
+    assert "accelerate: 1.16.0 -> 1.17.0" in out
+    no_emit = next(c for c in fake.commands if c[-1].endswith(launch.TEST_LOCK) and "--generate-hashes" in c)
+    assert {"torch", "sympy", "nvidia-cublas"} <= {no_emit[i + 1] for i, a in enumerate(no_emit)
+                                                   if a == "--no-emit-package"}
+    assert (repo / launch.LOCK).read_text() == (newer if suite_rc == 0 else LOCK_TEXT)
+    if suite_rc:
+        assert "tests.test_x::test_lora" in out and "Red" in out
 
 
 def test_run_logged_streams_and_logs(capfd):
