@@ -75,3 +75,37 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def stored_model(tmp_path_factory):
+    """`stored_model(family, dtype, form)`: the family's mid-size model (real text widths, tiny depth) stored as
+    `dtype` ("fp32", "fp16", "bf16", "fp8") in `form` ("folder", "variant": fp16 files named `*.fp16.safetensors`,
+    "single": one original-layout file). Each is built on first use and kept for the session; returns
+    (model.path, model.config or "", model.variant or "")."""
+    import stored_models
+    from trainer.demo import build_mid_size
+
+    root = tmp_path_factory.mktemp("stored-models")
+    made: dict = {}
+
+    def get(family: str, dtype: str, form: str) -> tuple[str, str, str]:
+        key = (family, dtype, form)
+        if key not in made:
+            base = root / family / "fp32-folder"
+            if not base.exists():
+                build_mid_size(family, base)
+            if form == "folder":
+                path = base if dtype == "fp32" else stored_models.in_dtype(base, root / family / f"{dtype}-folder",
+                                                                             dtype)
+                made[key] = (str(path), "", "")
+            elif form == "variant":
+                folder = Path(get(family, dtype, "folder")[0])
+                made[key] = (str(stored_models.as_variant(folder, root / family / f"{dtype}-variant", dtype)),
+                             "", dtype)
+            else:
+                file = root / family / f"{dtype}.safetensors"
+                made[key] = (str(stored_models.single_file(base, file, dtype)), str(base), "")
+        return made[key]
+
+    return get
