@@ -77,6 +77,30 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For a module of runs on small models: torch's threads spend more time meeting than computing on them, and far
+    more when another process shares the cores (measured: 8 s a run with two threads beside a busy neighbour, 2 s
+    with one)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def any_precision():
+    """For a test that trains in-process under another mixed_precision than the rest: accelerate keeps the first
+    run's precision for the whole process, so it is forgotten before the test and again after it."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="session")
 def stored_model(tmp_path_factory):
     """`stored_model(family, dtype, form)`: the family's mid-size model (real text widths, tiny depth) stored as

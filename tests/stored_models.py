@@ -1,6 +1,7 @@
 """The forms users store a model in, made from one diffusers folder: its weights in another dtype, a `variant`
 set of files, an original-layout single file. Shared by the precision matrix and the `check` tests."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -15,10 +16,16 @@ _NOT_COMPONENTS = {"effnet", "decoder"}
 
 
 def in_dtype(folder: Path, out: Path, dtype: str) -> Path:
-    """A copy of the diffusers folder with every floating-point tensor stored in `dtype`."""
+    """A copy of the diffusers folder with every floating-point tensor stored in `dtype`, and the transformers
+    configs saying so, as `save_pretrained` writes them (transformers loads in the dtype the config names)."""
     shutil.copytree(folder, out)
     for file in out.rglob("*.safetensors"):
         recast(file, file, DTYPES[dtype])
+    for file in out.rglob("config.json"):
+        config = json.loads(file.read_text(encoding="utf-8"))
+        named = {k: str(DTYPES[dtype]).removeprefix("torch.") for k in ("dtype", "torch_dtype") if k in config}
+        if named:
+            file.write_text(json.dumps({**config, **named}, indent=2), encoding="utf-8")
     return out
 
 

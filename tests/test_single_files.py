@@ -13,6 +13,8 @@ from trainer.demo import build_demo_dataset, demo_job
 from trainer.job import save_job
 from trainer.model_files import TEXT_ENCODER_PREFIXES
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "any_precision")
+
 
 @pytest.fixture
 def job_for(tmp_path_factory):

@@ -21,6 +21,7 @@ from trainer.cli import main
 from trainer.demo import build_demo_dataset, demo_job
 from trainer.job import save_job
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "any_precision")
 FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux", "cascade")
 SINGLE_FILE = ("sd1", "sd2", "sdxl")
 DTYPES = ("fp32", "fp16", "bf16")
@@ -40,16 +41,6 @@ FAST = {("sd1", "fp32", "folder", "no"), ("sd1", "fp16", "variant", "bf16"), ("s
 def _cells() -> list:
     return [pytest.param(*stored, precision, marks=() if (*stored, precision) in FAST else pytest.mark.slow,
                          id="-".join((*stored, precision))) for stored in STORED for precision in PRECISIONS]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are so small that torch's threads spend more time meeting than computing, and far more when
-    another process shares the cores: measured 8 s a run with two threads beside a busy neighbour, 2 s with one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +105,6 @@ def _loads(family: str, base: dict, stored_model, final: Path) -> None:
 @pytest.mark.parametrize("family,dtype,form,precision", _cells())
 def test_stored_model_trains_a_lora_that_loads(stored_model, dataset, base_pipelines, family, dtype, form, precision,
                                                 tmp_path):
-    from accelerate.state import AcceleratorState
-
     from trainer.job import ModelSpec
     from trainer.model_files import stored_model as read_stored
 
@@ -123,7 +112,6 @@ def test_stored_model_trains_a_lora_that_loads(stored_model, dataset, base_pipel
     found = read_stored(ModelSpec(path=model[0], variant=model[2]))
     assert found.dtypes == [dtype.upper().replace("FP", "F")]  # the files hold what the cell says
     assert found.text_encoders and found.vae
-    AcceleratorState._reset_state(reset_partial_state=True)  # each run chooses its own precision
     job = _job(tmp_path, dataset, family, model, precision)
     assert main(["run", str(job)]) == 0
     events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
