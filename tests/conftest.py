@@ -75,3 +75,61 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For a module of runs on small models: torch's threads spend more time meeting than computing on them, and far
+    more when another process shares the cores (measured: 8 s a run with two threads beside a busy neighbour, 2 s
+    with one)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def any_precision():
+    """For a test that trains in-process under another mixed_precision than the rest: accelerate keeps the first
+    run's precision for the whole process, so it is forgotten before the test and again after it."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="session")
+def stored_model(tmp_path_factory):
+    """`stored_model(family, dtype, form)`: the family's mid-size model (real text widths, tiny depth) stored as
+    `dtype` ("fp32", "fp16", "bf16", "fp8") in `form` ("folder", "variant": fp16 files named `*.fp16.safetensors`,
+    "single": one original-layout file). Each is built on first use and kept for the session; returns
+    (model.path, model.config or "", model.variant or "")."""
+    import stored_models
+    from trainer.demo import build_mid_size
+
+    root = tmp_path_factory.mktemp("stored-models")
+    made: dict = {}
+
+    def get(family: str, dtype: str, form: str) -> tuple[str, str, str]:
+        key = (family, dtype, form)
+        if key not in made:
+            base = root / family / "fp32-folder"
+            if not base.exists():
+                build_mid_size(family, base)
+            if form == "folder":
+                path = base if dtype == "fp32" else stored_models.in_dtype(base, root / family / f"{dtype}-folder",
+                                                                             dtype)
+                made[key] = (str(path), "", "")
+            elif form == "variant":
+                folder = Path(get(family, dtype, "folder")[0])
+                made[key] = (str(stored_models.as_variant(folder, root / family / f"{dtype}-variant", dtype)),
+                             "", dtype)
+            else:
+                file = root / family / f"{dtype}.safetensors"
+                made[key] = (str(stored_models.single_file(base, file, dtype)), str(base), "")
+        return made[key]
+
+    return get

@@ -22,18 +22,19 @@ SHAPES = ("circle", "square", "triangle")
 SIZES = ((96, 80), (80, 96), (72, 72), (112, 88))
 
 
-def build_tiny_sd15(path: Path, seed: int = 0) -> Path:
-    """Write a tiny SD1.5-layout diffusers folder with random weights (~6 MB); loads offline."""
+def build_tiny_sd15(path: Path, seed: int = 0, widths: tuple[int, ...] = (32,)) -> Path:
+    """Write a tiny SD1.5-layout diffusers folder with random weights (~6 MB); loads offline. `widths`: the text
+    encoder's (CLIP ViT-L's real 768 in MID_WIDTHS)."""
     from diffusers import PNDMScheduler
 
     # SD1.5's own scheduler config, so prediction type and noise schedule match what real models use.
     scheduler = PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", prediction_type="epsilon", steps_offset=1,
                               skip_prk_steps=True, set_alpha_to_one=False)
-    return _build_tiny_sd(path, seed, text_width=32, scheduler=scheduler)
+    return _build_tiny_sd(path, seed, text_width=widths[0], scheduler=scheduler)
 
 
-def build_tiny_sd2(path: Path, seed: int = 0) -> Path:
+def build_tiny_sd2(path: Path, seed: int = 0, widths: tuple[int, ...] = (1024,)) -> Path:
     """A tiny SD2.x-layout folder (~40 MB): a 1024-wide text encoder (what tells SD2 from SD1) and SD 2.1's
     v-prediction DDIM scheduler config."""
     from diffusers import DDIMScheduler
@@ -41,7 +42,7 @@ def build_tiny_sd2(path: Path, seed: int = 0) -> Path:
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", prediction_type="v_prediction", steps_offset=1,
                               clip_sample=False, set_alpha_to_one=False)
-    return _build_tiny_sd(path, seed, text_width=1024, scheduler=scheduler)
+    return _build_tiny_sd(path, seed, text_width=widths[0], scheduler=scheduler)
 
 
 def _build_tiny_sd(path: Path, seed: int, text_width: int, scheduler) -> Path:
@@ -74,8 +75,9 @@ def _build_tiny_sd(path: Path, seed: int, text_width: int, scheduler) -> Path:
     return path
 
 
-def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
-    """Write a tiny SDXL-layout diffusers folder with random weights (two CLIP encoders); loads offline."""
+def build_tiny_sdxl(path: Path, seed: int = 0, widths: tuple[int, ...] = (32, 32)) -> Path:
+    """Write a tiny SDXL-layout diffusers folder with random weights (two CLIP encoders of `widths`); loads
+    offline."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -83,7 +85,7 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
     path = Path(path)
     tokenizer = CLIPTokenizer.from_pretrained(_write_clip_tokenizer(path / "tokenizer"))
     tokenizer_2 = CLIPTokenizer.from_pretrained(_write_clip_tokenizer(path / "tokenizer_2"))
-    hidden, time_dim = 32, 8  # each encoder's width; the size embedding's width per number
+    (width_l, width_g), time_dim = widths, 8  # the encoders' widths; the size embedding's width per number
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
@@ -91,18 +93,18 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
             use_linear_projection=True,
-            cross_attention_dim=2 * hidden,  # both encoders' hidden states, concatenated
+            cross_attention_dim=width_l + width_g,  # both encoders' hidden states, concatenated
             addition_embed_type="text_time", addition_time_embed_dim=time_dim,
-            projection_class_embeddings_input_dim=6 * time_dim + hidden)  # 6 size numbers + pooled text
+            projection_class_embeddings_input_dim=6 * time_dim + width_g)  # 6 size numbers + pooled text
         torch.manual_seed(seed)
         vae = AutoencoderKL(
             block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
             down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
             up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), scaling_factor=0.13025, force_upcast=True)
         torch.manual_seed(seed)
-        text_encoder = _tiny_clip(CLIPTextModel, tokenizer, hidden)
+        text_encoder = _tiny_clip(CLIPTextModel, tokenizer, width_l)
         torch.manual_seed(seed + 1)
-        text_encoder_2 = _tiny_clip(CLIPTextModelWithProjection, tokenizer, hidden)
+        text_encoder_2 = _tiny_clip(CLIPTextModelWithProjection, tokenizer, width_g)
     # SDXL base's own scheduler config.
     scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                        beta_schedule="scaled_linear", prediction_type="epsilon", steps_offset=1,
@@ -114,7 +116,7 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def build_tiny_sd3(path: Path, seed: int = 0) -> Path:
+def build_tiny_sd3(path: Path, seed: int = 0, widths: tuple[int, ...] = (32, 48, 96)) -> Path:
     """Write a tiny SD3-layout diffusers folder with random weights (MMDiT, 16-channel VAE, CLIP-L, CLIP-G and T5
     encoders); loads offline, with or without T5."""
     import torch
@@ -127,7 +129,7 @@ def build_tiny_sd3(path: Path, seed: int = 0) -> Path:
     tokenizer_2 = CLIPTokenizer.from_pretrained(_write_clip_tokenizer(path / "tokenizer_2"))
     tokenizer_3 = _t5_tokenizer()
     # Unequal widths, as in SD3 (768, 1280, 4096), so a slip between the encoders' slices of the prompt shows.
-    width_l, width_g, width_t5 = 32, 48, 96
+    width_l, width_g, width_t5 = widths
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -159,7 +161,7 @@ def build_tiny_sd3(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def build_tiny_flux(path: Path, seed: int = 0) -> Path:
+def build_tiny_flux(path: Path, seed: int = 0, widths: tuple[int, ...] = (32, 48)) -> Path:
     """Write a tiny Flux.1-dev-layout diffusers folder with random weights (a guidance-embedding transformer on
     2x2-packed latents, a 16-channel VAE that downsamples 8x, CLIP-L and T5 encoders); loads offline."""
     import torch
@@ -169,7 +171,7 @@ def build_tiny_flux(path: Path, seed: int = 0) -> Path:
     path = Path(path)
     tokenizer = CLIPTokenizer.from_pretrained(_write_clip_tokenizer(path / "tokenizer"))
     tokenizer_2 = _t5_tokenizer()
-    width_clip, width_t5 = 32, 48  # unequal (768 and 4096 in Flux), so a slip between the two shows
+    width_clip, width_t5 = widths  # unequal (768 and 4096 in Flux), so a slip between the two shows
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = FluxTransformer2DModel(
@@ -198,7 +200,7 @@ def build_tiny_flux(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def build_tiny_cascade(path: Path, seed: int = 0) -> Path:
+def build_tiny_cascade(path: Path, seed: int = 0, widths: tuple[int, ...] = (32, 24)) -> Path:
     """Write a tiny Stable Cascade stage C folder with random weights (StableCascadePriorPipeline: the prior, a CLIP
     text encoder with projection, DDPMWuerstchenScheduler), its EfficientNet encoder in effnet/ (the stride-32
     EfficientNetV2 layout, narrow and shallow), and in decoder/ a tiny stage B (StableCascadeDecoderPipeline with
@@ -213,7 +215,9 @@ def build_tiny_cascade(path: Path, seed: int = 0) -> Path:
 
     path = Path(path)
     tokenizer = CLIPTokenizer.from_pretrained(_write_clip_tokenizer(path / "tokenizer"))
-    hidden, pooled = 32, 24  # unequal (both 1280 in Stable Cascade), so a slip between the two shows
+    # The text encoder's hidden and pooled widths: unequal in the tiny model (both 1280 in Stable Cascade), so a
+    # slip between the two shows.
+    hidden, pooled = widths
     effnet_config = {"stem": 8, "stages": [["fused", 1, 3, 1, 8, 8, 1], ["fused", 2, 3, 2, 8, 16, 1],
                                            ["fused", 2, 3, 2, 16, 16, 1], ["mb", 2, 3, 2, 16, 24, 1],
                                            ["mb", 2, 3, 1, 24, 24, 1], ["mb", 2, 3, 2, 24, 32, 1]],
@@ -260,6 +264,15 @@ def build_tiny_cascade(path: Path, seed: int = 0) -> Path:
 
 BUILDERS = {"sd1": build_tiny_sd15, "sd2": build_tiny_sd2, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3,
             "flux": build_tiny_flux, "cascade": build_tiny_cascade}
+# The real models' text-encoder widths (CLIP ViT-L 768, OpenCLIP ViT-H 1024, OpenCLIP bigG 1280, T5-XXL 4096),
+# for `build_mid_size`: single-file loaders tell the encoders apart by their widths, which the tiny ones share.
+MID_WIDTHS = {"sd1": (768,), "sd2": (1024,), "sdxl": (768, 1280), "sd3": (768, 1280, 4096), "flux": (768, 4096),
+              "cascade": (1280, 1280)}
+
+
+def build_mid_size(family: str, path: Path, seed: int = 0) -> Path:
+    """The family's tiny model with its real text-encoder widths (still two layers deep; 10-60 MB)."""
+    return BUILDERS[family](path, seed, widths=MID_WIDTHS[family])
 # What a family's demo job changes: transformer models bucket in steps of 16 (VAE 8 x patch 2) and take a LoRA on
 # their joint attention's image and text projections.
 FAMILY_OVERRIDES = {
@@ -308,6 +321,12 @@ def build_demo(dir: Path, steps: int = 40, family: str = "sd1", method: str = "l
         raise JobError(f"{dir}: not empty; choose a new folder")
     BUILDERS[family](dir / "model")
     build_demo_dataset(dir / "dataset")
+    save_job(demo_job(dir, family, steps, method), dir / "job.json")
+    return dir / "job.json"
+
+
+def demo_job(dir: Path, family: str = "sd1", steps: int = 40, method: str = "lora"):
+    """The demo's job for the model in `dir`/model and the images in `dir`/dataset, writing to `dir`/run."""
     job = validate(merge(load_preset("demo").model_dump(mode="json"), {
         "model": {"path": str(dir / "model")},
         "dataset": {"folders": [{"path": str(dir / "dataset"), "instance_prompt": "a shape"}]},
@@ -317,9 +336,7 @@ def build_demo(dir: Path, steps: int = 40, family: str = "sd1", method: str = "l
     job = validate(merge(job.model_dump(mode="json"), FAMILY_OVERRIDES.get(family, {})), "demo job")
     if family == "cascade":  # stage B, built beside stage C, renders the validation images
         job.model.decoder = str(dir / "model" / "decoder")
-    job = validate(merge(job.model_dump(mode="json"), _method_overrides(method, dir)), "demo job")
-    save_job(job, dir / "job.json")
-    return dir / "job.json"
+    return validate(merge(job.model_dump(mode="json"), _method_overrides(method, dir)), "demo job")
 
 
 # What each training method changes in the demo job; every one trains on any CPU in about a minute.

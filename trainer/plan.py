@@ -17,6 +17,7 @@ from .data_files import ImageItem, Scan, scan_dataset
 from .families import SIZE_MULTIPLE, WITHOUT_CLASS_IMAGES, WITHOUT_KOHYA, detect_family
 from .job import Job, JobError
 from .layers import describe_trainable
+from .model_files import check_bundled_parts, stored_model
 
 RUN_FILES_ALLOWED_BEFORE_START = {"job.json"}  # the window writes the job into the run folder, then starts
 MAX_LISTED = 200  # skipped files listed by `check` one per line; the rest are counted
@@ -37,7 +38,8 @@ class Plan:
 
     def describe(self) -> list[str]:
         s, spec = self.scan, self.job.dataset
-        lines = [f"model family: {self.family}", *describe_trainable(self.job, self.family),
+        lines = [f"model family: {self.family}", stored_model(self.job.model).describe(),
+                 *describe_trainable(self.job, self.family),
                  f"images: {s.num_images} ({s.captions_found} with captions, {s.captions_missing} missing: "
                  f"those use the instance prompt)"]
         for sub in s.subsets:
@@ -83,6 +85,7 @@ class Plan:
 
 
 def make_plan(job: Job, resume: bool = False) -> Plan:
+    check_bundled_parts(job.model)
     family = detect_family(job.model)
     _check_family_rules(job, family)
     scan = scan_dataset(job.dataset)

@@ -96,10 +96,11 @@ def generate_missing(job: Job, pipe, num_instance_images: int, reporter, device)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)  # Progress below reports instead of a bar per batch
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(job.precision.mixed_precision)
-    # Like validation: under mixed precision on a GPU the frozen parts are half and the VAE fp32; autocast joins
-    # them. On the CPU the trainer keeps everything fp32.
-    autocast = (torch.autocast(device.type, dtype=half) if half is not None and device.type != "cpu"
-                else contextlib.nullcontext())
+    # Like validation: under mixed precision the frozen parts are half (trainer/precision.py) and the VAE fp32;
+    # autocast joins them. fp16 on a CPU has already become fp32 there, so only bf16 reaches a CPU here.
+    if half is torch.float16 and device.type == "cpu":
+        half = None
+    autocast = torch.autocast(device.type, dtype=half) if half is not None else contextlib.nullcontext()
     reporter.log(f"class images: {len(existing)} of {need} in {folder}; generating {missing}")
     progress = Progress(reporter, "generating class images", missing)
     for start in range(0, len(todo), prior.batch_size):

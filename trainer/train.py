@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
 
-from . import cache, checkpoint, ema, export, prior, trainable
+from . import cache, checkpoint, ema, export, precision, prior, trainable
 from .buckets import batches_per_epoch, epoch_batches
 from .dataset import TrainDataset, collate
 from .events import Reporter
@@ -63,9 +63,9 @@ def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Req
     # `trainer run` keeps the collector off until here (it would walk them again and again while they are made).
     gc.freeze()
     gc.enable()
-    frozen_dtype = torch.float32 if accelerator.device.type == "cpu" else _autocast_dtype(accelerator)
-    parts.vae.to(accelerator.device)  # fp32 always: the SD VAE overflows in fp16
-    _to(parts.text_encoder, accelerator.device, frozen_dtype)
+    held = precision.dtypes(accelerator.mixed_precision)  # whatever dtype the model's files hold
+    precision.place(parts.vae, accelerator.device, held.image_encoder)
+    precision.place(parts.text_encoder, accelerator.device, held.frozen)
     found = checkpoint.latest(out / "checkpoints") if resume else None
     if resume and found is None:
         reporter.log("no complete checkpoint found; starting from step 0", "warning")
@@ -82,7 +82,7 @@ def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Req
     # The caches fill before the denoiser reaches the accelerator: a big model's text encoders and denoiser
     # need not fit beside each other.
     warned = _prepare_data(job, plan, dataset, family, parts, accelerator, reporter)
-    class_samples = _class_images(job, plan, family, parts, accelerator, reporter, frozen_dtype)
+    class_samples = _class_images(job, plan, family, parts, accelerator, reporter, held.frozen)
     class_dataset = None
     if class_samples is not None:
         class_dataset = TrainDataset(class_samples, prior.class_dataset_spec(job), sched.seed + 1)
@@ -91,7 +91,7 @@ def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Req
     released = _release_frozen(parts, plan.caching, needed_again=bool(job.validation.prompts or whole_model_export))
 
     denoiser = parts.denoiser
-    _to(denoiser, accelerator.device, frozen_dtype)
+    precision.place(denoiser, accelerator.device, held.frozen)
     set_seed(sched.seed)  # adapters' random init must be the same in every run of this job
     tr = trainable.setup(family, parts, job, plan.total_steps)
     if main:
@@ -102,7 +102,7 @@ def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Req
     for module in tr.modules.values():
         module.train()
     for p in tr.params.values():
-        p.data = p.data.float()  # trained weights stay fp32 under mixed precision
+        p.data = p.data.to(held.trained)  # trained weights stay fp32 under mixed precision
     optimizer = _optimizer(job, trainable.optimizer_groups(tr))
     from diffusers.optimization import get_scheduler
 
@@ -236,7 +236,7 @@ def _class_images(job: Job, plan: Plan, family, parts, accelerator: Accelerator,
     if not job.prior.enabled:
         return None
     if accelerator.is_main_process and prior.missing_count(job, plan.scan.num_images):
-        _to(parts.denoiser, accelerator.device, dtype)
+        precision.place(parts.denoiser, accelerator.device, dtype)
         pipe = family.pipeline(parts, parts.denoiser)
         pipe.set_progress_bar_config(disable=True)
         with torch.no_grad():
@@ -373,18 +373,6 @@ def _accelerator(job: Job, reporter: Reporter) -> Accelerator:
         reporter.log("fp16 needs a GPU; training in fp32 on the CPU (bf16 works on CPUs)", "warning")
         precision = "no"
     return Accelerator(gradient_accumulation_steps=job.schedule.gradient_accumulation, mixed_precision=precision)
-
-
-def _to(module, device, dtype) -> None:
-    # Passing dtype=float32 to a float32 model makes diffusers warn about casting; only cast when it changes.
-    if dtype == torch.float32:
-        module.to(device)
-    else:
-        module.to(device, dtype=dtype)
-
-
-def _autocast_dtype(accelerator: Accelerator) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
 def _optimizer(job: Job, groups: list[dict]) -> torch.optim.Optimizer:

@@ -134,15 +134,20 @@ def _family_from_checkpoint_keys(path: Path) -> str:
 
 
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes from a safetensors header (an 8-byte little-endian length, then JSON): no torch,
-    and no need to read the weights."""
+    """Tensor names and shapes from a safetensors header: no torch, and no need to read the weights."""
+    return {k: tuple(v["shape"]) for k, v in safetensors_header(path).items()}
+
+
+def safetensors_header(path: Path) -> dict[str, dict]:
+    """{tensor name: {"dtype", "shape", ...}} from the header (an 8-byte little-endian length, then JSON)."""
     try:
         with open(path, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
             if size > 100_000_000:
                 raise ValueError("header too large")
             header = json.loads(f.read(size))
-        return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+        return {k: {"dtype": str(v["dtype"]), "shape": v["shape"]} for k, v in header.items()
+                if k != "__metadata__"}
     except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
         raise JobError(f"model.path: {path}: not a readable safetensors file ({exc})") from None
 

@@ -248,6 +248,7 @@ def _load_pipeline(pipeline_cls, spec: ModelSpec, **common):
                                "checkpoints can run code); convert it first")
             config = spec.config or None
             local = bool(config) and Path(config).is_dir()
+            common = {**_unbundled_parts(spec, local, skip=set(common)), **common}
             return pipeline_cls.from_single_file(path, config=config, local_files_only=local, **common)
         return pipeline_cls.from_pretrained(path, revision=spec.revision or None, variant=spec.variant or None,
                                             **common)
@@ -256,3 +257,24 @@ def _load_pipeline(pipeline_cls, spec: ModelSpec, **common):
     except (OSError, ValueError, EnvironmentError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise JobError(f"model.path: {path}: cannot load ({first})") from None
+
+
+def _unbundled_parts(spec: ModelSpec, local: bool, skip: set[str]) -> dict:
+    """The text encoders and VAE a single file does not bundle (some share the denoiser alone), loaded from the
+    folder or model id in model.config: {component name: model}, for `from_single_file`'s keyword arguments."""
+    from importlib import import_module
+
+    from diffusers import DiffusionPipeline
+
+    from ..model_files import check_bundled_parts, stored_model
+
+    check_bundled_parts(spec)  # without model.config: the one line that says what is missing
+    found = stored_model(spec)
+    if found.text_encoders and found.vae:
+        return {}
+    index = DiffusionPipeline.load_config(spec.config, local_files_only=local)
+    wanted = [name for name, entry in index.items() if isinstance(entry, list) and entry[0] is not None
+              and name not in skip and ((name.startswith("text_encoder") and not found.text_encoders)
+                                        or (name == "vae" and not found.vae))]
+    return {name: getattr(import_module(index[name][0]), index[name][1]).from_pretrained(
+        spec.config, subfolder=name, local_files_only=local) for name in wanted}
