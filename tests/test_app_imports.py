@@ -1,10 +1,15 @@
-"""app/ is the window: it imports Qt and the trainer's contract modules, never torch or the training code."""
+"""The architecture: app/ is the window, importing Qt and the trainer's torch-free contracts only (the job schema,
+the event stream, the family table, and the dataset scanner, so the dataset view lists what training will read by
+the trainer's own rules); trainer/ never imports Qt."""
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+APP_MAY_IMPORT = {"trainer.job", "trainer.events", "trainer.families", "trainer.families.table",
+                  "trainer.data_files"}
 
 
 def test_app_never_imports_torch():
@@ -12,10 +17,21 @@ def test_app_never_imports_torch():
             "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'accelerate', 'peft') if m in sys.modules]\n"
             "assert not heavy, heavy\n"
             "trainer = sorted(m for m in sys.modules if m.startswith('trainer.'))\n"
-            "assert set(trainer) <= {'trainer.job', 'trainer.events', 'trainer.data_files'}, trainer\n")
+            f"assert set(trainer) <= {APP_MAY_IMPORT!r}, trainer\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
                             env={"QT_QPA_PLATFORM": "offscreen", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
+
+
+def test_trainer_never_imports_qt():
+    qt = set()
+    for path in (ROOT / "trainer").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            qt |= {f"{path.name}: {n}" for n in names
+                   if n.split(".")[0] in ("PySide6", "PyQt5", "PyQt6", "pyqtgraph", "shiboken6")}
+    assert not qt
 
 
 def test_app_sources_name_no_training_modules():

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from trainer import cascade_lora
 from trainer.cli import main
-from trainer.families import detect_family, family_module
+from trainer.families.detect import detect_family, family_module
 from trainer.job import DiffusionSpec, JobError, ModelSpec, load_job
 
 cascade = family_module("cascade")

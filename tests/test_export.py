@@ -15,7 +15,7 @@ from trainer.cli import main
 from trainer.convert import FORMATS, export
 from trainer.demo import build_tiny_sd15
 from trainer.export import JOB_FILE, JOB_METADATA_KEY, job_json, read_job_metadata, write_full
-from trainer.families import family_module
+from trainer.families.detect import family_module
 from trainer.job import JobError, from_sparse, save_job
 from trainer.single_file import (original_layout, original_state_dict, unet_state_dict, vae_state_dict,
                                  write_single_file)

@@ -9,7 +9,7 @@ import torch
 
 from trainer.cli import main
 from trainer.demo import build_demo
-from trainer.families import detect_family
+from trainer.families.detect import detect_family
 from trainer.job import ModelSpec
 
 # family -> (the first block of its denoiser, whether the single-file layout exists for it)

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from lora_checks import assert_both_lora_files_change_the_image, render
 from trainer import flow
 from trainer.cli import main
-from trainer.families import detect_family, family_module
+from trainer.families.detect import detect_family, family_module
 from trainer.job import DiffusionSpec, JobError, ModelSpec, load_job
 
 flux = family_module("flux")

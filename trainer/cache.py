@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data_files import ImageItem
+from .families.detect import detect_family
+from .families.table import FAMILIES
 from .job import Job, JobError, ModelSpec
 
 LATENT_FORMAT = 1  # bump when the pixels fed to the VAE change (resize filter, crop or face rule, colours)
@@ -98,7 +100,7 @@ def _prepare_latents(job: Job, root: Path, dataset, family, parts, reporter, fil
     from .crops import close_detector
 
     spec = dataset.spec
-    encoder = getattr(family, "IMAGE_ENCODER", "vae")  # the model folder's image encoder (Cascade: effnet)
+    encoder = family.IMAGE_ENCODER  # the model folder's image encoder (Cascade: effnet)
     store = Store(root, "latents", model_identity(job.model, encoder, str(parts.vae.dtype)))
     index = HashIndex(root)
     flips = (False, True) if spec.random_flip else (False,)
@@ -239,18 +241,17 @@ def cache_root(setting: str) -> Path:
 
 
 def model_identity(spec: ModelSpec, component: str, extra: str = "") -> str:
-    """A short hash naming one frozen part of the model (its config, weight sizes and times) and how it runs."""
+    """A short hash naming one frozen part of the model (its config, weight sizes and times) and how it runs. The
+    text encoder's names every folder a caption goes through (the family's encoders and tokenizers; SD3's T5 only
+    when the job loads it); a folder the model lacks adds nothing."""
     path = Path(spec.path).expanduser()
     parts = [component, extra, f"load_t5={spec.load_t5}" if component == "text_encoder" else ""]
     if path.is_dir():
-        # SDXL's and SD3's captions go through more encoders and tokenizers (absent, and skipped, for SD1.x/2.x);
-        # SD3's T5 only when the job loads it.
-        text = []
+        names = [component]
         if component == "text_encoder":
-            text = ["tokenizer", "text_encoder_2", "tokenizer_2"]
-            text += ["text_encoder_3", "tokenizer_3"] if spec.load_t5 else []
-        folders = [path / component] + [path / name for name in text]
-        for folder in folders:
+            family = FAMILIES[detect_family(spec)]
+            names = [*family.text_cache_folders, *(family.t5_folders if spec.load_t5 else ())]
+        for folder in (path / name for name in names):
             for f in sorted(folder.glob("*")) if folder.is_dir() else []:
                 if f.suffix in (".json", ".txt", ".model"):
                     parts.append(f.name + ":" + hashlib.sha256(f.read_bytes()).hexdigest())

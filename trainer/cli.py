@@ -91,7 +91,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_inspect_model(args) -> int:
-    from .families import check_model_path
+    from .families.detect import check_model_path
     from .inspect_model import main_json
 
     spec = ModelSpec(path=args.model)

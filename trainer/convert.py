@@ -43,11 +43,12 @@ def export(source: Path, fmt: str, out: Path | None = None, lora_scale: float | 
     if fmt == "single-file" and target.suffix.lower() != ".safetensors":
         target = target / f"{src.job.output.name}.safetensors"
     _check_free(target, force)
-    from .families import WITHOUT_KOHYA, detect_family, family_module
+    from .families.detect import detect_family, family_module
+    from .families.table import FAMILIES
 
     name = detect_family(src.job.model)
     lora_only = fmt == "kohya" or (fmt in ("merged", "single-file") and src.job.network.kind != "full")
-    if name in WITHOUT_KOHYA and lora_only:
+    if not FAMILIES[name].kohya and lora_only:
         raise JobError(f"--format {fmt}: not available for {name} models (diffusers has no LoRA loader for them); "
                        "use --format diffusers")
     family = family_module(name)

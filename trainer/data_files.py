@@ -115,12 +115,6 @@ def read_captions(path: Path) -> tuple[list[str], str]:
     return decode_captions(data, str(path))
 
 
-def read_caption(path: Path) -> str:
-    """The first caption of a file (see `read_captions`)."""
-    lines, _ = read_captions(path)
-    return lines[0] if lines else ""
-
-
 def decode_captions(data: bytes, name: str) -> tuple[list[str], str]:
     warning = ""
     if b"\x00" in data:

@@ -28,7 +28,6 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "error": ("message", "traceback"),
     "run_finished": ("status", "outputs"),
 }
-FINISH_STATUSES = ("completed", "stopped", "failed")
 
 
 def make_event(type_: str, **fields) -> dict:

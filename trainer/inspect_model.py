@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .families import check_model_path, detect_family
+from .families.detect import check_model_path, detect_family
+from .families.table import FAMILIES
 from .job import JobError, ModelSpec
-from .layers import DENOISERS
 
 # How deep the tree goes per component: UNet blocks → their attentions/resnets → transformer blocks.
 DEPTH = 3
@@ -33,7 +33,7 @@ def inspect_model(spec: ModelSpec) -> dict:
                        "(for a single file, give its diffusers config folder)")
     root = Path(spec.path).expanduser()
     components = {name: _tree(module) for name, module in _empty_components(root).items()}
-    return {"family": family, "path": str(root), "denoiser": DENOISERS[family], "components": components}
+    return {"family": family, "path": str(root), "denoiser": FAMILIES[family].denoiser, "components": components}
 
 
 def main_json(spec: ModelSpec) -> str:

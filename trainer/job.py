@@ -15,9 +15,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .families.table import FAMILIES
+
 CURRENT_VERSION = 1
 PROVENANCE_KEY = "provenance"  # written into a run's job.json by the trainer (versions, time); ignored on input
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+FamilyChoice = Literal[("auto", *FAMILIES)]  # the family table's names (trainer/families/table.py)
 
 
 class JobError(Exception):
@@ -32,7 +35,7 @@ class _Section(BaseModel):
 class ModelSpec(_Section):
     path: str = Field("", description="Base model: a local diffusers folder, a Hugging Face model id, "
                       "or a single-file .safetensors checkpoint.")
-    family: Literal["auto", "sd1", "sd2", "sdxl", "sd3", "flux", "cascade"] = Field(
+    family: FamilyChoice = Field(
         "auto", description="Model family; 'auto' reads it from the model's configs.")
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
         "auto", description="What the model predicts; 'auto' takes it from the model's scheduler config.")

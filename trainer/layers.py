@@ -13,12 +13,9 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from .families import check_model_path, safetensors_shapes
+from .families.detect import check_model_path, safetensors_shapes
+from .families.table import FAMILIES
 from .job import BlockEntryError, Job, JobError, block_children, resolve_block
-
-# The denoiser's pipeline component per family (the family modules import torch, so it is repeated here).
-DENOISERS = {"sd1": "unet", "sd2": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "transformer",
-             "cascade": "prior"}
 
 # Projections inside attention modules: diffusers (SD3's joint attention adds the add_* ones), CLIP, T5.
 ATTENTION_PROJECTIONS = {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
@@ -131,7 +128,7 @@ def count_trainable(table: list[Module], job: Job) -> int:
 
 def describe_trainable(job: Job, family_name: str) -> list[str]:
     """`trainer check`'s lines about what trains in the denoiser, counted from the model's headers (no torch)."""
-    component = DENOISERS[family_name]
+    component = FAMILIES[family_name].denoiser
     net = job.network
     if net.kind == "none":
         return [f"trainable: nothing in the {component} (network.kind none)"]

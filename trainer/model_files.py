@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .families import check_model_path, safetensors_header
+from .families.detect import check_model_path, safetensors_header
 from .job import JobError, ModelSpec
 
 # Key prefixes of what an original-layout single file may bundle beside its denoiser: SD1/SD2's CLIP or OpenCLIP,

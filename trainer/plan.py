@@ -13,8 +13,9 @@ from pathlib import Path
 from . import images, prior
 from .buckets import Layout, batches_per_epoch, layout
 from .cache import CachePlan, decide
-from .data_files import ImageItem, Scan, scan_dataset
-from .families import SIZE_MULTIPLE, WITHOUT_CLASS_IMAGES, WITHOUT_KOHYA, detect_family
+from .data_files import Scan, scan_dataset
+from .families.detect import detect_family
+from .families.table import FAMILIES
 from .job import Job, JobError
 from .layers import describe_trainable
 from .model_files import check_bundled_parts, stored_model
@@ -99,15 +100,6 @@ def make_plan(job: Job, resume: bool = False) -> Plan:
     return _counted(job, family, scan, epoch, output_dir)
 
 
-def replan(plan: Plan, broken: list[tuple[ImageItem, str]]) -> Plan:
-    """The plan without images that failed to decode during training's caching pass."""
-    plan.scan.drop(broken)
-    ids = {id(item) for item, _ in broken}
-    kept = [(item, b) for item, b in zip(plan.layout.samples, plan.layout.bucket_of) if id(item) not in ids]
-    epoch = Layout(plan.layout.buckets, [i for i, _ in kept], [b for _, b in kept])
-    return _counted(plan.job, plan.family, plan.scan, epoch, plan.output_dir)
-
-
 def class_layout(job: Job, images: list[Path]) -> Layout:
     """DreamBooth's class images (`images`, as trainer/prior.py chose them) in buckets, like the instances."""
     spec = prior.class_dataset_spec(job)
@@ -135,11 +127,12 @@ def _counted(job: Job, family: str, scan: Scan, epoch: Layout, output_dir: Path)
 def _check_family_rules(job: Job, family: str) -> None:
     """What the family cannot do fails here, not at the first step or at export. A transformer family patches
     its latents, so image sides must divide."""
-    if family in WITHOUT_KOHYA and job.output.save_kohya and job.network.kind == "lora":
+    can = FAMILIES[family]
+    if not can.kohya and job.output.save_kohya and job.network.kind == "lora":
         raise JobError(f"output.save_kohya: {family} models have no kohya LoRA format; set it to false")
-    if family in WITHOUT_CLASS_IMAGES and job.prior.enabled:
+    if not can.class_images and job.prior.enabled:
         raise JobError(f"prior.enabled: prior preservation is not available for {family} models")
-    multiple = SIZE_MULTIPLE.get(family, 8)
+    multiple = can.size_multiple
     for name in ("bucket_step", "resolution"):
         value = getattr(job.dataset, name)
         if value % multiple:

@@ -22,8 +22,8 @@ from .data_files import IMAGE_EXTENSIONS, ImageItem
 from .job import DatasetFolder, DatasetSpec, Job, JobError
 
 CLASS_FOLDER = "class-images"  # under the cache root
-# Every part of the model that shapes a generated image; model_identity adds the tokenizers (and SDXL's second
-# encoder) to text_encoder's, and a part the model lacks adds only its name.
+# Every part of the model that shapes a generated image; model_identity adds the family's tokenizers and other
+# encoders to text_encoder's, and a part the model lacks adds only its name.
 _MODEL_PARTS = ("unet", "transformer", "vae", "text_encoder", "scheduler")
 _GENERATED = re.compile(r"^class-(\d{5,})\.png$")
 

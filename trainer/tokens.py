@@ -46,8 +46,8 @@ def add_tokens(new: list[NewToken], encoders: dict[str, tuple[Any, Any]]) -> Tok
     if not new:
         raise JobError("tokens.new: no tokens to add")
     if tuple(encoders) not in _FILE_KEYS:
-        raise JobError(f"tokens.new: new tokens are supported for SD1/SD2 and SDXL text encoders, not "
-                       f"{', '.join(encoders)}")
+        raise JobError(f"tokens.new: new tokens go into one CLIP text encoder or CLIP-L and CLIP-G (SD1/SD2, SDXL, "
+                       f"SD3, Flux), not {', '.join(encoders)}")
     ignore_case = any(tok.tokenize("A") == tok.tokenize("a") for tok, _ in encoders.values())
     patterns = [_compile(t.init_pattern, i) for i, t in enumerate(new)]
     _check_names(new, ignore_case)

@@ -24,7 +24,7 @@ from . import cache, checkpoint, ema, export, precision, prior, trainable
 from .buckets import batches_per_epoch, epoch_batches
 from .dataset import TrainDataset, collate
 from .events import Reporter
-from .families import family_module
+from .families.detect import family_module
 from .job import Job, JobError
 from .plan import Plan, class_layout
 

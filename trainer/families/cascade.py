@@ -23,13 +23,13 @@ from .. import noise
 from ..job import DiffusionSpec, JobError, ModelSpec
 from ..noise import draw_noise
 from .sd import drop_rows
+from .table import FAMILIES
 
-NAMES = ("cascade",)
-DENOISER = "prior"  # the denoiser's name among the pipeline's components
+DENOISER = FAMILIES["cascade"].denoiser
 LORA_FILE = "pytorch_lora_weights.safetensors"
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' name for the adapter configs in a LoRA file
-EFFNET_FOLDER, EFFNET_FILE = "effnet", "effnet_encoder.safetensors"  # inside the model folder
-IMAGE_ENCODER = EFFNET_FOLDER  # what names the latent cache's entries (trainer/cache.py)
+IMAGE_ENCODER = FAMILIES["cascade"].image_encoder  # the folder of its EfficientNet; names the latent cache
+EFFNET_FOLDER, EFFNET_FILE = IMAGE_ENCODER, "effnet_encoder.safetensors"  # inside the model folder
 # Where Stability publishes the encoder stage C was trained on (their models/download_models.sh fetches this file).
 EFFNET_HUB = ("stabilityai/stable-cascade", "effnet_encoder.safetensors")
 EFFNET_STRIDE = 32  # image pixels per stage C latent, a side

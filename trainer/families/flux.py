@@ -17,12 +17,13 @@ import torch
 
 from .. import flow, noise
 from ..job import DiffusionSpec, JobError, ModelSpec
-from .sd import _load_pipeline, _lora_kwargs, alpha_folded, drop_rows, encode_image_dists  # noqa: F401
+from .sd import _load_pipeline, alpha_folded, drop_rows, encode_image_dists, save_lora_with  # noqa: F401
 from .sd3 import encode_images, sample_latents  # noqa: F401  (the same VAE layout as SD3: shifted, then scaled)
+from .table import FAMILIES
 from .text_encoders import TextEncoders
 
-NAMES = ("flux",)
-DENOISER = "transformer"  # the denoiser's name among the pipeline's components
+DENOISER = FAMILIES["flux"].denoiser
+IMAGE_ENCODER = FAMILIES["flux"].image_encoder
 T5_TOKENS = 512  # FluxPipeline's default max_sequence_length (dev's): training sees prompts as validation renders them
 
 
@@ -162,12 +163,7 @@ def validation_pipeline(parts: Parts, denoiser):
 
 
 def save_lora_diffusers(directory: Path, states: dict[str, dict], adapter_configs: dict[str, dict]) -> Path:
-    """pytorch_lora_weights.safetensors in PEFT form (`transformer.<module>.lora_A.weight`, and `text_encoder.`
-    for CLIP), which `FluxPipeline.load_lora_weights` reads; the adapter configs (alpha) travel in its metadata."""
-    from diffusers import FluxPipeline
-
-    FluxPipeline.save_lora_weights(directory, **_lora_kwargs(states, adapter_configs), safe_serialization=True)
-    return Path(directory) / "pytorch_lora_weights.safetensors"
+    return save_lora_with(FAMILIES["flux"].pipeline_class, directory, states, adapter_configs)
 
 
 def kohya_state_dict(states: dict[str, dict], alpha: float) -> dict:

@@ -13,13 +13,11 @@ from typing import Any
 import torch
 
 from ..job import DiffusionSpec, JobError, ModelSpec
+from .table import FAMILIES
 from ..noise import draw_noise, draw_timesteps, min_snr_weights, timestep_weights, zero_terminal_snr_schedulers
 
-NAMES = ("sd1", "sd2")
-DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
-
-
-DENOISER = "unet"  # the denoiser's name among the pipeline's components
+DENOISER = FAMILIES["sd1"].denoiser
+IMAGE_ENCODER = FAMILIES["sd1"].image_encoder
 
 
 @dataclass
@@ -173,16 +171,22 @@ def validation_pipeline(parts: Parts, denoiser):
 
 
 def save_lora_diffusers(directory: Path, states: dict[str, dict], adapter_configs: dict[str, dict]) -> Path:
-    """pytorch_lora_weights.safetensors, which `pipe.load_lora_weights(directory)` reads. `states` and
-    `adapter_configs` are keyed by component ("unet", "text_encoder").
+    return save_lora_with(FAMILIES["sd1"].pipeline_class, directory, states, adapter_configs)
+
+
+def save_lora_with(pipeline_class: str, directory: Path, states: dict[str, dict],
+                   adapter_configs: dict[str, dict]) -> Path:
+    """DIRECTORY/pytorch_lora_weights.safetensors, written by the family pipeline's own `save_lora_weights`, so its
+    `load_lora_weights(directory)` reads it; `states` and `adapter_configs` (alpha, travelling in the file's
+    metadata) are keyed by component ("unet", "transformer", "text_encoder", ...).
 
     Keys stay in PEFT form (`unet.<module>.lora_A.weight`): diffusers' older-format conversion renames only the
     attention projections, and its loader then drops them when other modules (convs, feed-forward) are trained.
     """
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
-    StableDiffusionPipeline.save_lora_weights(directory, **_lora_kwargs(states, adapter_configs),
-                                              safe_serialization=True)
+    getattr(diffusers, pipeline_class).save_lora_weights(directory, **_lora_kwargs(states, adapter_configs),
+                                                         safe_serialization=True)
     return Path(directory) / "pytorch_lora_weights.safetensors"
 
 

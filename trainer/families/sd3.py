@@ -16,11 +16,12 @@ import torch
 
 from .. import flow, noise
 from ..job import DiffusionSpec, JobError, ModelSpec
-from .sd import _load_pipeline, _lora_kwargs, alpha_folded, drop_rows, encode_image_dists
+from .sd import _load_pipeline, alpha_folded, drop_rows, encode_image_dists, save_lora_with
+from .table import FAMILIES
 from .text_encoders import TextEncoders
 
-NAMES = ("sd3",)
-DENOISER = "transformer"  # the denoiser's name among the pipeline's components
+DENOISER = FAMILIES["sd3"].denoiser
+IMAGE_ENCODER = FAMILIES["sd3"].image_encoder
 T5_TOKENS = 256  # the pipeline's default max_sequence_length: training sees prompts as validation renders them
 
 
@@ -157,15 +158,8 @@ def validation_pipeline(parts: Parts, denoiser):
 
 
 def save_lora_diffusers(directory: Path, states: dict[str, dict], adapter_configs: dict[str, dict]) -> Path:
-    """pytorch_lora_weights.safetensors in PEFT form (`transformer.<module>.lora_A.weight`, and
-    `text_encoder.` / `text_encoder_2.` for the CLIPs), which `StableDiffusion3Pipeline.load_lora_weights` reads;
-    the adapter configs (alpha) travel in its metadata."""
-    from diffusers import StableDiffusion3Pipeline
-
     _refuse_t5(states)
-    StableDiffusion3Pipeline.save_lora_weights(directory, **_lora_kwargs(states, adapter_configs),
-                                               safe_serialization=True)
-    return Path(directory) / "pytorch_lora_weights.safetensors"
+    return save_lora_with(FAMILIES["sd3"].pipeline_class, directory, states, adapter_configs)
 
 
 def kohya_state_dict(states: dict[str, dict], alpha: float) -> dict:

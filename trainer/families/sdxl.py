@@ -18,17 +18,15 @@ from typing import Any
 import torch
 
 from ..job import JobError, ModelSpec
-from .sd import (DENOISER, _load_pipeline, _lora_kwargs, drop_rows, encode_image_dists, encode_images,
-                 noise_scheduler_for, noisy_input_and_target, prepare_noise, sample_latents)
+from .sd import (DENOISER, IMAGE_ENCODER, _load_pipeline, drop_rows, encode_image_dists, encode_images,
+                 noise_scheduler_for, noisy_input_and_target, prepare_noise, sample_latents, save_lora_with)
+from .table import FAMILIES
 from .text_encoders import TextEncoders
 
-__all__ = ["DENOISER", "Parts", "load", "text_encoders", "pipeline", "encode_prompts", "encode_images",
+__all__ = ["DENOISER", "IMAGE_ENCODER", "Parts", "load", "text_encoders", "pipeline", "encode_prompts", "encode_images",
            "encode_image_dists", "sample_latents", "prepare_noise", "noisy_input_and_target",
            "conditioning_extras", "predict", "validation_pipeline", "save_lora_diffusers", "kohya_state_dict",
            "kohya_metadata"]
-
-NAMES = ("sdxl",)
-
 
 @dataclass
 class Parts:
@@ -130,12 +128,7 @@ class _Fp32Decode:
 
 
 def save_lora_diffusers(directory: Path, states: dict[str, dict], adapter_configs: dict[str, dict]) -> Path:
-    """pytorch_lora_weights.safetensors in PEFT form (`unet.<module>.lora_A.weight`), as for SD1.x/2.x."""
-    from diffusers import StableDiffusionXLPipeline
-
-    StableDiffusionXLPipeline.save_lora_weights(directory, **_lora_kwargs(states, adapter_configs),
-                                                safe_serialization=True)
-    return Path(directory) / "pytorch_lora_weights.safetensors"
+    return save_lora_with(FAMILIES["sdxl"].pipeline_class, directory, states, adapter_configs)
 
 
 def kohya_state_dict(states: dict[str, dict], alpha: float) -> dict:
