@@ -8,6 +8,7 @@ two-way: the trainer connects, sends `hello` with the run's token, streams event
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sys
@@ -38,7 +39,24 @@ def make_event(type_: str, **fields) -> dict:
     missing = [f for f in EVENT_FIELDS[type_] if f not in fields]
     if missing:
         raise ValueError(f"{type_} event is missing {', '.join(missing)}")
+    bad: list[str] = []
+    fields = {name: _finite(value, name, bad) for name, value in fields.items()}
+    if bad:
+        fields["nonfinite"] = bad  # JSON has no NaN: such values are written as null and named here
     return {"type": type_, "time": round(time.time(), 3), **fields}
+
+
+def _finite(value, name: str, bad: list[str]):
+    """`value` with every NaN or infinite float (also inside lists and dicts) replaced by None; their dotted
+    names are added to `bad`."""
+    if isinstance(value, float) and not math.isfinite(value):
+        bad.append(name)
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v, f"{name}.{k}", bad) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v, f"{name}.{i}", bad) for i, v in enumerate(value)]
+    return value
 
 
 def encode(event: dict) -> bytes:
@@ -189,12 +207,13 @@ class Reporter:
     def _show(self, event: dict) -> None:
         kind = event["type"]
         if kind == "step":
+            loss = "nan" if event["loss"] is None else f"{event['loss']:.4f}"
             if self._bar is not None:
-                self._bar.set_postfix(loss=f"{event['loss']:.4f}", lr=f"{event['lr']:.2e}", refresh=False)
+                self._bar.set_postfix(loss=loss, lr=f"{event['lr']:.2e}", refresh=False)
                 self._bar.update(event["step"] - self._bar.n)
             elif time.monotonic() - self._last_line > 10 or event["step"] == self._total:
                 self._last_line = time.monotonic()
-                self._say(f"step {event['step']}/{self._total} loss {event['loss']:.4f} "
+                self._say(f"step {event['step']}/{self._total} loss {loss} "
                           f"{event['its']:.2f} it/s eta {event['eta']:.0f}s")
         elif kind == "log" and event["level"] != "debug":
             self._say(f"[{event['level']}] {event['message']}")

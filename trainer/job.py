@@ -24,6 +24,11 @@ class JobError(Exception):
     """An invalid job, preset or data: one line that names the field or file. Exit code 2."""
 
 
+class RunFailed(Exception):
+    """Training stopped for a reason one line explains (a non-finite loss, a full disk): exit code 1, the
+    checkpoints already written intact, no traceback on the terminal."""
+
+
 class _Section(BaseModel):
     # Strict: "5" is not a number and an unknown key is a typo, not something to ignore.
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
@@ -275,6 +280,11 @@ class OptimizerSpec(_Section):
                                description="Adam beta1 and beta2.")
     eps: float = Field(1e-8, gt=0, le=1e-2, description="Adam epsilon.")
     max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm to this (0 turns clipping off).")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="A NaN or infinite loss or gradient: stop the run (the last checkpoint is kept), or "
+        "skip that step with a warning.")
+    max_skipped_steps: int = Field(3, ge=1, le=1000, description="With on_nonfinite skip: stop after this many "
+                                   "non-finite steps in a row.")
 
 
 class ScheduleSpec(_Section):

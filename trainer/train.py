@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
 
-from . import cache, checkpoint, ema, export, prior, trainable
+from . import cache, checkpoint, ema, export, nonfinite, prior, trainable
 from .buckets import batches_per_epoch, epoch_batches
+from .checkpoint_files import newest_good
 from .dataset import TrainDataset, collate
 from .events import Reporter
 from .families import family_module
@@ -66,9 +67,11 @@ def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Req
     frozen_dtype = torch.float32 if accelerator.device.type == "cpu" else _autocast_dtype(accelerator)
     parts.vae.to(accelerator.device)  # fp32 always: the SD VAE overflows in fp16
     _to(parts.text_encoder, accelerator.device, frozen_dtype)
-    found = checkpoint.latest(out / "checkpoints") if resume else None
+    found, passed = newest_good(out / "checkpoints") if resume else (None, [])
+    for line in passed:
+        reporter.log(f"{line}; resuming from an older one", "warning")
     if resume and found is None:
-        reporter.log("no complete checkpoint found; starting from step 0", "warning")
+        reporter.log("no intact checkpoint found; starting from step 0", "warning")
     start_step = checkpoint.read_state(found)["step"] if found else 0
 
     dataset = TrainDataset(plan.layout, job.dataset, sched.seed)
@@ -131,6 +134,7 @@ def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Req
     epoch = micro // plan.batches_per_epoch
     losses: list[torch.Tensor] = []
     timer = _StepTimer(plan.total_steps)
+    guard = nonfinite.Guard(job.optimizer, reporter, out / "checkpoints")
     status = "completed"
     while step < plan.total_steps and status == "completed":
         epoch, offset = divmod(micro, plan.batches_per_epoch)
@@ -149,14 +153,17 @@ def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Req
                     class_batch = _class_batch(class_dataset, sched, micro, accelerator)
                     loss = loss + job.prior.loss_weight * _batch_loss(run, denoiser, class_batch, gen, with_grad)
                 accelerator.backward(loss)
+                losses.append(loss.detach())
+                skip = False
                 if accelerator.sync_gradients:
                     _sync_unprepared_grads(accelerator, tr)
-                    if job.optimizer.max_grad_norm > 0:
+                    skip = guard.skip(accelerator, losses, tr.groups, step + 1)  # stop: raises RunFailed
+                    if job.optimizer.max_grad_norm > 0 and not skip:
                         accelerator.clip_grad_norm_(list(tr.params.values()), job.optimizer.max_grad_norm)
-                optimizer.step()
+                if not skip:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             micro += 1
-            losses.append(loss.detach())
             if not accelerator.sync_gradients:
                 continue
             trainable.after_optimizer_step(tr)
