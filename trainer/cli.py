@@ -16,17 +16,19 @@ from pathlib import Path
 from . import disk
 from .checkpoint_files import resume_lines
 from .job import PROVENANCE_KEY, JobError, ModelSpec, RunFailed, load_job, save_job
+from .terminal import attached
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except JobError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_INVALID
+    with attached(getattr(args, "log", None)):  # a closed terminal or SIGHUP stops no command
+        try:
+            return args.func(args)
+        except JobError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_INVALID
 
 
 def cmd_demo(args) -> int:
@@ -70,7 +72,7 @@ def cmd_run(args) -> int:
     out = plan.output_dir
     out.mkdir(parents=True, exist_ok=True)
     save_job(job, out / "job.json", extra={PROVENANCE_KEY: _provenance()})
-    reporter = Reporter(out / "events.jsonl", args.events, plan.total_steps)
+    reporter = Reporter(out / "events.jsonl", args.events, plan.total_steps, stream=sys.stderr)
     try:
         # Importing torch and diffusers and loading the model make about a million long-lived objects; each
         # collection meanwhile would walk them all again (a fifth of the start-up). train() freezes them once
@@ -248,6 +250,8 @@ def _parser() -> argparse.ArgumentParser:
         if name == "run":
             cmd.add_argument("--events", metavar="tcp://127.0.0.1:PORT",
                              help="also stream events to this loopback address (the window listens there)")
+            cmd.add_argument("--log", metavar="FILE", help="also write the terminal output to FILE (appended); "
+                             "the run goes on if the terminal closes")
     return p
 
 
