@@ -23,7 +23,7 @@ from pathlib import Path
 from PySide6.QtCore import QObject, QTimer, Signal
 from PySide6.QtNetwork import QHostAddress, QTcpServer, QTcpSocket
 
-from trainer.events import TOKEN_ENV, command, decode, hello_ok
+from trainer.events import MAX_EVENT_BYTES, TOKEN_ENV, LineBuffer, command, decode, hello_ok
 
 from .settings import REPO_ROOT, logs_dir
 
@@ -65,7 +65,7 @@ class TrainerProcess(QObject):
         self._server.newConnection.connect(self._on_new_connection)
         self._client: QTcpSocket | None = None
         self._pending: dict[QTcpSocket, bytes] = {}
-        self._inbox = b""
+        self._inbox = LineBuffer(MAX_EVENT_BYTES)
         self._log_file = None
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._tail: deque[str] = deque(maxlen=12)
@@ -189,8 +189,8 @@ class TrainerProcess(QObject):
         sock.disconnected.connect(self._on_client_disconnected)
         self._set_state("running" if self.state == "starting" else self.state)
         self.connected.emit()
-        self._inbox = rest
-        self._dispatch_lines()
+        self._inbox = LineBuffer(MAX_EVENT_BYTES)
+        self._dispatch_lines(rest)
 
     def _refuse(self, sock: QTcpSocket, why: str) -> None:
         self._pending.pop(sock, None)
@@ -202,14 +202,10 @@ class TrainerProcess(QObject):
     def _on_client_data(self) -> None:
         if self._client is None:
             return
-        self._inbox += bytes(self._client.readAll().data())
-        self._dispatch_lines()
+        self._dispatch_lines(bytes(self._client.readAll().data()))
 
-    def _dispatch_lines(self) -> None:
-        if b"\n" not in self._inbox:
-            return
-        *lines, self._inbox = self._inbox.split(b"\n")
-        for line in lines:
+    def _dispatch_lines(self, data: bytes) -> None:
+        for line in self._inbox.feed(data):
             event = decode(line)
             if event is not None:
                 self._dispatch(event)
@@ -307,7 +303,7 @@ class TrainerProcess(QObject):
     def _reset_run_state(self) -> None:
         self._tail.clear()
         self._partial_line = ""
-        self._inbox = b""
+        self._inbox = LineBuffer(MAX_EVENT_BYTES)
         self._error_event = None
         self._warned_connect = False
         self._had_client = False

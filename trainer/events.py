@@ -30,6 +30,17 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "run_finished": ("status", "outputs"),
 }
 FINISH_STATUSES = ("completed", "stopped", "failed")
+# What a field must hold for the window to show it; an event that breaks this is dropped like a torn line.
+_NUMBER = (int, float, type(None))  # None: a NaN or infinite value (see `nonfinite`)
+FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "step": (int,), "epoch": (int,), "total_steps": (int,), "start_step": (int,), "seed": (int,),
+    "loss": _NUMBER, "lr": _NUMBER, "its": _NUMBER, "eta": _NUMBER,
+    "prompt": (str,), "path": (str,), "level": (str,), "message": (str,), "traceback": (str,), "status": (str,),
+    "output_dir": (str,), "job": (dict,), "outputs": (dict,),
+}
+MAX_EVENT_BYTES = 1 << 20  # a run_started event carries the job; no event comes near this
+MAX_COMMAND_BYTES = 4096
+MAX_READ_BYTES = 1 << 20  # read from the socket per step at most: a flood cannot hold training up
 
 
 def make_event(type_: str, **fields) -> dict:
@@ -67,11 +78,39 @@ def decode(line: bytes | str) -> dict | None:
     """One line to an event, or None for a line that is not a well-formed event (a torn last line, say)."""
     try:
         event = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # torn, not UTF-8, or nested deeper than the parser goes
         return None
     if not isinstance(event, dict) or event.get("type") not in EVENT_FIELDS:
         return None
+    for name in EVENT_FIELDS[event["type"]]:
+        if name not in event or not isinstance(event[name], FIELD_TYPES.get(name, (object,))) \
+                or isinstance(event[name], bool):
+            return None
     return event
+
+
+class LineBuffer:
+    """Bytes from a socket cut into lines. A line longer than `limit` is dropped whole, so a peer that never
+    sends a newline cannot make the buffer grow."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._rest = b""
+        self._skipping = False  # inside a line that is already too long: drop up to its newline
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self._skipping:
+            if b"\n" not in data:
+                return []
+            data, self._skipping = data.split(b"\n", 1)[1], False
+        *lines, self._rest = (self._rest + data).split(b"\n")
+        if len(self._rest) > self.limit:
+            self._rest, self._skipping = b"", True
+        return [line for line in lines if len(line) <= self.limit]
+
+    def pending(self) -> int:
+        """Bytes held for the line not yet ended."""
+        return len(self._rest)
 
 
 def read_events(path: str | Path, offset: int = 0) -> tuple[list[dict], int]:
@@ -95,7 +134,7 @@ def hello_ok(line: bytes, token: str) -> bool:
     """The first line a client sends must be a hello carrying this run's token."""
     try:
         msg = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         return False
     return isinstance(msg, dict) and msg.get("type") == "hello" and msg.get("token") == token
 
@@ -115,7 +154,7 @@ class Reporter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "ab")
         self._sock: socket.socket | None = None
-        self._inbox = b""
+        self._inbox = LineBuffer(MAX_COMMAND_BYTES)
         self._stream = stream
         self._bar = None
         self._total = total_steps
@@ -143,23 +182,24 @@ class Reporter:
         """Commands the window sent since the last call (never blocks)."""
         if self._sock is None:
             return []
+        lines, read = [], 0
         try:
-            while True:
+            while read < MAX_READ_BYTES:
                 chunk = self._sock.recv(65536)
                 if not chunk:
                     self._drop("the window closed its connection; training goes on")
                     break
-                self._inbox += chunk
+                read += len(chunk)
+                lines += self._inbox.feed(chunk)
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as exc:
             self._drop(f"event socket error ({exc}); training goes on")
         out = []
-        while b"\n" in self._inbox:
-            line, self._inbox = self._inbox.split(b"\n", 1)
+        for line in lines:
             try:
                 name = json.loads(line).get("command")
-            except (json.JSONDecodeError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):  # not JSON, not an object, nested too deep
                 continue
             if name in COMMANDS:
                 out.append(name)

@@ -409,6 +409,7 @@ def from_sparse(data: dict, source: str = "job") -> Job:
     """A preset or job file may be sparse: what it omits takes the defaults."""
     if not isinstance(data, dict):
         raise JobError(f"{source}: expected a JSON object at the top level")
+    _check_document(data, source)
     data = {k: v for k, v in data.items() if k != PROVENANCE_KEY}
     return validate(merge(defaults(), data), source)
 
@@ -483,6 +484,28 @@ def read_json(path: str | Path) -> dict:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise JobError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except RecursionError:
+        raise JobError(f"{path}: nested more than {MAX_DEPTH} levels deep; not a job") from None
+
+
+MAX_DEPTH = 32  # a job is about four levels deep; copying or validating a deeper one could exhaust the stack
+
+
+def _check_document(data, source: str) -> None:
+    """Refuse a document nested deeper than MAX_DEPTH or holding text that is not Unicode (a lone surrogate,
+    which JSON's \\u escapes allow and no file system takes), walking it without recursion."""
+    stack = [(data, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth >= MAX_DEPTH:
+            raise JobError(f"{source}: nested more than {MAX_DEPTH} levels deep; not a job")
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise JobError(f"{source}: {path.strip('.')}: not valid Unicode text (a lone surrogate)") from None
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        stack.extend((child, f"{path}.{key}", depth + 1) for key, child in items)
 
 
 def _diff(value: dict, base: dict) -> dict:
