@@ -25,13 +25,14 @@ from PySide6.QtNetwork import QHostAddress, QTcpServer, QTcpSocket
 
 from trainer.events import MAX_EVENT_BYTES, TOKEN_ENV, LineBuffer, command, decode, hello_ok
 
-from .settings import REPO_ROOT, logs_dir
+from .settings import REPO_ROOT, logs_dir, settings
 
 EXIT_TEXT = {0: "completed", 1: "training failed", 2: "invalid job or data", 3: "stopped (resumable checkpoint saved)"}
 POLL_MS = 100
 CONNECT_WARN_S = 120  # importing torch and loading a model can take a while; after this, say so
 MAX_HELLO_BYTES = 4096
 DRAIN_S = 0.5
+STALL_S = 600.0
 
 
 class TrainerProcess(QObject):
@@ -52,6 +53,7 @@ class TrainerProcess(QObject):
     notice = Signal(str)  # one line for the status bar
     failed = Signal(str)  # one error line, then the last lines of stderr
     finished = Signal(int, str)  # exit code (negative: killed by that signal), one-line summary
+    stalled = Signal(float)  # seconds without an event while the trainer's process lives
 
     def __init__(self, parent: QObject | None = None, command_prefix: list[str] | None = None):
         super().__init__(parent)
@@ -75,6 +77,11 @@ class TrainerProcess(QObject):
         self._warned_connect = False
         self._had_client = False
         self._exited_at: float | None = None
+        # No event for this long while the process lives: the trainer may be hung (a deadlocked data loader, a
+        # stuck GPU driver). Long enough for caching and class-image generation, which report as they go.
+        self.stall_s = float(settings().value("stall_seconds", STALL_S))
+        self._last_event_at = 0.0
+        self._stall_shown = False
         self._timer = QTimer(self)
         self._timer.setInterval(POLL_MS)
         self._timer.timeout.connect(self._poll)
@@ -211,6 +218,7 @@ class TrainerProcess(QObject):
                 self._dispatch(event)
 
     def _dispatch(self, event: dict) -> None:
+        self._last_event_at, self._stall_shown = time.monotonic(), False
         self.eventReceived.emit(event)
         kind = event["type"]
         if kind == "error":
@@ -237,6 +245,10 @@ class TrainerProcess(QObject):
                 self._warned_connect = True
                 self.notice.emit(f"the trainer (pid {self._proc.pid}) has not connected after {CONNECT_WARN_S} s; "
                                  "it is still running: see the log")
+            silent = time.monotonic() - max(self._last_event_at, self._started_at)
+            if self.state == "running" and not self._stall_shown and silent > self.stall_s:
+                self._stall_shown = True
+                self.stalled.emit(silent)
             return
         # The child has exited; its last events may still be on their way through the socket. Wait for the
         # socket to close (it does when the process ends), at most DRAIN_S, so they are shown before the exit.
