@@ -38,6 +38,8 @@ class Guard:
 
     def skip(self, accelerator, losses: list[torch.Tensor], groups, step: int) -> bool:
         """True when step `step` must leave the weights alone; raises RunFailed when the run must stop."""
+        if getattr(accelerator, "scaler", None) is not None:
+            groups = ()  # fp16: overflowing gradients are the loss scaler's business (it skips and rescales)
         what = find(losses, groups)
         if accelerator.num_processes > 1:  # every process must take the same branch
             flag = accelerator.reduce(torch.tensor(float(what is not None), device=accelerator.device), "sum")
