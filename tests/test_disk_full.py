@@ -4,6 +4,7 @@ mid-run stops it with one line naming the file and the space, the previous check
 import errno
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,28 @@ def test_a_disk_that_fills_mid_run_stops_cleanly(demo_job, monkeypatch, capsys):
     assert error["message"] == errors[0].removeprefix("error: ")
     assert "RunFailed: disk full writing" in error["traceback"]  # the traceback goes to the event, not the terminal
     assert events[-1]["status"] == "failed"
+
+
+def test_a_full_disk_under_events_jsonl_does_not_stop_the_reporter(tmp_path, capsys):
+    from trainer.events import Reporter, read_events
+
+    reporter = Reporter(tmp_path / "events.jsonl", stream=sys.stderr)
+    reporter.log("before")
+    real = reporter._file
+
+    class Full:
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        flush = close = lambda self: None
+
+    reporter._file = Full()
+    reporter.log("while full")
+    reporter.log("still full")
+    reporter._file = real
+    reporter.log("after")
+    reporter.close()
+    said = [line for line in capsys.readouterr().err.splitlines() if "cannot write" in line]
+    assert said == [f"cannot write {tmp_path / 'events.jsonl'} (No space left on device); events go to the window "
+                    "and the terminal only until it can"]  # once, not per event
+    assert [e["message"] for e in read_events(tmp_path / "events.jsonl")[0]] == ["before", "after"]

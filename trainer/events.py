@@ -153,6 +153,7 @@ class Reporter:
         self.path = Path(events_path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "ab")
+        self._file_failed = False
         self._sock: socket.socket | None = None
         self._inbox = LineBuffer(MAX_COMMAND_BYTES)
         self._stream = stream
@@ -165,8 +166,15 @@ class Reporter:
     def emit(self, type_: str, **fields) -> dict:
         event = make_event(type_, **fields)
         line = encode(event)
-        self._file.write(line)
-        self._file.flush()
+        try:
+            self._file.write(line)
+            self._file.flush()
+            self._file_failed = False
+        except OSError as exc:  # a full disk: the run goes on (its next checkpoint says so, in one line)
+            if not self._file_failed:
+                self._say(f"cannot write {self.path} ({exc.strerror or exc}); events go to the window and the "
+                          "terminal only until it can")
+            self._file_failed = True
         if self._sock is not None:
             try:
                 self._sock.sendall(line)
