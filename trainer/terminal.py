@@ -11,6 +11,7 @@ import io
 import os
 import signal
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -66,7 +67,9 @@ def attached(log_path: str | None):
         for stream in streams:
             stream.detach()
 
-    previous = signal.signal(signal.SIGHUP, hang_up) if hasattr(signal, "SIGHUP") else None
+    # Signal handlers belong to the main thread (and Windows has no SIGHUP).
+    can_handle = hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGHUP, hang_up) if can_handle else None
     try:
         yield
     finally:
