@@ -79,3 +79,19 @@ def test_resume_falls_back_from_a_truncated_checkpoint(demo_job, capsys):
     assert resumed[-1]["status"] == "completed"
     found, passed = newest_good(ckpts)
     assert found == ckpts / "step-6" and passed == []  # step-4 was written again, whole
+
+
+def test_export_refuses_a_damaged_checkpoint_and_passes_over_one_in_a_run(tmp_path, capsys):
+    import pytest
+
+    from trainer.convert import resolve_source
+    from trainer.job import JobError, defaults
+
+    run = tmp_path / "run"
+    _save(run / "checkpoints", [1, 2])
+    (run / "job.json").write_text(json.dumps(defaults()))
+    _truncate(run / "checkpoints" / "step-2" / "optimizer.safetensors")
+    with pytest.raises(JobError, match=r"step-2: a damaged checkpoint \(optimizer.safetensors is "):
+        resolve_source(run / "checkpoints" / "step-2")
+    assert resolve_source(run).checkpoint == run / "checkpoints" / "step-1"
+    assert "step-2 is damaged: optimizer.safetensors" in capsys.readouterr().err
