@@ -35,3 +35,21 @@ def test_closed_pipes_and_sighup_do_not_stop_the_run(demo_job, tmp_path):
     text = log.read_text()
     assert "checkpoint at step 6" in text and text.rstrip().endswith("run completed")
     assert "Traceback" not in text and "BrokenPipe" not in text
+
+
+def test_a_hang_up_in_the_middle_of_a_write_loses_nothing(tmp_path):
+    import io
+
+    from trainer.terminal import _Tee
+
+    class Terminal(io.StringIO):
+        def write(self, text):
+            tee.detach()  # SIGHUP's handler runs between write and flush, as it did in a real run
+            return super().write(text)
+
+    log = open(tmp_path / "log", "w", encoding="utf-8")
+    tee = _Tee(Terminal(), log)
+    assert tee.write("step 2/6\n") == 9
+    tee.write("run completed\n")  # the terminal is gone: the log alone gets it
+    log.close()
+    assert (tmp_path / "log").read_text() == "step 2/6\nrun completed\n" and tee.terminal is None

@@ -26,10 +26,11 @@ class _Tee(io.TextIOBase):
         if self.log is not None:
             self.log.write(text)
             self.log.flush()
-        if self.terminal is not None:
+        terminal = self.terminal  # SIGHUP may detach it between any two lines here
+        if terminal is not None:
             try:
-                self.terminal.write(text)
-                self.terminal.flush()
+                terminal.write(text)
+                terminal.flush()
             except (OSError, ValueError):  # EPIPE, EIO after a hang-up, or a stream already closed
                 self.detach()
         return len(text)
@@ -46,6 +47,8 @@ class _Tee(io.TextIOBase):
         """Stop writing to the terminal. Its descriptor is pointed at /dev/null: bytes still buffered there (flushed
         when the interpreter exits) and libraries that write to it directly then fail nowhere."""
         terminal, self.terminal = self.terminal, None
+        if terminal is None:  # already detached (a failed write and SIGHUP both ask)
+            return
         try:
             fd = terminal.fileno()
         except (AttributeError, OSError, ValueError):
