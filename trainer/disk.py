@@ -51,7 +51,8 @@ def estimate(plan) -> Estimate:
     copies = 1 + (1 if job.output.save_single_file else 0)
     final = (_folder_bytes(job.model.path) * copies) if full else trained * 4 * (1 + int(job.output.save_kohya))
     latent_side = job.dataset.resolution // 8
-    caches = plan.scan.num_images * latent_side ** 2 * 16 * 2 * 4 if plan.caching.latents else 0  # mean, std
+    # Mean and std in fp32, four latent channels (SD; SD3 and Flux have 16): a lower bound like the rest.
+    caches = plan.scan.num_images * latent_side ** 2 * 4 * 2 * 4 if plan.caching.latents else 0
     return Estimate(checkpoints, samples, final, caches)
 
 
