@@ -147,8 +147,10 @@ class RunPanel(QWidget):
         if step > self.progress.maximum():
             self.progress.setRange(0, step)
         self.progress.setValue(step)
+        loss = event.get("loss")
+        loss = "not finite" if loss is None else f"{loss:.4g}"  # the trainer writes NaN as null
         self.speed.setText(f"{event.get('its', 0):.2f} it/s · ETA {format_duration(event.get('eta', -1))} · "
-                           f"epoch {event.get('epoch', 0)} · loss {event['loss']:.4g}")
+                           f"epoch {event.get('epoch', 0)} · loss {loss}")
 
     def _log_line(self, text: str) -> None:
         if self.log_events:

@@ -23,15 +23,16 @@ from pathlib import Path
 from PySide6.QtCore import QObject, QTimer, Signal
 from PySide6.QtNetwork import QHostAddress, QTcpServer, QTcpSocket
 
-from trainer.events import TOKEN_ENV, command, decode, hello_ok
+from trainer.events import MAX_EVENT_BYTES, TOKEN_ENV, LineBuffer, command, decode, hello_ok
 
-from .settings import REPO_ROOT, logs_dir
+from .settings import REPO_ROOT, logs_dir, settings
 
 EXIT_TEXT = {0: "completed", 1: "training failed", 2: "invalid job or data", 3: "stopped (resumable checkpoint saved)"}
 POLL_MS = 100
 CONNECT_WARN_S = 120  # importing torch and loading a model can take a while; after this, say so
 MAX_HELLO_BYTES = 4096
 DRAIN_S = 0.5
+STALL_S = 600.0
 
 
 class TrainerProcess(QObject):
@@ -52,6 +53,7 @@ class TrainerProcess(QObject):
     notice = Signal(str)  # one line for the status bar
     failed = Signal(str)  # one error line, then the last lines of stderr
     finished = Signal(int, str)  # exit code (negative: killed by that signal), one-line summary
+    stalled = Signal(float)  # seconds without an event while the trainer's process lives
 
     def __init__(self, parent: QObject | None = None, command_prefix: list[str] | None = None):
         super().__init__(parent)
@@ -65,7 +67,7 @@ class TrainerProcess(QObject):
         self._server.newConnection.connect(self._on_new_connection)
         self._client: QTcpSocket | None = None
         self._pending: dict[QTcpSocket, bytes] = {}
-        self._inbox = b""
+        self._inbox = LineBuffer(MAX_EVENT_BYTES)
         self._log_file = None
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._tail: deque[str] = deque(maxlen=12)
@@ -75,6 +77,11 @@ class TrainerProcess(QObject):
         self._warned_connect = False
         self._had_client = False
         self._exited_at: float | None = None
+        # No event for this long while the process lives: the trainer may be hung (a deadlocked data loader, a
+        # stuck GPU driver). Long enough for caching and class-image generation, which report as they go.
+        self.stall_s = float(settings().value("stall_seconds", STALL_S))
+        self._last_event_at = 0.0
+        self._stall_shown = False
         self._timer = QTimer(self)
         self._timer.setInterval(POLL_MS)
         self._timer.timeout.connect(self._poll)
@@ -189,8 +196,8 @@ class TrainerProcess(QObject):
         sock.disconnected.connect(self._on_client_disconnected)
         self._set_state("running" if self.state == "starting" else self.state)
         self.connected.emit()
-        self._inbox = rest
-        self._dispatch_lines()
+        self._inbox = LineBuffer(MAX_EVENT_BYTES)
+        self._dispatch_lines(rest)
 
     def _refuse(self, sock: QTcpSocket, why: str) -> None:
         self._pending.pop(sock, None)
@@ -202,19 +209,16 @@ class TrainerProcess(QObject):
     def _on_client_data(self) -> None:
         if self._client is None:
             return
-        self._inbox += bytes(self._client.readAll().data())
-        self._dispatch_lines()
+        self._dispatch_lines(bytes(self._client.readAll().data()))
 
-    def _dispatch_lines(self) -> None:
-        if b"\n" not in self._inbox:
-            return
-        *lines, self._inbox = self._inbox.split(b"\n")
-        for line in lines:
+    def _dispatch_lines(self, data: bytes) -> None:
+        for line in self._inbox.feed(data):
             event = decode(line)
             if event is not None:
                 self._dispatch(event)
 
     def _dispatch(self, event: dict) -> None:
+        self._last_event_at, self._stall_shown = time.monotonic(), False
         self.eventReceived.emit(event)
         kind = event["type"]
         if kind == "error":
@@ -241,6 +245,10 @@ class TrainerProcess(QObject):
                 self._warned_connect = True
                 self.notice.emit(f"the trainer (pid {self._proc.pid}) has not connected after {CONNECT_WARN_S} s; "
                                  "it is still running: see the log")
+            silent = time.monotonic() - max(self._last_event_at, self._started_at)
+            if self.state == "running" and not self._stall_shown and silent > self.stall_s:
+                self._stall_shown = True
+                self.stalled.emit(silent)
             return
         # The child has exited; its last events may still be on their way through the socket. Wait for the
         # socket to close (it does when the process ends), at most DRAIN_S, so they are shown before the exit.
@@ -307,7 +315,7 @@ class TrainerProcess(QObject):
     def _reset_run_state(self) -> None:
         self._tail.clear()
         self._partial_line = ""
-        self._inbox = b""
+        self._inbox = LineBuffer(MAX_EVENT_BYTES)
         self._error_event = None
         self._warned_connect = False
         self._had_client = False

@@ -18,6 +18,7 @@ from trainer.data_files import scan_dataset
 from trainer.events import read_events
 from trainer.job import PRESETS_DIR, Job, JobError, from_sparse, list_presets, load_job, save_job, to_sparse
 
+from . import live_run
 from .dataset_view import DatasetView
 from .job_form import JobForm
 from .run_folder import RunFolder
@@ -90,6 +91,7 @@ class MainWindow(QMainWindow):
         self.runner.notice.connect(self._notice)
         self.runner.failed.connect(self._on_failed)
         self.runner.finished.connect(self._on_finished)
+        self.runner.stalled.connect(self._on_stalled)
         self.runner.runStarted.connect(lambda e: self._notice(f"Run started: {e.get('total_steps')} steps"))
         self.runner.checkpointReceived.connect(lambda e: self._notice(f"Checkpoint saved at step {e['step']}"))
         self.follower.eventsRead.connect(self.run_panel.add_events)
@@ -100,6 +102,7 @@ class MainWindow(QMainWindow):
         self._fill_preset_combo()
         if restore:
             self._restore_settings()
+            QTimer.singleShot(0, self.offer_to_follow)  # once shown: a run left going by an earlier window
         self._on_form_changed()
         self._on_state("idle")
 
@@ -380,9 +383,22 @@ class MainWindow(QMainWindow):
         except (OSError, RuntimeError) as exc:
             self._error("Cannot start the trainer", str(exc))
             return False
+        live_run.record(run_dir, self.runner.pid)
         self.tabs.setCurrentWidget(self.run_panel)
         self.run_panel.tabs.setCurrentWidget(self.run_panel.plot)
         return True
+
+    def offer_to_follow(self) -> None:
+        """An earlier window (closed, or killed) left a run training: offer to show it as it goes."""
+        found = live_run.still_running()
+        if found is None or self.runner.state != "idle":
+            return
+        folder, pid = found
+        answer = self.ask("A run is still training",
+                          f"The trainer started from this window earlier (pid {pid}) is still training {folder}.\n\n"
+                          "Follow it here (plot, samples, log)?", ["Follow it", "Not now"])
+        if answer == "Follow it":
+            self.open_run_folder(folder)
 
     def stop(self) -> None:
         self.runner.stop()
@@ -403,7 +419,18 @@ class MainWindow(QMainWindow):
         self.run_panel.show_banner(f"<b>{_html(head)}</b>" + (f"<pre>{_html(tail)}</pre>" if tail else ""), "error")
         self.tabs.setCurrentWidget(self.run_panel)
 
+    def _on_stalled(self, seconds: float) -> None:
+        text = (f"No event from the trainer for {seconds:.0f} s while its process (pid {self.runner.pid}) lives: "
+                "it may be hung.")
+        self.run_panel.show_banner(_html(text), "error")
+        self.state_label.setText("Stalled")
+        answer = self.ask("The trainer has stalled", text + " Stop it (its last checkpoint stays), or keep waiting?",
+                          ["Keep waiting", "Stop it"])
+        if answer == "Stop it":
+            self.runner.kill()  # a hung trainer would never act on a stop request at its next step
+
     def _on_finished(self, code: int, summary: str) -> None:
+        live_run.clear()
         if code in (0, 3):
             hint = "" if code == 0 else " Press Start and choose Resume to continue."
             self.run_panel.show_banner(_html(summary) + hint, "ok" if code == 0 else "info")

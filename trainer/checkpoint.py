@@ -2,60 +2,57 @@
 safetensors + JSON.
 
 No pickle anywhere, so a checkpoint copied from a rented GPU is safe to open. A checkpoint is written under a
-temporary name and renamed when complete; `latest` never returns a half-written one.
+temporary name and renamed when complete; its state.json, written last, records every file's size and hash
+(trainer/checkpoint_files.py), so a damaged one is found before it is loaded.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-_NAME = re.compile(r"^step-(\d+)$")
-STATE_FILE = "state.json"  # written last: its presence marks a complete checkpoint
+from . import disk
+from .checkpoint_files import STATE_FILE, complete, latest, manifest, rotate
+
+__all__ = ["STATE_FILE", "complete", "latest", "save", "load", "read_state", "load_weights"]
 EMA_FILE = "ema.safetensors"
 
 
 def save(root: Path, step: int, weights: dict[str, torch.Tensor], optimizer, lr_scheduler, info: dict,
          keep_last: int, ema: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write checkpoints/step-N atomically and delete all but the newest `keep_last`. `weights` are keyed
-    "component.parameter" (see trainer/trainable.py); `info` (epoch, the job) goes into state.json."""
+    """Write checkpoints/step-N atomically and keep the newest `keep_last` intact ones. `weights` are keyed
+    "component.parameter" (see trainer/trainable.py); `info` (epoch, the job) goes into state.json. A write that
+    fails (a full disk) leaves no partial checkpoint and every earlier one as it was."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(_cpu(weights), tmp / "weights.safetensors")
-    if ema is not None:
-        save_file(_cpu(ema), tmp / EMA_FILE)
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    state = {"step": step, "optimizer": opt_meta, "lr_scheduler": _jsonable(lr_scheduler.state_dict()), **info}
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+    files = {"weights.safetensors": _cpu(weights), "optimizer.safetensors": opt_tensors}
+    if ema is not None:
+        files[EMA_FILE] = _cpu(ema)
+    needed = sum(t.numel() * t.element_size() for tensors in files.values() for t in tensors.values())
+    try:
+        tmp.mkdir()
+        for name, tensors in files.items():
+            with disk.reporting_full(tmp / name, needed):
+                save_file(tensors, tmp / name)
+        state = {"step": step, "optimizer": opt_meta, "lr_scheduler": _jsonable(lr_scheduler.state_dict()),
+                 **info, "files": manifest(tmp)}
+        with disk.reporting_full(tmp / STATE_FILE, needed):
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    for old in complete(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    rotate(root, keep_last)
     return final
-
-
-def complete(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file()]
-    return [p for _, p in sorted(found)]
-
-
-def latest(root: Path) -> Path | None:
-    done = complete(root)
-    return done[-1] if done else None
 
 
 def load(path: Path, optimizer, lr_scheduler) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:

@@ -13,18 +13,22 @@ import sys
 import traceback
 from pathlib import Path
 
-from .job import PROVENANCE_KEY, JobError, ModelSpec, load_job, save_job
+from . import disk
+from .checkpoint_files import resume_lines
+from .job import PROVENANCE_KEY, JobError, ModelSpec, RunFailed, load_job, save_job
+from .terminal import attached
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except JobError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_INVALID
+    with attached(getattr(args, "log", None)):  # a closed terminal or SIGHUP stops no command
+        try:
+            return args.func(args)
+        except JobError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_INVALID
 
 
 def cmd_demo(args) -> int:
@@ -46,6 +50,10 @@ def cmd_check(args) -> int:
     print(f"job: {args.job} is valid")
     for line in lines:
         print(line)
+    print(disk.estimate(plan).describe(disk.free_bytes(plan.output_dir)))
+    if args.resume:
+        for line in resume_lines(plan.output_dir / "checkpoints"):
+            print(line)
     return EXIT_OK
 
 
@@ -60,10 +68,11 @@ def cmd_run(args) -> int:
             parse_address(args.events)
         except ValueError as exc:
             raise JobError(str(exc)) from None
+    disk.check_space(plan)
     out = plan.output_dir
     out.mkdir(parents=True, exist_ok=True)
     save_job(job, out / "job.json", extra={PROVENANCE_KEY: _provenance()})
-    reporter = Reporter(out / "events.jsonl", args.events, plan.total_steps)
+    reporter = Reporter(out / "events.jsonl", args.events, plan.total_steps, stream=sys.stderr)
     try:
         # Importing torch and diffusers and loading the model make about a million long-lived objects; each
         # collection meanwhile would walk them all again (a fifth of the start-up). train() freezes them once
@@ -80,14 +89,25 @@ def cmd_run(args) -> int:
         raise
     except BaseException as exc:  # noqa: BLE001 - the reason must reach events.jsonl and the window
         tail = "".join(traceback.format_exception(exc)[-6:])
-        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        one_line = _one_line_reason(exc)
+        message = one_line or f"{type(exc).__name__}: {exc}".splitlines()[0]
         reporter.emit("error", message=message, traceback=tail)
         reporter.emit("run_finished", status="failed", outputs={})
-        print(tail, file=sys.stderr)
+        if one_line is None:  # a bug or an unforeseen failure: its traceback helps; a known reason says it all
+            print(tail, file=sys.stderr)
         return EXIT_FAILED
     finally:
         gc.enable()  # also when loading failed
         reporter.close()
+
+
+def _one_line_reason(exc: BaseException) -> str | None:
+    """The message of a failure one line explains (the reporter has already shown it), else None."""
+    if isinstance(exc, RunFailed):
+        return str(exc)
+    if disk.is_full(exc):  # a sample, an export or a cache file: the same advice as for a checkpoint
+        return disk.full_message(getattr(exc, "filename", None) or "the run folder")
+    return None
 
 
 def cmd_inspect_model(args) -> int:
@@ -230,6 +250,8 @@ def _parser() -> argparse.ArgumentParser:
         if name == "run":
             cmd.add_argument("--events", metavar="tcp://127.0.0.1:PORT",
                              help="also stream events to this loopback address (the window listens there)")
+            cmd.add_argument("--log", metavar="FILE", help="also write the terminal output to FILE (appended); "
+                             "the run goes on if the terminal closes")
     return p
 
 

@@ -9,6 +9,7 @@ what its final/ folder holds. Torch is imported only once an export starts, so t
 from __future__ import annotations
 
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def export(source: Path, fmt: str, out: Path | None = None, lora_scale: float | 
 def resolve_source(path: Path) -> Source:
     """A checkpoint folder (RUN/checkpoints/step-N) or a run folder holding job.json; a one-line JobError naming
     the folder otherwise."""
-    from .checkpoint import STATE_FILE, latest
+    from .checkpoint_files import STATE_FILE, damage, newest_good
 
     path = path.expanduser().resolve()
     if not path.is_dir():
@@ -69,9 +70,14 @@ def resolve_source(path: Path) -> Source:
     if path.parent.name == "checkpoints":
         if not (path / STATE_FILE).is_file():
             raise JobError(f"{path}: an incomplete checkpoint (no {STATE_FILE}); export a complete one")
+        why = damage(path)
+        if why:
+            raise JobError(f"{path}: a damaged checkpoint ({why}); export an older one")
         run, found = path.parent.parent, path
     elif (path / "job.json").is_file():
-        run, found = path, latest(path / "checkpoints")
+        run, (found, passed) = path, newest_good(path / "checkpoints")
+        for line in passed:
+            print(f"warning: {line}; exporting an older one", file=sys.stderr)
         final = path / "final"
         if found is None and not ((final / LORA_FILE).is_file() or (final / "diffusers").is_dir()
                                   or (final / "embeddings").is_dir()):

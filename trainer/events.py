@@ -8,6 +8,7 @@ two-way: the trainer connects, sends `hello` with the run's token, streams event
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sys
@@ -28,6 +29,17 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "error": ("message", "traceback"),
     "run_finished": ("status", "outputs"),
 }
+# What a field must hold for the window to show it; an event that breaks this is dropped like a torn line.
+_NUMBER = (int, float, type(None))  # None: a NaN or infinite value (see `nonfinite`)
+FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "step": (int,), "epoch": (int,), "total_steps": (int,), "start_step": (int,), "seed": (int,),
+    "loss": _NUMBER, "lr": _NUMBER, "its": _NUMBER, "eta": _NUMBER,
+    "prompt": (str,), "path": (str,), "level": (str,), "message": (str,), "traceback": (str,), "status": (str,),
+    "output_dir": (str,), "job": (dict,), "outputs": (dict,),
+}
+MAX_EVENT_BYTES = 1 << 20  # a run_started event carries the job; no event comes near this
+MAX_COMMAND_BYTES = 4096
+MAX_READ_BYTES = 1 << 20  # read from the socket per step at most: a flood cannot hold training up
 
 
 def make_event(type_: str, **fields) -> dict:
@@ -37,7 +49,24 @@ def make_event(type_: str, **fields) -> dict:
     missing = [f for f in EVENT_FIELDS[type_] if f not in fields]
     if missing:
         raise ValueError(f"{type_} event is missing {', '.join(missing)}")
+    bad: list[str] = []
+    fields = {name: _finite(value, name, bad) for name, value in fields.items()}
+    if bad:
+        fields["nonfinite"] = bad  # JSON has no NaN: such values are written as null and named here
     return {"type": type_, "time": round(time.time(), 3), **fields}
+
+
+def _finite(value, name: str, bad: list[str]):
+    """`value` with every NaN or infinite float (also inside lists and dicts) replaced by None; their dotted
+    names are added to `bad`."""
+    if isinstance(value, float) and not math.isfinite(value):
+        bad.append(name)
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v, f"{name}.{k}", bad) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v, f"{name}.{i}", bad) for i, v in enumerate(value)]
+    return value
 
 
 def encode(event: dict) -> bytes:
@@ -48,11 +77,39 @@ def decode(line: bytes | str) -> dict | None:
     """One line to an event, or None for a line that is not a well-formed event (a torn last line, say)."""
     try:
         event = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # torn, not UTF-8, or nested deeper than the parser goes
         return None
     if not isinstance(event, dict) or event.get("type") not in EVENT_FIELDS:
         return None
+    for name in EVENT_FIELDS[event["type"]]:
+        if name not in event or not isinstance(event[name], FIELD_TYPES.get(name, (object,))) \
+                or isinstance(event[name], bool):
+            return None
     return event
+
+
+class LineBuffer:
+    """Bytes from a socket cut into lines. A line longer than `limit` is dropped whole, so a peer that never
+    sends a newline cannot make the buffer grow."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._rest = b""
+        self._skipping = False  # inside a line that is already too long: drop up to its newline
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self._skipping:
+            if b"\n" not in data:
+                return []
+            data, self._skipping = data.split(b"\n", 1)[1], False
+        *lines, self._rest = (self._rest + data).split(b"\n")
+        if len(self._rest) > self.limit:
+            self._rest, self._skipping = b"", True
+        return [line for line in lines if len(line) <= self.limit]
+
+    def pending(self) -> int:
+        """Bytes held for the line not yet ended."""
+        return len(self._rest)
 
 
 def read_events(path: str | Path, offset: int = 0) -> tuple[list[dict], int]:
@@ -76,7 +133,7 @@ def hello_ok(line: bytes, token: str) -> bool:
     """The first line a client sends must be a hello carrying this run's token."""
     try:
         msg = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         return False
     return isinstance(msg, dict) and msg.get("type") == "hello" and msg.get("token") == token
 
@@ -95,8 +152,9 @@ class Reporter:
         self.path = Path(events_path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "ab")
+        self._file_failed = False
         self._sock: socket.socket | None = None
-        self._inbox = b""
+        self._inbox = LineBuffer(MAX_COMMAND_BYTES)
         self._stream = stream
         self._bar = None
         self._total = total_steps
@@ -107,8 +165,15 @@ class Reporter:
     def emit(self, type_: str, **fields) -> dict:
         event = make_event(type_, **fields)
         line = encode(event)
-        self._file.write(line)
-        self._file.flush()
+        try:
+            self._file.write(line)
+            self._file.flush()
+            self._file_failed = False
+        except OSError as exc:  # a full disk: the run goes on (its next checkpoint says so, in one line)
+            if not self._file_failed:
+                self._say(f"cannot write {self.path} ({exc.strerror or exc}); events go to the window and the "
+                          "terminal only until it can")
+            self._file_failed = True
         if self._sock is not None:
             try:
                 self._sock.sendall(line)
@@ -124,23 +189,24 @@ class Reporter:
         """Commands the window sent since the last call (never blocks)."""
         if self._sock is None:
             return []
+        lines, read = [], 0
         try:
-            while True:
+            while read < MAX_READ_BYTES:
                 chunk = self._sock.recv(65536)
                 if not chunk:
                     self._drop("the window closed its connection; training goes on")
                     break
-                self._inbox += chunk
+                read += len(chunk)
+                lines += self._inbox.feed(chunk)
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as exc:
             self._drop(f"event socket error ({exc}); training goes on")
         out = []
-        while b"\n" in self._inbox:
-            line, self._inbox = self._inbox.split(b"\n", 1)
+        for line in lines:
             try:
                 name = json.loads(line).get("command")
-            except (json.JSONDecodeError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):  # not JSON, not an object, nested too deep
                 continue
             if name in COMMANDS:
                 out.append(name)
@@ -188,12 +254,13 @@ class Reporter:
     def _show(self, event: dict) -> None:
         kind = event["type"]
         if kind == "step":
+            loss = "nan" if event["loss"] is None else f"{event['loss']:.4f}"
             if self._bar is not None:
-                self._bar.set_postfix(loss=f"{event['loss']:.4f}", lr=f"{event['lr']:.2e}", refresh=False)
+                self._bar.set_postfix(loss=loss, lr=f"{event['lr']:.2e}", refresh=False)
                 self._bar.update(event["step"] - self._bar.n)
             elif time.monotonic() - self._last_line > 10 or event["step"] == self._total:
                 self._last_line = time.monotonic()
-                self._say(f"step {event['step']}/{self._total} loss {event['loss']:.4f} "
+                self._say(f"step {event['step']}/{self._total} loss {loss} "
                           f"{event['its']:.2f} it/s eta {event['eta']:.0f}s")
         elif kind == "log" and event["level"] != "debug":
             self._say(f"[{event['level']}] {event['message']}")

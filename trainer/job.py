@@ -27,6 +27,11 @@ class JobError(Exception):
     """An invalid job, preset or data: one line that names the field or file. Exit code 2."""
 
 
+class RunFailed(Exception):
+    """Training stopped for a reason one line explains (a non-finite loss, a full disk): exit code 1, the
+    checkpoints already written intact, no traceback on the terminal."""
+
+
 class _Section(BaseModel):
     # Strict: "5" is not a number and an unknown key is a typo, not something to ignore.
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
@@ -278,6 +283,11 @@ class OptimizerSpec(_Section):
                                description="Adam beta1 and beta2.")
     eps: float = Field(1e-8, gt=0, le=1e-2, description="Adam epsilon.")
     max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm to this (0 turns clipping off).")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="A NaN or infinite loss or gradient: stop the run (the last checkpoint is kept), or "
+        "skip that step with a warning.")
+    max_skipped_steps: int = Field(3, ge=1, le=1000, description="With on_nonfinite skip: stop after this many "
+                                   "non-finite steps in a row.")
 
 
 class ScheduleSpec(_Section):
@@ -402,6 +412,7 @@ def from_sparse(data: dict, source: str = "job") -> Job:
     """A preset or job file may be sparse: what it omits takes the defaults."""
     if not isinstance(data, dict):
         raise JobError(f"{source}: expected a JSON object at the top level")
+    _check_document(data, source)
     data = {k: v for k, v in data.items() if k != PROVENANCE_KEY}
     return validate(merge(defaults(), data), source)
 
@@ -476,6 +487,28 @@ def read_json(path: str | Path) -> dict:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise JobError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except RecursionError:
+        raise JobError(f"{path}: nested more than {MAX_DEPTH} levels deep; not a job") from None
+
+
+MAX_DEPTH = 32  # a job is about four levels deep; copying or validating a deeper one could exhaust the stack
+
+
+def _check_document(data, source: str) -> None:
+    """Refuse a document nested deeper than MAX_DEPTH or holding text that is not Unicode (a lone surrogate,
+    which JSON's \\u escapes allow and no file system takes), walking it without recursion."""
+    stack = [(data, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth >= MAX_DEPTH:
+            raise JobError(f"{source}: nested more than {MAX_DEPTH} levels deep; not a job")
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise JobError(f"{source}: {path.strip('.')}: not valid Unicode text (a lone surrogate)") from None
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        stack.extend((child, f"{path}.{key}", depth + 1) for key, child in items)
 
 
 def _diff(value: dict, base: dict) -> dict:

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
 
-from . import cache, checkpoint, ema, export, precision, prior, trainable
+from . import cache, checkpoint, ema, export, nonfinite, precision, prior, trainable
 from .buckets import batches_per_epoch, epoch_batches
+from .checkpoint_files import newest_good
 from .dataset import TrainDataset, collate
 from .events import Reporter
 from .families.detect import family_module
@@ -66,9 +67,11 @@ def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Req
     held = precision.dtypes(accelerator.mixed_precision)  # whatever dtype the model's files hold
     precision.place(parts.vae, accelerator.device, held.image_encoder)
     precision.place(parts.text_encoder, accelerator.device, held.frozen)
-    found = checkpoint.latest(out / "checkpoints") if resume else None
+    found, passed = newest_good(out / "checkpoints") if resume else (None, [])
+    for line in passed:
+        reporter.log(f"{line}; resuming from an older one", "warning")
     if resume and found is None:
-        reporter.log("no complete checkpoint found; starting from step 0", "warning")
+        reporter.log("no intact checkpoint found; starting from step 0", "warning")
     start_step = checkpoint.read_state(found)["step"] if found else 0
 
     dataset = TrainDataset(plan.layout, job.dataset, sched.seed)
@@ -131,6 +134,7 @@ def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Req
     epoch = micro // plan.batches_per_epoch
     losses: list[torch.Tensor] = []
     timer = _StepTimer(plan.total_steps)
+    guard = nonfinite.Guard(job.optimizer, reporter, out / "checkpoints")
     status = "completed"
     while step < plan.total_steps and status == "completed":
         epoch, offset = divmod(micro, plan.batches_per_epoch)
@@ -149,14 +153,17 @@ def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Req
                     class_batch = _class_batch(class_dataset, sched, micro, accelerator)
                     loss = loss + job.prior.loss_weight * _batch_loss(run, denoiser, class_batch, gen, with_grad)
                 accelerator.backward(loss)
+                losses.append(loss.detach())
+                skip = False
                 if accelerator.sync_gradients:
                     _sync_unprepared_grads(accelerator, tr)
-                    if job.optimizer.max_grad_norm > 0:
+                    skip = guard.skip(accelerator, losses, tr.groups, step + 1)  # stop: raises RunFailed
+                    if job.optimizer.max_grad_norm > 0 and not skip:
                         accelerator.clip_grad_norm_(list(tr.params.values()), job.optimizer.max_grad_norm)
-                optimizer.step()
+                if not skip:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             micro += 1
-            losses.append(loss.detach())
             if not accelerator.sync_gradients:
                 continue
             trainable.after_optimizer_step(tr)
