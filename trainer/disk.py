@@ -103,13 +103,14 @@ def full_message(path: Path | str, needed: int | None = None) -> str:
 
 def _trained_params(job, family: str) -> int:
     """Parameters trained in the denoiser, from the model's headers; 0 when they cannot be counted yet."""
-    from .layers import DENOISERS, count_trainable, table_from_folder
+    from .families.table import FAMILIES
+    from .layers import count_trainable, table_from_folder
 
-    root = Path(job.model.path).expanduser()
-    if job.network.kind == "none" or not (root / DENOISERS[family]).is_dir():
+    root, denoiser = Path(job.model.path).expanduser(), FAMILIES[family].denoiser
+    if job.network.kind == "none" or not (root / denoiser).is_dir():
         return 0
     try:
-        return count_trainable(table_from_folder(root, DENOISERS[family], job.model.variant), job)
+        return count_trainable(table_from_folder(root, denoiser, job.model.variant), job)
     except JobError:
         return 0  # `check` names the problem with the model on its own line
 
