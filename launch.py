@@ -65,7 +65,8 @@ UPDATE_VENV = ".venv-update"
 # setup names one found in an existing environment, and --update-lock names the ones it holds back.
 KNOWN_BAD = [
     {"package": ("transformers", ">=", "5.24"), "with": ("peft", "<", "0.22"),
-     "why": "transformers 5.24 and newer refuse to attach or load text-encoder LoRAs with peft older than 0.22"},
+     "why": "transformers 5.24 and newer refuse their adapter calls (add_adapter, set_adapter, delete_adapter, "
+            "...) with peft older than 0.22, which diffusers makes on text-encoder LoRAs"},
     {"package": ("pyside6-essentials", ">=", "6.12"), "with": ("python", "<", "3.12"),
      "why": "PySide6 6.12 drops a reference to None on every call on Python older than 3.12: the window aborts"},
 ]

@@ -9,7 +9,7 @@ from PIL import Image
 from trainer import crops
 from trainer.buckets import fit
 from trainer.data_files import ImageItem
-from trainer.dataset import render
+from trainer.render import render
 from trainer.job import DatasetSpec
 
 FACE = (177, 82, 272, 177)  # the astronaut's face in the 512x512 photo (mediapipe finds it with score ~0.92)
@@ -103,10 +103,11 @@ def test_face_crops_in_dataloader_workers(wide_astronaut, tmp_path):
     spec = _spec(folders=[{"path": str(tmp_path)}], crop="face", color_jitter=0.1, cache_text=False)
     scan = scan_dataset(spec)
     epoch, _ = layout(scan.items, [images.probe(i) for i in scan.items], spec)
-    dataset = TrainDataset(epoch, spec, seed=0)
     job = Job(dataset=spec)
-    assert cache.prepare(job, cache.decide(job), dataset, None, None, None, fill=False) == []
-    assert len(dataset.focus) == 2 and all(p[0] < 0.2 for p in dataset.focus.values())  # face at the far left
+    index = cache.prepare(job, cache.decide(job), epoch, spec, None, None, None, fill=False)
+    assert index.broken == [] and index.latent_files is None
+    assert len(index.focus) == 2 and all(p[0] < 0.2 for p in index.focus.values())  # face at the far left
+    dataset = TrainDataset(epoch, spec, seed=0, index=index)
     keys = [[(i, 0) for i in b] for b in epoch_batches(epoch.bucket_of, 2, 0, 0)]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=keys, collate_fn=collate, num_workers=1, timeout=60)
     for batch in loader:

@@ -34,6 +34,19 @@ class CachePlan:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class CacheIndex:
+    """What `prepare` hands the dataset: where each sample's cached entries are, and what stands in for images
+    that failed to decode."""
+    latent_files: list[dict[bool, Path]] | None = None  # per sample, by flip; None: latents rendered live
+    text_files: dict[str, Path] | None = None  # per caption; None: captions encoded live
+    replacement: dict[int, ImageItem] = field(default_factory=dict)  # id(broken item) -> the image trained instead
+    # Face/saliency point per image path, found before training, so DataLoader workers never run mediapipe (a
+    # detector inherited through fork deadlocks).
+    focus: dict[str, tuple[float, float] | None] = field(default_factory=dict)
+    broken: list = field(default_factory=list)  # (item, why) of the images that failed to decode
+
+
 def decide(job: Job) -> CachePlan:
     """What gets cached for this job, with a note for every cache the job's settings turn off."""
     spec = job.dataset
@@ -61,34 +74,34 @@ def decide(job: Job) -> CachePlan:
     return CachePlan(latents, text, cache_root(spec.cache_dir), notes)
 
 
-def prepare(job: Job, caching: CachePlan, dataset, family, parts, reporter, fill: bool = True) -> list:
-    """Encode what the caches lack (only if `fill`), then point the dataset at its entries.
+def prepare(job: Job, caching: CachePlan, layout, spec, family, parts, reporter, fill: bool = True) -> CacheIndex:
+    """Encode what the caches lack for `layout`'s samples (only if `fill`) and index the entries for the dataset.
 
-    Returns (item, why) for images that failed to decode; their samples train on another image of the same
+    Images that failed to decode are listed in `broken`; their samples train on another image of the same
     bucket, so the plan's batches and length stay as planned. Other processes of a multi-GPU run call this
     with fill=False after the main one filled the caches (a `.bad` marker tells them what failed).
     """
-    broken: list = []
+    index = CacheIndex()
     if caching.latents:
-        broken = _prepare_latents(job, caching.root, dataset, family, parts, reporter, fill)
-    elif dataset.spec.crop == "face":
-        _prepare_focus(dataset, reporter if fill else None)
+        _prepare_latents(job, caching.root, layout, spec, family, parts, reporter, fill, index)
+    elif spec.crop == "face":
+        _prepare_focus(layout, reporter if fill else None, index)
     if caching.text:
-        _prepare_text(job, caching.root, dataset, family, parts, reporter, fill)
-    return broken
+        _prepare_text(job, caching.root, layout, spec, family, parts, reporter, fill, index)
+    return index
 
 
-def _prepare_focus(dataset, reporter) -> None:
+def _prepare_focus(layout, reporter, index: CacheIndex) -> None:
     """Face-crop points of every image, found once in this process (uncached latents: crops are made live)."""
     from .crops import close_detector, focus_point
     from .images import BadImage, load
 
-    unique = _unique(dataset.layout)
+    unique = _unique(layout)
     progress = Progress(reporter, "finding faces for crops", len(unique)) if reporter is not None else None
     for item, b in unique:
         try:
-            image, _ = load(item, cover=dataset.layout.buckets[b])
-            dataset.focus[str(item.path)] = focus_point(image)[0]
+            image, _ = load(item, cover=layout.buckets[b])
+            index.focus[str(item.path)] = focus_point(image)[0]
         except BadImage:
             pass  # found again, and reported, when the dataset reads it
         if progress is not None:
@@ -96,10 +109,10 @@ def _prepare_focus(dataset, reporter) -> None:
     close_detector()
 
 
-def _prepare_latents(job: Job, root: Path, dataset, family, parts, reporter, fill: bool) -> list:
+def _prepare_latents(job: Job, root: Path, layout, spec, family, parts, reporter, fill: bool,
+                     out: CacheIndex) -> None:
     from .crops import close_detector
 
-    spec = dataset.spec
     encoder = family.IMAGE_ENCODER  # the model folder's image encoder (Cascade: effnet)
     store = Store(root, "latents", model_identity(job.model, encoder, str(parts.vae.dtype)))
     index = HashIndex(root)
@@ -107,8 +120,8 @@ def _prepare_latents(job: Job, root: Path, dataset, family, parts, reporter, fil
     contents: dict[int, str] = {}
     broken: dict[int, tuple] = {}  # id(item) -> (item, why)
     todo: dict[tuple[int, int], list] = {}  # bucket -> items to encode
-    for item, b in _unique(dataset.layout):
-        bucket = dataset.layout.buckets[b]
+    for item, b in _unique(layout):
+        bucket = layout.buckets[b]
         try:
             contents[id(item)] = index.content_hash(item)
         except OSError as exc:
@@ -136,32 +149,31 @@ def _prepare_latents(job: Job, root: Path, dataset, family, parts, reporter, fil
         close_detector()
     # A broken image's samples train on a good image of the same bucket (else of any bucket, encoded for it),
     # so the plan's batches stay as they were: the run's length and order do not depend on what decodes.
-    dataset.replacement = {}
     files = []
-    for item, b in zip(dataset.layout.samples, dataset.layout.bucket_of):
-        bucket = dataset.layout.buckets[b]
+    for item, b in zip(layout.samples, layout.bucket_of):
+        bucket = layout.buckets[b]
         if id(item) in broken:
-            good = _replacement(dataset.layout, b, broken)
+            good = _replacement(layout, b, broken)
             if good is None:
                 first = next(iter(broken.values()))
                 raise JobError(f"dataset: no usable images: none of the {len(broken)} images could be decoded "
                                f"(first: {first[0].path}: {first[1]})")
-            dataset.replacement[id(item)] = good
+            out.replacement[id(item)] = good
             keys = {f: latent_key(store.folder.name, contents[id(good)], bucket, spec.crop, f) for f in flips}
             if fill and not all(store.has(k) for k in keys.values()):
                 _encode(store, contents, [good], bucket, spec, flips, family, parts)
             item = good
         files.append({f: store.path(latent_key(store.folder.name, contents[id(item)], bucket, spec.crop, f))
                       for f in flips})
-    dataset.latent_files = files
-    return list(broken.values())
+    out.latent_files = files
+    out.broken = list(broken.values())
 
 
 def _encode(store: Store, contents: dict, items: list, bucket, spec, flips, family, parts) -> list:
     """Decode, crop and VAE-encode images for one bucket; returns (item, why) for those that fail to decode."""
     import torch
 
-    from .dataset import render
+    from .render import render
     from .images import BadImage
 
     rendered, failed = [], []
@@ -193,13 +205,13 @@ def _bad_marker(store: Store, key: str) -> Path:
     return store.path(key).with_suffix(".bad")  # why an image failed to decode, so no run decodes it again
 
 
-def _prepare_text(job: Job, root: Path, dataset, family, parts, reporter, fill: bool) -> None:
+def _prepare_text(job: Job, root: Path, layout, spec, family, parts, reporter, fill: bool, out: CacheIndex) -> None:
     from .captions import possible_captions
 
     store = Store(root, "text", model_identity(job.model, "text_encoder", str(parts.text_encoder.dtype)))
     captions: dict[str, str] = {}
-    for item, _ in _unique(dataset.layout):
-        for caption in possible_captions(item.captions, dataset.spec):
+    for item, _ in _unique(layout):
+        for caption in possible_captions(item.captions, spec):
             captions.setdefault(caption, text_key(store.folder.name, caption))
     todo = [c for c, k in captions.items() if not store.has(k)]
     if fill and todo:
@@ -213,7 +225,7 @@ def _prepare_text(job: Job, root: Path, dataset, family, parts, reporter, fill: 
             for i, caption in enumerate(chunk):
                 store.put(captions[caption], {name: value[i] for name, value in cond.items()})
             progress.advance(len(chunk))
-    dataset.text_files = {c: store.path(k) for c, k in captions.items()}
+    out.text_files = {c: store.path(k) for c, k in captions.items()}
 
 
 def _unique(layout) -> list:

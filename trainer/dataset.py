@@ -1,4 +1,4 @@
-"""Samples to training batches: decode, resize to the bucket, crop, flip and jitter, or read the cached latents.
+"""Samples to training batches: rendered live (trainer/render.py) or read from the caches cache.prepare indexed.
 
 Every random choice of a sample comes from (seed, epoch, sample index), never from a global generator, so a
 resumed run and DataLoader workers see exactly what an uninterrupted single-process run would.
@@ -6,32 +6,22 @@ resumed run and DataLoader workers see exactly what an uninterrupted single-proc
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import torch
-from PIL import Image, ImageEnhance
 
 from . import images
-from .buckets import Layout, fit
-from .cache import load_entry
+from .buckets import Layout
+from .cache import CacheIndex, load_entry
 from .captions import epoch_caption, sample_rng
-from .crops import crop_offset, focus_point
-from .data_files import ImageItem
 from .job import DatasetSpec
+from .render import render
 
 
 class TrainDataset(torch.utils.data.Dataset):
     """Indexed by (sample index, epoch); samples are the layout's, repeats already expanded."""
 
-    def __init__(self, layout: Layout, spec: DatasetSpec, seed: int):
+    def __init__(self, layout: Layout, spec: DatasetSpec, seed: int, index: CacheIndex | None = None):
         self.layout, self.spec, self.seed = layout, spec, seed
-        self.latent_files: list[dict[bool, Path]] | None = None  # set when latents are cached: per sample, by flip
-        self.text_files: dict[str, Path] | None = None  # set when captions are cached
-        self.replacement: dict[int, ImageItem] = {}  # id(broken item) -> the image trained in its place
-        # Face/saliency point per image path. Filled before training (cache.prepare), so DataLoader workers
-        # never run mediapipe: a detector inherited through fork deadlocks.
-        self.focus: dict[str, tuple[float, float] | None] = {}
+        self.index = index or CacheIndex()  # cache.prepare's: cached entries, replacements, crop points
         self._broken: dict[int, str] = {}  # id(item) -> why, found while decoding in this process
 
     def __len__(self) -> int:
@@ -57,18 +47,18 @@ class TrainDataset(torch.utils.data.Dataset):
 
     def _sample(self, index: int, epoch: int, bucket: tuple[int, int]) -> dict:
         item = self.layout.samples[index]
-        item = self.replacement.get(id(item), item)
+        item = self.index.replacement.get(id(item), item)
         u = sample_rng(self.seed, epoch, index).random(6)  # flip, crop x, crop y, brightness, contrast, saturation
         flip = bool(self.spec.random_flip and u[0] < 0.5)
         caption = epoch_caption(item.captions, self.spec, self.seed, epoch, index)
-        if self.latent_files is not None:
-            out = load_entry(self.latent_files[index][flip])  # latent_mean, latent_std and the SDXL sizes
+        if self.index.latent_files is not None:
+            out = load_entry(self.index.latent_files[index][flip])  # latent_mean, latent_std and the SDXL sizes
         else:
-            pixels, original, top_left = render(item, bucket, self.spec, flip, u, self.focus)
+            pixels, original, top_left = render(item, bucket, self.spec, flip, u, self.index.focus)
             out = {"pixels": pixels, "original_size": torch.tensor(original),
                    "crop_top_left": torch.tensor(top_left), "target_size": torch.tensor((bucket[1], bucket[0]))}
-        if self.text_files is not None:
-            out["cond"] = load_entry(self.text_files[caption])
+        if self.index.text_files is not None:
+            out["cond"] = load_entry(self.index.text_files[caption])
         else:
             out["caption"] = caption
         out["weight"] = item.weight
@@ -81,34 +71,6 @@ class TrainDataset(torch.utils.data.Dataset):
         order = sorted(range(len(self.layout.samples)), key=lambda i: (self.layout.bucket_of[i] != same,
                                                                          (i - index) % len(self.layout.samples)))
         yield from (i for i in order if i != index)
-
-
-def render(item: ImageItem, bucket: tuple[int, int], spec: DatasetSpec, flip: bool, u, focus_memo: dict):
-    """(pixels (3, H, W) in [-1, 1], original (h, w), crop top-left (top, left)) of one image in its bucket."""
-    image, original = images.load(item, cover=bucket)  # a big JPEG may come decoded smaller than `original`
-    resized = fit(original, bucket)
-    focus = None
-    if spec.crop == "face":
-        key = str(item.path)
-        if key not in focus_memo:
-            focus_memo[key] = focus_point(image)[0]
-        focus = focus_memo[key]
-    left, top = crop_offset(resized, bucket, spec.crop, focus, (u[1], u[2]))
-    image = image.resize(resized, Image.Resampling.BICUBIC).crop((left, top, left + bucket[0], top + bucket[1]))
-    if flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        left = resized[0] - left - bucket[0]  # the crop as seen in the mirrored image
-    if spec.color_jitter:
-        image = jitter(image, spec.color_jitter, u[3:6])
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3) in [-1, 1]
-    return torch.from_numpy(array).permute(2, 0, 1), (original[1], original[0]), (top, left)
-
-
-def jitter(image: Image.Image, strength: float, u) -> Image.Image:
-    """Brightness, contrast and saturation each scaled by 1 +- strength (u: three uniforms in [0, 1))."""
-    for enhancer, value in zip((ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color), u):
-        image = enhancer(image).enhance(1.0 + (2.0 * float(value) - 1.0) * strength)
-    return image
 
 
 def collate(batch: list[dict]) -> dict:

@@ -51,11 +51,77 @@ def train(job: Job, plan: Plan, reporter: Reporter, resume: bool) -> str:
 
 
 def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Requests) -> str:
-    out = plan.output_dir
-    sched = job.schedule
-    accelerator = _accelerator(job, reporter)
-    main = accelerator.is_main_process
+    run = _setup(job, plan, reporter, resume)
+    status = _loop(run, requests)
+    return _finish(run, status)
 
+
+@dataclass
+class _Run:
+    """One run: what setup made, and what the loop and its helpers share, so their signatures stay short."""
+    job: Job
+    plan: Plan
+    reporter: Reporter
+    accelerator: Accelerator
+    family: Any
+    parts: Any
+    held: precision.Dtypes
+    dataset: TrainDataset
+    started_at: float
+    noise_notes: list[str] = field(default_factory=list)  # what applying the job's noise options said
+    start_step: int = 0
+    found: Path | None = None  # the checkpoint resumed from
+    class_dataset: TrainDataset | None = None
+    warned: set[str] = field(default_factory=set)  # files already named in a warning
+    released: list[str] = field(default_factory=list)  # frozen parts off the accelerator, their outputs cached
+    denoiser: Any = None  # as accelerate prepared it
+    tr: trainable.Trainable | None = None
+    optimizer: Any = None
+    lr_scheduler: Any = None
+    shadow: dict | None = None  # the EMA weights
+    step: int = 0
+    epoch: int = 0
+
+    @property
+    def out(self) -> Path:
+        return self.plan.output_dir
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def num_class_images(self) -> int:
+        return len(self.class_dataset.layout.samples) if self.class_dataset is not None else 0
+
+
+def _setup(job: Job, plan: Plan, reporter: Reporter, resume: bool) -> _Run:
+    """The model loaded and placed, the caches filled, what trains set up with its optimizer, a checkpoint
+    resumed: everything the loop needs."""
+    run = _load(job, plan, reporter, resume)
+    _announce(run)
+    # The caches fill before the denoiser reaches the accelerator: a big model's text encoders and denoiser
+    # need not fit beside each other.
+    run.warned = _prepare_data(run, run.dataset)
+    class_samples = _class_images(run)
+    if class_samples is not None:
+        run.class_dataset = TrainDataset(class_samples, prior.class_dataset_spec(job), job.schedule.seed + 1)
+        _prepare_data(run, run.class_dataset, quiet=True)
+    whole_model_export = "full" in (job.network.kind, job.text_encoder.mode)
+    run.released = _release_frozen(run.parts, plan.caching,
+                                   needed_again=bool(job.validation.prompts or whole_model_export))
+    _trainables(run)
+    if run.found:
+        _resume(run)
+    if job.validation.prompts and job.validation.at_start and run.start_step == 0:
+        _validate(run, 0)
+    return run
+
+
+def _load(job: Job, plan: Plan, reporter: Reporter, resume: bool) -> _Run:
+    """The model in the run's dtypes (the VAE and text encoders on the accelerator), and the checkpoint to
+    resume from."""
+    accelerator = _accelerator(job, reporter)
     family = family_module(plan.family)
     parts = family.load(job.model)
     noise_notes = family.prepare_noise(parts, job.diffusion)
@@ -67,91 +133,95 @@ def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Req
     held = precision.dtypes(accelerator.mixed_precision)  # whatever dtype the model's files hold
     precision.place(parts.vae, accelerator.device, held.image_encoder)
     precision.place(parts.text_encoder, accelerator.device, held.frozen)
-    found, passed = newest_good(out / "checkpoints") if resume else (None, [])
-    for line in passed:
-        reporter.log(f"{line}; resuming from an older one", "warning")
-    if resume and found is None:
-        reporter.log("no intact checkpoint found; starting from step 0", "warning")
-    start_step = checkpoint.read_state(found)["step"] if found else 0
+    run = _Run(job, plan, reporter, accelerator, family, parts, held,
+               TrainDataset(plan.layout, job.dataset, job.schedule.seed), time.time(), noise_notes)
+    if resume:
+        run.found, passed = newest_good(run.out / "checkpoints")
+        for line in passed:
+            reporter.log(f"{line}; resuming from an older one", "warning")
+        if run.found is None:
+            reporter.log("no intact checkpoint found; starting from step 0", "warning")
+    run.start_step = checkpoint.read_state(run.found)["step"] if run.found else 0
+    return run
 
-    dataset = TrainDataset(plan.layout, job.dataset, sched.seed)
-    started_at = time.time()
-    if main:
-        reporter.set_total(plan.total_steps, start_step)
-        reporter.emit("run_started", job=job.model_dump(mode="json"), total_steps=plan.total_steps,
-                      start_step=start_step, output_dir=str(out))
-        for note in noise_notes:
-            reporter.log(note, "warning")
-    # The caches fill before the denoiser reaches the accelerator: a big model's text encoders and denoiser
-    # need not fit beside each other.
-    warned = _prepare_data(job, plan, dataset, family, parts, accelerator, reporter)
-    class_samples = _class_images(job, plan, family, parts, accelerator, reporter, held.frozen)
-    class_dataset = None
-    if class_samples is not None:
-        class_dataset = TrainDataset(class_samples, prior.class_dataset_spec(job), sched.seed + 1)
-        _prepare_data(job, plan, class_dataset, family, parts, accelerator, reporter, quiet=True)
-    whole_model_export = "full" in (job.network.kind, job.text_encoder.mode)
-    released = _release_frozen(parts, plan.caching, needed_again=bool(job.validation.prompts or whole_model_export))
 
-    denoiser = parts.denoiser
-    precision.place(denoiser, accelerator.device, held.frozen)
-    set_seed(sched.seed)  # adapters' random init must be the same in every run of this job
-    tr = trainable.setup(family, parts, job, plan.total_steps)
-    if main:
-        reporter.log(f"training {tr.count():,} parameters: " + ", ".join(
+def _announce(run: _Run) -> None:
+    """run_started, and what applying the noise options said."""
+    if run.main:
+        run.reporter.set_total(run.plan.total_steps, run.start_step)
+        run.reporter.emit("run_started", job=run.job.model_dump(mode="json"), total_steps=run.plan.total_steps,
+                          start_step=run.start_step, output_dir=str(run.out))
+        for note in run.noise_notes:
+            run.reporter.log(note, "warning")
+
+
+def _trainables(run: _Run) -> None:
+    """The denoiser on the accelerator, the adapters or weights that train (fp32), the optimizer and the
+    learning-rate schedule, prepared by accelerate; the EMA when the job keeps one."""
+    job, accelerator = run.job, run.accelerator
+    precision.place(run.parts.denoiser, accelerator.device, run.held.frozen)
+    set_seed(job.schedule.seed)  # adapters' random init must be the same in every run of this job
+    tr = run.tr = trainable.setup(run.family, run.parts, job, run.plan.total_steps)
+    if run.main:
+        run.reporter.log(f"training {tr.count():,} parameters: " + ", ".join(
             f"{g.name} {sum(p.numel() for p in g.params.values()):,}" for g in tr.groups))
     if job.precision.gradient_checkpointing:
         _gradient_checkpointing(tr)
     for module in tr.modules.values():
         module.train()
     for p in tr.params.values():
-        p.data = p.data.to(held.trained)  # trained weights stay fp32 under mixed precision
+        p.data = p.data.to(run.held.trained)  # trained weights stay fp32 under mixed precision
     optimizer = _optimizer(job, trainable.optimizer_groups(tr))
     from diffusers.optimization import get_scheduler
 
-    lr_scheduler = get_scheduler(sched.lr_scheduler, optimizer, num_warmup_steps=sched.warmup_steps,
-                                 num_training_steps=plan.total_steps)
+    run.lr_scheduler = get_scheduler(job.schedule.lr_scheduler, optimizer,
+                                     num_warmup_steps=job.schedule.warmup_steps,
+                                     num_training_steps=run.plan.total_steps)
+    run.denoiser = run.parts.denoiser
     if tr.groups[0].name == "denoiser":
-        denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
+        run.denoiser, run.optimizer = accelerator.prepare(run.denoiser, optimizer)
     else:
-        optimizer = accelerator.prepare(optimizer)
-    shadow = ema.create(trainable.ema_params(tr)) if job.ema.enabled else None
-    if found:
-        _, tensors, ema_tensors = checkpoint.load(found, optimizer, lr_scheduler)
-        trainable.load_tensors(tr, tensors, str(found))
-        if shadow is not None and ema_tensors is not None:
-            shadow.update({k: v.to(shadow[k].device) for k, v in ema_tensors.items() if k in shadow})
-        trainable.apply_stops(tr, optimizer, start_step)
-        reporter.log(f"resumed from {found}")
+        run.optimizer = accelerator.prepare(optimizer)
+    run.shadow = ema.create(trainable.ema_params(tr)) if job.ema.enabled else None
 
-    run = _Run(accelerator, family, parts, job, tr, shadow, out, reporter,
-               num_class_images=len(class_samples.samples) if class_samples else 0, released=released)
-    if job.validation.prompts and job.validation.at_start and start_step == 0:
-        _validate(run, denoiser, 0)
 
+def _resume(run: _Run) -> None:
+    _, tensors, ema_tensors = checkpoint.load(run.found, run.optimizer, run.lr_scheduler)
+    trainable.load_tensors(run.tr, tensors, str(run.found))
+    if run.shadow is not None and ema_tensors is not None:
+        run.shadow.update({k: v.to(run.shadow[k].device) for k, v in ema_tensors.items() if k in run.shadow})
+    trainable.apply_stops(run.tr, run.optimizer, run.start_step)
+    run.reporter.log(f"resumed from {run.found}")
+
+
+def _loop(run: _Run, requests: Requests) -> str:
+    """Optimizer steps to the plan's total, or until a stop request: 'completed' or 'stopped'. A checkpoint is
+    saved on stop and every checkpoint_every steps, validation images every every_n_steps."""
+    job, plan, accelerator, tr = run.job, run.plan, run.accelerator, run.tr
+    sched = job.schedule
     accum = sched.gradient_accumulation
-    step, micro = start_step, start_step * accum
-    epoch = micro // plan.batches_per_epoch
+    step, micro = run.start_step, run.start_step * accum
+    run.step, run.epoch = step, micro // plan.batches_per_epoch
     losses: list[torch.Tensor] = []
     timer = _StepTimer(plan.total_steps)
-    guard = nonfinite.Guard(job.optimizer, reporter, out / "checkpoints")
-    status = "completed"
-    while step < plan.total_steps and status == "completed":
+    guard = nonfinite.Guard(job.optimizer, run.reporter, run.out / "checkpoints")
+    while step < plan.total_steps:
         epoch, offset = divmod(micro, plan.batches_per_epoch)
+        run.epoch = epoch
         batches = epoch_batches(plan.layout.bucket_of, sched.batch_size, sched.seed, epoch,
                                 accelerator.process_index, accelerator.num_processes)[offset:]
         keys = [[(index, epoch) for index in b] for b in batches]  # a sample's randomness: (seed, epoch, index)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=keys, collate_fn=collate,
+        loader = torch.utils.data.DataLoader(run.dataset, batch_sampler=keys, collate_fn=collate,
                                              num_workers=job.dataset.num_workers)
         for batch in loader:
-            _warn_skipped(batch["skipped"], warned, reporter, main)
+            _warn_skipped(batch["skipped"], run.warned, run.reporter, run.main)
             gen = _generator(sched.seed, micro, accelerator)
-            with accelerator.accumulate(denoiser):
+            with accelerator.accumulate(run.denoiser):
                 with_grad = trainable.text_trains(tr, step)
-                loss = _batch_loss(run, denoiser, batch, gen, with_grad)
-                if class_dataset is not None:
-                    class_batch = _class_batch(class_dataset, sched, micro, accelerator)
-                    loss = loss + job.prior.loss_weight * _batch_loss(run, denoiser, class_batch, gen, with_grad)
+                loss = _batch_loss(run, batch, gen, with_grad)
+                if run.class_dataset is not None:
+                    class_batch = _class_batch(run.class_dataset, sched, micro, accelerator)
+                    loss = loss + job.prior.loss_weight * _batch_loss(run, class_batch, gen, with_grad)
                 accelerator.backward(loss)
                 losses.append(loss.detach())
                 skip = False
@@ -161,70 +231,59 @@ def _train(job: Job, plan: Plan, reporter: Reporter, resume: bool, requests: Req
                     if job.optimizer.max_grad_norm > 0 and not skip:
                         accelerator.clip_grad_norm_(list(tr.params.values()), job.optimizer.max_grad_norm)
                 if not skip:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                    run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
             micro += 1
             if not accelerator.sync_gradients:
                 continue
             trainable.after_optimizer_step(tr)
-            lr = lr_scheduler.get_last_lr()[0]
-            lr_scheduler.step()
+            lr = run.lr_scheduler.get_last_lr()[0]
+            run.lr_scheduler.step()
             step += 1
-            trainable.apply_stops(tr, optimizer, step)
-            if shadow is not None:
-                ema.update(shadow, trainable.ema_params(tr), job.ema, step)
+            run.step = step
+            trainable.apply_stops(tr, run.optimizer, step)
+            if run.shadow is not None:
+                ema.update(run.shadow, trainable.ema_params(tr), job.ema, step)
             step_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
             losses.clear()
             its, eta = timer.tick(step)
-            if main:
-                reporter.emit("step", step=step, epoch=epoch, loss=step_loss, lr=lr, its=its, eta=eta)
-            wants = _gather_requests(accelerator, reporter, requests)
+            if run.main:
+                run.reporter.emit("step", step=step, epoch=epoch, loss=step_loss, lr=lr, its=its, eta=eta)
+            wants = _gather_requests(accelerator, run.reporter, requests)
             if wants.stop:
-                _save_checkpoint(run, optimizer, lr_scheduler, step, epoch)
-                status = "stopped"
-                break
+                _save_checkpoint(run)
+                return "stopped"
             every = job.output.checkpoint_every
             if wants.save or (every and step % every == 0 and step < plan.total_steps):
-                _save_checkpoint(run, optimizer, lr_scheduler, step, epoch)
+                _save_checkpoint(run)
             val_every = job.validation.every_n_steps
             if job.validation.prompts and (wants.sample or (val_every and step % val_every == 0
                                                             and step < plan.total_steps)):
-                _validate(run, denoiser, step)
+                _validate(run, step)
                 timer.pause_excluded()
             if step >= plan.total_steps:
                 break
+    return "completed"
 
+
+def _finish(run: _Run, status: str) -> str:
+    """A completed run's last checkpoint, validation images and final files; run_finished either way."""
     outputs: dict = {}
     if status == "completed":
-        if job.output.checkpoint_every:
-            _save_checkpoint(run, optimizer, lr_scheduler, step, epoch)
-        if job.validation.prompts:
-            _validate(run, denoiser, step)
-        if main:
-            outputs = _export(run, denoiser, plan, step, epoch, started_at)
-    if main:
-        reporter.emit("run_finished", status=status, outputs={k: str(v) for k, v in outputs.items()})
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+        if run.job.output.checkpoint_every:
+            _save_checkpoint(run)
+        if run.job.validation.prompts:
+            _validate(run, run.step)
+        if run.main:
+            outputs = _export(run)
+    if run.main:
+        run.reporter.emit("run_finished", status=status, outputs={k: str(v) for k, v in outputs.items()})
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
     return status
 
 
-@dataclass
-class _Run:
-    """What the helpers below share, so their signatures stay short."""
-    accelerator: Accelerator
-    family: Any
-    parts: Any
-    job: Job
-    tr: trainable.Trainable
-    shadow: dict | None
-    out: Path
-    reporter: Reporter
-    num_class_images: int = 0
-    released: list[str] = field(default_factory=list)
-
-
-def _batch_loss(run: _Run, denoiser, batch: dict, gen: torch.Generator, with_grad: bool) -> torch.Tensor:
+def _batch_loss(run: _Run, batch: dict, gen: torch.Generator, with_grad: bool) -> torch.Tensor:
     """The weighted denoising loss of one batch (instance or class images)."""
     device = run.accelerator.device
     family, parts, job = run.family, run.parts, run.job
@@ -234,20 +293,21 @@ def _batch_loss(run: _Run, denoiser, batch: dict, gen: torch.Generator, with_gra
     cond = family.drop_conditioning(parts, cond, gen, job.diffusion)
     noisy, timesteps, target, weight = family.noisy_input_and_target(parts, latents, gen, job.diffusion)
     with run.accelerator.autocast():
-        pred = family.predict(parts, denoiser, noisy, timesteps, cond)
+        pred = family.predict(parts, run.denoiser, noisy, timesteps, cond)
     return _loss(pred, target, batch["weight"].to(weight.device) * weight)
 
 
-def _class_images(job: Job, plan: Plan, family, parts, accelerator: Accelerator, reporter: Reporter, dtype):
+def _class_images(run: _Run):
     """Prior preservation: generate the missing class images (main process), and lay them out in buckets."""
+    job, plan, accelerator, parts = run.job, run.plan, run.accelerator, run.parts
     if not job.prior.enabled:
         return None
-    if accelerator.is_main_process and prior.missing_count(job, plan.scan.num_images):
-        precision.place(parts.denoiser, accelerator.device, dtype)
-        pipe = family.pipeline(parts, parts.denoiser)
+    if run.main and prior.missing_count(job, plan.scan.num_images):
+        precision.place(parts.denoiser, accelerator.device, run.held.frozen)
+        pipe = run.family.pipeline(parts, parts.denoiser)
         pipe.set_progress_bar_config(disable=True)
         with torch.no_grad():
-            prior.generate_missing(job, pipe, plan.scan.num_images, reporter, accelerator.device)
+            prior.generate_missing(job, pipe, plan.scan.num_images, run.reporter, accelerator.device)
     accelerator.wait_for_everyone()
     images = prior.existing_class_images(prior.class_dir(job))[:prior.class_image_count(job, plan.scan.num_images)]
     return class_layout(job, images)
@@ -284,11 +344,11 @@ def _gradient_checkpointing(tr: trainable.Trainable) -> None:
             module.gradient_checkpointing_enable()
 
 
-def _prepare_data(job: Job, plan: Plan, dataset: TrainDataset, family, parts, accelerator: Accelerator,
-                  reporter: Reporter, quiet: bool = False) -> set[str]:
+def _prepare_data(run: _Run, dataset: TrainDataset, quiet: bool = False) -> set[str]:
     """Say which files are left out (unless `quiet`: the class images), fill the latent and text caches (main
     process first), point the dataset at them. Returns the files already warned about."""
-    main = accelerator.is_main_process
+    job, plan, accelerator, reporter = run.job, run.plan, run.accelerator, run.reporter
+    family, parts, main = run.family, run.parts, run.main
     warned = {path for path, _ in plan.scan.skipped}
     if main and not quiet:
         for path, why in plan.scan.skipped:
@@ -298,13 +358,13 @@ def _prepare_data(job: Job, plan: Plan, dataset: TrainDataset, family, parts, ac
                          "warning")
         for note in plan.caching.notes:
             reporter.log(note)
-    broken = []
     if main:
-        broken = cache.prepare(job, plan.caching, dataset, family, parts, reporter, fill=True)
+        dataset.index = cache.prepare(job, plan.caching, dataset.layout, dataset.spec, family, parts, reporter)
     accelerator.wait_for_everyone()
     if not main:
-        broken = cache.prepare(job, plan.caching, dataset, family, parts, reporter, fill=False)
-    for item, why in broken:
+        dataset.index = cache.prepare(job, plan.caching, dataset.layout, dataset.spec, family, parts, reporter,
+                                      fill=False)
+    for item, why in dataset.index.broken:
         _warn_skipped([(str(item.path), f"{why}; its samples train on another image of its bucket")], warned,
                       reporter, main)
     if job.dataset.crop == "face" and main:
@@ -428,12 +488,12 @@ def _gather_requests(accelerator: Accelerator, reporter: Reporter, requests: Req
     return wants
 
 
-def _save_checkpoint(run: _Run, optimizer, lr_scheduler, step: int, epoch: int) -> None:
-    if run.accelerator.is_main_process:
-        info = {"epoch": epoch, "job": run.job.model_dump(mode="json")}
-        path = checkpoint.save(run.out / "checkpoints", step, trainable.tensors(run.tr), optimizer, lr_scheduler,
-                               info, run.job.output.keep_last, ema=run.shadow)
-        run.reporter.emit("checkpoint", step=step, path=str(path))
+def _save_checkpoint(run: _Run) -> None:
+    if run.main:
+        info = {"epoch": run.epoch, "job": run.job.model_dump(mode="json")}
+        path = checkpoint.save(run.out / "checkpoints", run.step, trainable.tensors(run.tr), run.optimizer,
+                               run.lr_scheduler, info, run.job.output.keep_last, ema=run.shadow)
+        run.reporter.emit("checkpoint", step=run.step, path=str(path))
     run.accelerator.wait_for_everyone()
 
 
@@ -447,12 +507,12 @@ def _exported_weights(run: _Run):
 
 
 @torch.no_grad()
-def _validate(run: _Run, denoiser, step: int) -> None:
+def _validate(run: _Run, step: int) -> None:
     """Render the validation prompts with the weights that would be exported now."""
     accelerator, parts, job = run.accelerator, run.parts, run.job
     if accelerator.is_main_process:
         val = job.validation
-        model = accelerator.unwrap_model(denoiser)
+        model = accelerator.unwrap_model(run.denoiser)
         modules = list(run.tr.modules.values()) or [model]
         for module in modules:
             module.eval()
@@ -479,13 +539,14 @@ def _validate(run: _Run, denoiser, step: int) -> None:
     accelerator.wait_for_everyone()
 
 
-def _export(run: _Run, denoiser, plan: Plan, step: int, epoch: int, started_at: float) -> dict:
+def _export(run: _Run) -> dict:
     """The final files: LoRA files for adapters, whole models for full fine-tunes, embeddings for new tokens."""
-    job, tr, final = run.job, run.tr, run.out / "final"
+    job, plan, tr, final = run.job, run.plan, run.tr, run.out / "final"
     captions: dict[str, list[str]] = {}
     for item in plan.scan.items:
         captions.setdefault(str(item.folder), []).append(item.caption)
-    info = {"num_train_images": len(plan.layout.samples), "started_at": started_at, "step": step, "epoch": epoch,
+    info = {"num_train_images": len(plan.layout.samples), "started_at": run.started_at, "step": run.step,
+            "epoch": run.epoch,
             "total_steps": plan.total_steps, "captions_by_folder": captions,
             "num_class_images": run.num_class_images,
             "folders": {str(s.folder): (s.repeats, s.images) for s in plan.scan.subsets}}
@@ -495,7 +556,7 @@ def _export(run: _Run, denoiser, plan: Plan, step: int, epoch: int, started_at: 
             outputs.update(export.write_lora(final, run.family, run.parts, trainable.lora_states(tr),
                                              tr.lora_configs, job, info))
         if tr.full:
-            pipe = run.family.pipeline(run.parts, run.accelerator.unwrap_model(denoiser))
+            pipe = run.family.pipeline(run.parts, run.accelerator.unwrap_model(run.denoiser))
             from .single_file import original_layout
 
             single = job.output.save_single_file and original_layout(pipe) is not None
