@@ -14,9 +14,10 @@ from PySide6.QtGui import QAction, QDesktopServices, QIcon, QKeySequence
 from PySide6.QtWidgets import QComboBox, QFileDialog, QLabel, QMainWindow, QMessageBox, QSplitter, QStyle, \
     QTabWidget, QToolBar
 
-from trainer.data_files import scan_dataset
 from trainer.events import read_events
-from trainer.job import PRESETS_DIR, Job, JobError, from_sparse, list_presets, load_job, save_job, to_sparse
+from trainer.data_files import scan_dataset
+from trainer.job import (DEMO_METHODS, PRESETS_DIR, Job, JobError, from_sparse, list_presets, load_job, save_job,
+                         to_sparse)
 
 from . import live_run
 from .dataset_view import DatasetView
@@ -30,15 +31,6 @@ _ICONS = QStyle.StandardPixmap
 STATE_TEXT = {"idle": "Idle", "starting": "Starting the trainer…", "running": "Training",
               "stopping": "Stopping (saving a checkpoint)…"}
 
-
-# The demo's training methods (`python -m trainer demo --method`; a test keeps the two lists alike): the demo
-# dialog's button, the method, and what it trains.
-DEMO_METHODS = {
-    "LoRA": ("lora", "a LoRA on the UNet"),
-    "DreamBooth": ("dreambooth", "LoRA on the UNet and text encoder, prior preservation on generated class images"),
-    "Full fine-tune": ("full", "the whole UNet with an EMA, saved as a diffusers folder and one .safetensors file"),
-    "Textual inversion": ("textual_inversion", "a new token <shape>; only its embedding trains"),
-}
 
 class MainWindow(QMainWindow):
     demoReady = Signal(str)  # the demo's job.json, loaded into the editor
@@ -280,11 +272,12 @@ class MainWindow(QMainWindow):
         parent = QFileDialog.getExistingDirectory(self, "Where to create the demo folder", str(Path.home()))
         if not parent:
             return
+        by_label = {label: method for method, (label, _) in DEMO_METHODS.items()}
         choice = self.ask("Demo", "How should the demo train? (Each takes about a minute on a CPU.)\n\n"
-                          + "\n".join(f"{label}: {what}" for label, (_, what) in DEMO_METHODS.items()),
-                          [*DEMO_METHODS, "Cancel"])
-        if choice in DEMO_METHODS:
-            self.create_demo(_free_folder(Path(parent) / "sdtrainer-demo", first=True), DEMO_METHODS[choice][0])
+                          + "\n".join(f"{label}: {what}" for label, what in DEMO_METHODS.values()),
+                          [*by_label, "Cancel"])
+        if choice in by_label:
+            self.create_demo(_free_folder(Path(parent) / "sdtrainer-demo", first=True), by_label[choice])
 
     # ---- form → Start --------------------------------------------------------------------------------
 

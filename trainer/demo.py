@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from trainer.job import JobError, load_preset, merge, save_job, validate
+from trainer.job import DEMO_METHODS, JobError, load_preset, merge, save_job, validate
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
            "purple": (140, 50, 170), "orange": (240, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20)}
@@ -339,14 +339,8 @@ def demo_job(dir: Path, family: str = "sd1", steps: int = 40, method: str = "lor
     return validate(merge(job.model_dump(mode="json"), _method_overrides(method, dir)), "demo job")
 
 
-# What each training method changes in the demo job; every one trains on any CPU in about a minute.
-METHODS = {
-    "lora": "a LoRA on the UNet",
-    "dreambooth": "LoRA on the UNet and text encoder, with prior preservation on generated class images",
-    "full": "full fine-tuning of the UNet with an EMA, exported as a diffusers folder and one original-layout file",
-    "textual_inversion": "a new token <shape>, initialised from the letters' embeddings; "
-                         "only it trains",
-}
+# What each training method (job.DEMO_METHODS) changes in the demo job; each trains on a CPU in about a minute.
+METHODS = {method: what for method, (_, what) in DEMO_METHODS.items()}
 
 
 def _method_overrides(method: str, dir: Path) -> dict:

@@ -21,6 +21,16 @@ CURRENT_VERSION = 1
 PROVENANCE_KEY = "provenance"  # written into a run's job.json by the trainer (versions, time); ignored on input
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 FamilyChoice = Literal[("auto", *FAMILIES)]  # the family table's names (trainer/families/table.py)
+# The training methods `python -m trainer demo --method` builds: the window's label for each, and what it trains.
+DEMO_METHODS = {
+    "lora": ("LoRA", "a LoRA on the UNet"),
+    "dreambooth": ("DreamBooth", "LoRA on the UNet and text encoder, with prior preservation on generated class "
+                                 "images"),
+    "full": ("Full fine-tune", "full fine-tuning of the UNet with an EMA, exported as a diffusers folder and one "
+                               "original-layout file"),
+    "textual_inversion": ("Textual inversion", "a new token <shape>, initialised from the letters' embeddings; "
+                                               "only it trains"),
+}
 
 
 class JobError(Exception):
