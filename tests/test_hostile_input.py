@@ -188,3 +188,10 @@ def test_random_caption_files_are_skipped_or_read_as_check_promises(data, demo_t
             assert "images: 12 (" in captured.out
         else:
             assert "images: 11 (" in captured.out and f"  {txt.with_suffix('.png')}: " in captured.out
+
+
+def test_a_key_with_a_line_separator_stays_on_one_line(tmp_path, capsys):
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"\x1e": None, "model\u2028": 1}), encoding="utf-8")
+    assert main(["run", str(job)]) == 2
+    assert "\\x1e" in _one_error_line(capsys)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import unicodedata
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
@@ -33,11 +34,20 @@ DEMO_METHODS = {
 }
 
 
-class JobError(Exception):
+class _OneLineError(Exception):
+    # The message quotes what the user wrote (a key, a path): a control character or line separator in it must
+    # not split the one line the window and scripts read.
+    def __str__(self) -> str:
+        return "".join(ch.encode("unicode_escape").decode("ascii")
+                       if unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp") else ch
+                       for ch in super().__str__())
+
+
+class JobError(_OneLineError):
     """An invalid job, preset or data: one line that names the field or file. Exit code 2."""
 
 
-class RunFailed(Exception):
+class RunFailed(_OneLineError):
     """Training stopped for a reason one line explains (a non-finite loss, a full disk): exit code 1, the
     checkpoints already written intact, no traceback on the terminal."""
 
