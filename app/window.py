@@ -294,12 +294,14 @@ class MainWindow(QMainWindow):
 
     def _add_dataset_reason(self) -> None:
         # The last background scan of the dataset folders: a missing folder or one without images blocks Start.
-        scan = self.dataset.scan
-        why = self.dataset.error or ("the dataset folders hold no images (.png, .jpg, .jpeg, .webp)"
-                                     if scan is not None and scan.num_images == 0 else "")
-        if why and self.job is not None:
-            self.job = None
+        scan, why = self.dataset.scan, self.dataset.error
+        if not why and scan is not None and self.job is not None:
+            try:
+                scan.require_images(self.job.dataset)
+            except JobError as exc:
+                why = str(exc)
         if why:
+            self.job = None
             self.start_reasons.append(why)
 
     def _rescan(self) -> None:
@@ -331,11 +333,9 @@ class MainWindow(QMainWindow):
         job = self.job
         try:
             scan = scan_dataset(job.dataset)
+            scan.require_images(job.dataset)
         except JobError as exc:
             self._error("Cannot start", str(exc))
-            return False
-        if scan.num_images == 0:
-            self._error("Cannot start", "The dataset folders hold no images (.png, .jpg, .jpeg, .webp)")
             return False
         if scan.captions_missing:
             answer = self.ask("Missing captions",

@@ -236,3 +236,18 @@ def test_demo_dialog_builds_the_chosen_method(app_window, qtbot, tmp_path, monke
     job = app_window.form.job_or_none()
     assert job.prior.enabled and job.text_encoder.mode == "lora" and job.output.name == "demo_dreambooth"
     assert job.output.output_dir == str(tmp_path / "sdtrainer-demo" / "run")
+
+
+
+def test_a_folder_without_images_blocks_start_with_the_line_trainer_check_gives(app_window, qtbot, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("a caption without its image\n")
+    window = app_window
+    window.form.editor("model.path").set(str(tmp_path / "model"))
+    window.form.editor("output.output_dir").set(str(tmp_path / "run"))
+    window.form.set_dataset_folders([str(data)])
+    qtbot.waitUntil(lambda: window.dataset.scan is not None)
+    assert not window.act_start.isEnabled()
+    assert f"dataset.folders: no images (png, jpg, jpeg, webp) found in {data}" in window.start_reasons
+    assert window.start() is False

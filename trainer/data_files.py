@@ -72,6 +72,24 @@ class Scan:
     def filtered_out(self) -> int:
         return sum(self.filter_reasons.values())
 
+    def require_images(self, spec: DatasetSpec) -> None:
+        """The one line `check`, `run` and the window's Start give when there is nothing to train."""
+        if self.num_images:
+            return
+        if not self.skipped and not self.filter_reasons:
+            folders = ", ".join(f.path for f in spec.folders)
+            raise JobError(f"dataset.folders: no images (png, jpg, jpeg, webp) found in {folders}")
+        raise JobError(f"dataset: no usable images: {self.skipped_summary()}; `trainer check` lists them")
+
+    def skipped_summary(self) -> str:
+        parts = []
+        if self.skipped:
+            path, why = self.skipped[0]
+            parts.append(f"{len(self.skipped)} files skipped (first: {path}: {why})")
+        if self.filter_reasons:
+            parts.append(f"{self.filtered_out} left out by filters")
+        return ", ".join(parts) or "none found"
+
     def drop(self, bad: list[tuple[ImageItem, str]]) -> None:
         """Leave out images found unusable after the scan (by a probe or bucketing), keeping the counts right."""
         ids = {id(item) for item, _ in bad}

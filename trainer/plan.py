@@ -90,12 +90,11 @@ def make_plan(job: Job, resume: bool = False) -> Plan:
     family = detect_family(job.model)
     _check_family_rules(job, family)
     scan = scan_dataset(job.dataset)
-    if scan.num_images == 0 and not scan.skipped and not scan.filter_reasons:
-        folders = ", ".join(f.path for f in job.dataset.folders)
-        raise JobError(f"dataset.folders: no images (png, jpg, jpeg, webp) found in {folders}")
+    scan.require_images(job.dataset)
     sizes = _probe(scan)
     epoch, too_small = layout(scan.items, sizes, job.dataset)
     scan.drop(too_small)
+    scan.require_images(job.dataset)  # every image found may have been broken or too small
     output_dir = _check_output_dir(job, resume)
     return _counted(job, family, scan, epoch, output_dir)
 
@@ -114,8 +113,6 @@ def class_layout(job: Job, images: list[Path]) -> Layout:
 
 
 def _counted(job: Job, family: str, scan: Scan, epoch: Layout, output_dir: Path) -> Plan:
-    if not epoch.samples:
-        raise JobError(f"dataset: no usable images: {_skipped_summary(scan)}; `trainer check` lists them")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     sched = job.schedule
     batches = batches_per_epoch(epoch.bucket_of, sched.batch_size, world)
@@ -149,16 +146,6 @@ def _probe(scan: Scan) -> list[tuple[int, int]]:
             bad.append((item, str(exc)))
     scan.drop(bad)
     return sizes
-
-
-def _skipped_summary(scan: Scan) -> str:
-    parts = []
-    if scan.skipped:
-        path, why = scan.skipped[0]
-        parts.append(f"{len(scan.skipped)} files skipped (first: {path}: {why})")
-    if scan.filter_reasons:
-        parts.append(f"{scan.filtered_out} left out by filters")
-    return ", ".join(parts) or "none found"
 
 
 def _check_output_dir(job: Job, resume: bool) -> Path:
