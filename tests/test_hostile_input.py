@@ -195,3 +195,12 @@ def test_a_key_with_a_line_separator_stays_on_one_line(tmp_path, capsys):
     job.write_text(json.dumps({"\x1e": None, "model\u2028": 1}), encoding="utf-8")
     assert main(["run", str(job)]) == 2
     assert "\\x1e" in _one_error_line(capsys)
+
+
+def test_a_nul_in_a_path_is_refused_by_name(demo_template, tmp_path, capsys):
+    doc = json.loads((demo_template / "job.json").read_text())
+    doc["output"]["output_dir"] = "a\x00b"
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps(doc), encoding="utf-8")
+    assert main(["check", str(job)]) == 2
+    assert "output.output_dir: holds a NUL character" in _one_error_line(capsys)

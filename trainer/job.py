@@ -515,8 +515,8 @@ MAX_DEPTH = 32  # a job is about four levels deep; copying or validating a deepe
 
 
 def _check_document(data, source: str) -> None:
-    """Refuse a document nested deeper than MAX_DEPTH or holding text that is not Unicode (a lone surrogate,
-    which JSON's \\u escapes allow and no file system takes), walking it without recursion."""
+    """Refuse a document nested deeper than MAX_DEPTH or holding text no file system takes: not Unicode (a lone
+    surrogate, which JSON's \\u escapes allow) or holding a NUL character. Walks it without recursion."""
     stack = [(data, "", 0)]
     while stack:
         value, path, depth = stack.pop()
@@ -527,6 +527,8 @@ def _check_document(data, source: str) -> None:
                 value.encode("utf-8")
             except UnicodeEncodeError:
                 raise JobError(f"{source}: {path.strip('.')}: not valid Unicode text (a lone surrogate)") from None
+            if "\x00" in value:
+                raise JobError(f"{source}: {path.strip('.')}: holds a NUL character") from None
         items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
         stack.extend((child, f"{path}.{key}", depth + 1) for key, child in items)
 
