@@ -14,7 +14,7 @@ from PySide6.QtCore import QProcess, Qt, Signal
 from PySide6.QtWidgets import QAbstractItemView, QDialog, QDialogButtonBox, QHBoxLayout, QHeaderView, QLabel, \
     QPushButton, QTreeWidget, QTreeWidgetItem, QTreeWidgetItemIterator, QVBoxLayout, QWidget
 
-from trainer.job import BlockEntryError, block_children, resolve_block
+from trainer.blocks import BlockEntryError, block_children, resolve_block
 
 from .settings import REPO_ROOT
 

@@ -12,7 +12,7 @@ from PySide6.QtCore import QAbstractListModel, QModelIndex, QObject, QRunnable, 
 from PySide6.QtGui import QBrush, QColor, QImage, QPixmap
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QListView, QPushButton, QVBoxLayout, QWidget
 
-from trainer.data_files import ImageItem, Scan, scan_dataset
+from trainer.data.files import ImageItem, Scan, scan_dataset
 from trainer.job import DatasetSpec, JobError
 
 from .image_dialog import ImageDialog

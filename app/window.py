@@ -14,7 +14,7 @@ from PySide6.QtGui import QAction, QDesktopServices, QIcon, QKeySequence
 from PySide6.QtWidgets import QComboBox, QFileDialog, QLabel, QMainWindow, QMessageBox, QSplitter, QStyle, \
     QTabWidget, QToolBar
 
-from trainer.data_files import scan_dataset
+from trainer.data.files import scan_dataset
 from trainer.events import read_events
 from trainer.job import (DEMO_METHODS, PRESETS_DIR, Job, JobError, from_sparse, list_presets, load_job, save_job,
                          to_sparse)

@@ -28,11 +28,11 @@ from trainer.job import save_job  # noqa: E402
 
 def build(folder: Path, file: Path) -> None:
     """SDXL base's configs in `folder` (no weights: what model.config needs), its random weights in bf16 in
-    `file` (written by trainer/single_file.py, the layout A1111 and CivitAI use)."""
+    `file` (written by trainer/export/single_file.py, the layout A1111 and CivitAI use)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from trainer.single_file import write_single_file
+    from trainer.export.single_file import write_single_file
 
     unet_config = dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),

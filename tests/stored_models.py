@@ -52,7 +52,7 @@ def single_file(folder: Path, path: Path, dtype: str) -> Path:
     """The folder's SD1/SD2/SDXL pipeline as one original-layout file (our writer), stored in `dtype`."""
     from diffusers import DiffusionPipeline
 
-    from trainer.single_file import write_single_file
+    from trainer.export.single_file import write_single_file
 
     write_single_file(DiffusionPipeline.from_pretrained(folder), path, {})
     return recast(path, path, DTYPES[dtype])

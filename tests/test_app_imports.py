@@ -1,6 +1,6 @@
 """The architecture: app/ is the window, importing Qt and the trainer's torch-free contracts only (the job schema,
-the event stream, the family table, and the dataset scanner, so the dataset view lists what training will read by
-the trainer's own rules); trainer/ never imports Qt."""
+the event stream, the family table, the block notation, and the dataset scanner, so the dataset view lists what
+training will read by the trainer's own rules); trainer/ never imports Qt."""
 
 import ast
 import subprocess
@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-APP_MAY_IMPORT = {"trainer.job", "trainer.events", "trainer.families", "trainer.families.table",
-                  "trainer.data_files"}
+CONTRACTS = {"trainer.job", "trainer.events", "trainer.blocks", "trainer.families.table", "trainer.data.files"}
+APP_MAY_IMPORT = CONTRACTS | {"trainer", "trainer.families", "trainer.data"}  # their empty package files
 
 
 def test_app_never_imports_torch():
@@ -23,14 +23,16 @@ def test_app_never_imports_torch():
     assert result.returncode == 0, result.stderr
 
 
+def test_app_sources_import_only_the_contracts():
+    """Static, so an import inside a function (run only on some click) counts too."""
+    found = {(path.name, name) for path in (ROOT / "app").glob("*.py") for name in _imports(path)
+             if name.split(".")[0] == "trainer"}
+    assert found and {n for _, n in found} <= CONTRACTS, sorted(f for f in found if f[1] not in CONTRACTS)
+
+
 def test_trainer_never_imports_qt():
-    qt = set()
-    for path in (ROOT / "trainer").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
-            qt |= {f"{path.name}: {n}" for n in names
-                   if n.split(".")[0] in ("PySide6", "PyQt5", "PyQt6", "pyqtgraph", "shiboken6")}
+    qt = {f"{path.name}: {name}" for path in (ROOT / "trainer").rglob("*.py") for name in _imports(path)
+          if name.split(".")[0] in ("PySide6", "PyQt5", "PyQt6", "pyqtgraph", "shiboken6")}
     assert not qt
 
 
@@ -58,3 +60,14 @@ def test_qt_binding_keeps_none_alive():
     assert result.returncode == 0, result.stderr
     from app.main import qt_binding_problem
     assert int(result.stdout.strip()) > -500, qt_binding_problem() or "the Qt binding leaks references to None"
+
+
+def _imports(path: Path) -> list[str]:
+    """Every module a source file imports, wherever in the file (absolute names only; the window's are)."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.append(node.module)
+    return names

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from trainer import cascade_lora
+from trainer.export import cascade_lora
 from trainer.cli import main
 from trainer.families.detect import detect_family, family_module
 from trainer.job import DiffusionSpec, JobError, ModelSpec, load_job
@@ -96,7 +96,7 @@ def cascade_run(tmp_path_factory):
 def test_lora_attaches_only_to_the_filtered_modules(cascade_run):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from trainer import trainable
+    from trainer.methods import trainable
 
     job = load_job(cascade_run / "job.json")
     parts = cascade.load(job.model)

@@ -6,8 +6,8 @@ import json
 
 import torch
 
-from trainer import checkpoint
-from trainer.checkpoint_files import STATE_FILE, damage, newest_good
+from trainer.run import checkpoint
+from trainer.run.checkpoint_files import STATE_FILE, damage, newest_good
 from trainer.cli import main
 from trainer.events import read_events
 
@@ -84,7 +84,7 @@ def test_resume_falls_back_from_a_truncated_checkpoint(demo_job, capsys):
 def test_export_refuses_a_damaged_checkpoint_and_passes_over_one_in_a_run(tmp_path, capsys):
     import pytest
 
-    from trainer.convert import resolve_source
+    from trainer.export.command import resolve_source
     from trainer.job import JobError, defaults
 
     run = tmp_path / "run"

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from messy_data import BROKEN, noise_image, write_broken
-from trainer import images
+from trainer.data import images
 from trainer.cli import main
-from trainer.data_files import ImageItem, scan_dataset
+from trainer.data.files import ImageItem, scan_dataset
 from trainer.events import read_events
 from trainer.job import DatasetSpec, load_job, save_job
 
@@ -71,8 +71,8 @@ def test_unreadable_file(tmp_path):
 
 
 def test_damaged_pixel_data_is_found_lazily_and_replaced(tmp_path):
-    from trainer.buckets import layout
-    from trainer.dataset import TrainDataset
+    from trainer.data.buckets import layout
+    from trainer.data.dataset import TrainDataset
 
     for i in range(3):
         noise_image(seed=i).save(tmp_path / f"{i}.png")

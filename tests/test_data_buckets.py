@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from messy_data import noise_image
-from trainer.buckets import assign, batches_per_epoch, epoch_batches, fit, layout, make_buckets
+from trainer.data.buckets import assign, batches_per_epoch, epoch_batches, fit, layout, make_buckets
 from trainer.cli import main
-from trainer.data_files import scan_dataset
-from trainer.dataset import TrainDataset, collate
+from trainer.data.files import scan_dataset
+from trainer.data.dataset import TrainDataset, collate
 from trainer.job import DatasetSpec, load_job, save_job
 from trainer.plan import make_plan
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from messy_data import noise_image
-from trainer import cache
+from trainer.data import cache
 from trainer.cli import main
 from trainer.events import read_events
 from trainer.job import load_job

@@ -1,9 +1,9 @@
 """Caption rules: one line picked per epoch, caption dropout, tag shuffle with kept leading tags, the instance
 token, captions that are not UTF-8, and the found/missing counts of `trainer check`."""
 
-from trainer.captions import epoch_caption, possible_captions
+from trainer.data.captions import epoch_caption, possible_captions
 from trainer.cli import main
-from trainer.data_files import scan_dataset
+from trainer.data.files import scan_dataset
 from trainer.job import DatasetSpec
 
 from messy_data import noise_image

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer import crops
-from trainer.buckets import fit
-from trainer.data_files import ImageItem
-from trainer.render import render
+from trainer.data import crops
+from trainer.data.buckets import fit
+from trainer.data.files import ImageItem
+from trainer.data.render import render
 from trainer.job import DatasetSpec
 
 FACE = (177, 82, 272, 177)  # the astronaut's face in the 512x512 photo (mediapipe finds it with score ~0.92)
@@ -92,10 +92,10 @@ def test_face_crops_in_dataloader_workers(wide_astronaut, tmp_path):
 
     import torch
 
-    from trainer import cache, images
-    from trainer.buckets import epoch_batches, layout
-    from trainer.data_files import scan_dataset
-    from trainer.dataset import TrainDataset, collate
+    from trainer.data import cache, images
+    from trainer.data.buckets import epoch_batches, layout
+    from trainer.data.files import scan_dataset
+    from trainer.data.dataset import TrainDataset, collate
     from trainer.job import Job
 
     for i in range(2):

@@ -5,7 +5,7 @@ import pytest
 
 from messy_data import noise_image, write_shard
 from trainer.cli import main
-from trainer.data_files import MAX_MEMBER_BYTES, scan_dataset
+from trainer.data.files import MAX_MEMBER_BYTES, scan_dataset
 from trainer.job import DatasetSpec, JobError, load_job, save_job
 from trainer.plan import make_plan
 
@@ -67,7 +67,7 @@ def test_webdataset_shard_with_captions_and_metadata_filters(tmp_path):
     assert [i.caption for i in scan.items] == ["sample 3"]  # 5.0 < 6.0 pass; 4.0 fails; 1 and 3 hold "a"
     assert scan.filtered_out == 5 and scan.filter_reasons["no 'aesthetic_score' in metadata"] == 1
 
-    from trainer import images
+    from trainer.data import images
     item = scan.items[0]
     assert images.load(item)[0].size == (96, 80) and not (tmp_path / "shards" / "0003.jpg").exists()  # never extracted
 
@@ -93,7 +93,7 @@ def test_filter_ops_are_a_closed_set_of_data():
 def test_huge_shard_member_is_refused_without_reading_it(tmp_path, monkeypatch):
     shard = write_shard(tmp_path / "s.tar", [{"stem": "big", "image": noise_image((400, 400)), "caption": "big"},
                                              {"stem": "ok", "image": noise_image(), "caption": "ok"}])
-    monkeypatch.setattr("trainer.data_files.MAX_MEMBER_BYTES", 20_000)
+    monkeypatch.setattr("trainer.data.files.MAX_MEMBER_BYTES", 20_000)
     scan = scan_dataset(_spec({"path": str(shard)}))
     assert [i.caption for i in scan.items] == ["ok"]
     assert scan.skipped and "refused" in scan.skipped[0][1] and scan.skipped[0][0].endswith("big.jpg")

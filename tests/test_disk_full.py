@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer import checkpoint, disk
-from trainer.checkpoint_files import damage
+from trainer.run import checkpoint, disk
+from trainer.run.checkpoint_files import damage
 from trainer.cli import main
 from trainer.events import read_events
 

@@ -10,14 +10,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lora_checks import SAME_IMAGE_ATOL
-from trainer import checkpoint, trainable
+from trainer.run import checkpoint
+from trainer.methods import trainable
 from trainer.cli import main
-from trainer.convert import FORMATS, export
+from trainer.export.command import FORMATS, export
 from trainer.demo import build_tiny_sd15
-from trainer.export import JOB_FILE, JOB_METADATA_KEY, job_json, read_job_metadata, write_full
+from trainer.export.lora_files import JOB_FILE, JOB_METADATA_KEY, job_json, read_job_metadata, write_full
 from trainer.families.detect import family_module
 from trainer.job import JobError, from_sparse, save_job
-from trainer.single_file import (original_layout, original_state_dict, unet_state_dict, vae_state_dict,
+from trainer.export.single_file import (original_layout, original_state_dict, unet_state_dict, vae_state_dict,
                                  write_single_file)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"

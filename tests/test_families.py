@@ -86,7 +86,7 @@ def test_unet_and_text_encoder_lora_load_in_the_family_pipeline_and_change_the_i
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_trains_from_a_single_file_checkpoint_with_a_local_config(demos, family, tmp_path):
-    from trainer.single_file import write_single_file
+    from trainer.export.single_file import write_single_file
 
     model = demos[family].parent / "model"
     checkpoint = write_single_file(_pipe(model), tmp_path / "model.safetensors", {})

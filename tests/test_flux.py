@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lora_checks import assert_both_lora_files_change_the_image, render
-from trainer import flow
+from trainer.families import flow
 from trainer.cli import main
 from trainer.families.detect import detect_family, family_module
 from trainer.job import DiffusionSpec, JobError, ModelSpec, load_job

@@ -40,7 +40,7 @@ def test_closed_pipes_and_sighup_do_not_stop_the_run(demo_job, tmp_path):
 def test_a_hang_up_in_the_middle_of_a_write_loses_nothing(tmp_path):
     import io
 
-    from trainer.terminal import _Tee
+    from trainer.run.terminal import _Tee
 
     class Terminal(io.StringIO):
         def write(self, text):

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from trainer.cli import main
-from trainer.data_files import decode_captions
+from trainer.data.files import decode_captions
 from trainer.events import (COMMANDS, MAX_COMMAND_BYTES, TOKEN_ENV, LineBuffer, Reporter, command, make_event,
                             encode)
 from trainer.job import defaults

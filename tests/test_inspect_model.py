@@ -45,7 +45,7 @@ def test_missing_model_is_one_line(tmp_path):
 def test_tree_names_are_block_names(demo_template):
     """Any name the tree shows, put in layers.train_blocks, trains exactly that block."""
     from trainer.job import from_sparse
-    from trainer.layers import select, table_from_folder
+    from trainer.methods.layers import select, table_from_folder
 
     model = demo_template / "model"
     table = table_from_folder(model, "unet")

@@ -1,4 +1,5 @@
-"""Layer selection (trainer/layers.py): the header table matches the model, counts match peft, blocks resolve."""
+"""Layer selection (trainer/methods/layers.py): the header table matches the model, counts match peft, blocks
+resolve."""
 
 import re
 import subprocess
@@ -11,8 +12,8 @@ from peft import LoraConfig
 
 from trainer.demo import build_tiny_sd15
 from trainer.job import JobError, from_sparse
-from trainer.layers import (Module, count_trainable, describe_trainable, full_trainable_names, lora_target_names,
-                            select, table_from_folder, table_from_model)
+from trainer.methods.layers import (Module, count_trainable, describe_trainable, full_trainable_names,
+                                    lora_target_names, select, table_from_folder, table_from_model)
 
 ROOT = Path(__file__).resolve().parent.parent
 ADANORMS = {"transformer_blocks.0.norm1.linear", "transformer_blocks.0.norm1_context.linear",

@@ -10,7 +10,7 @@ from trainer.demo import build_tiny_sd15
 from trainer.events import read_events
 from trainer.families import sd
 from trainer.job import DiffusionSpec, JobError, ModelSpec
-from trainer.noise import draw_timesteps, min_snr_weights, timestep_weights
+from trainer.families.noise import draw_timesteps, min_snr_weights, timestep_weights
 
 T = 1000  # the tiny model has SD1.5's schedule
 

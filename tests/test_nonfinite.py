@@ -6,12 +6,13 @@ import math
 
 import torch
 
-from trainer import checkpoint, train
-from trainer.checkpoint_files import damage
+from trainer.run import checkpoint
+from trainer import train
+from trainer.run.checkpoint_files import damage
 from trainer.cli import main
 from trainer.events import encode, make_event, read_events
-from trainer.nonfinite import find
-from trainer.trainable import Group
+from trainer.run.nonfinite import find
+from trainer.methods.trainable import Group
 
 FAST = ["--set", "validation.prompts=[]", "--set", "output.checkpoint_every=2"]
 

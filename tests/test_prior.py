@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer import prior
-from trainer.data_files import scan_dataset
+from trainer.methods import prior
+from trainer.data.files import scan_dataset
 from trainer.events import Reporter, read_events
 from trainer.job import JobError, from_sparse
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from lora_checks import assert_both_lora_files_change_the_image
 from trainer.cli import main
-from trainer.dataset import collate
+from trainer.data.dataset import collate
 from trainer.families.detect import detect_family, family_module
 from trainer.job import JobError, ModelSpec, load_job
 

@@ -11,7 +11,7 @@ from stored_models import recast
 from trainer.cli import main
 from trainer.demo import build_demo_dataset, demo_job
 from trainer.job import save_job
-from trainer.model_files import TEXT_ENCODER_PREFIXES
+from trainer.families.model_files import TEXT_ENCODER_PREFIXES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "any_precision")
 

@@ -80,7 +80,7 @@ def _loads(family: str, base: dict, stored_model, final: Path) -> None:
     if family == "cascade":
         from diffusers import StableCascadeUNet
 
-        from trainer import cascade_lora
+        from trainer.export import cascade_lora
 
         if family not in base:
             base[family] = StableCascadeUNet.from_pretrained(stored_model(family, "fp32", "folder")[0],
@@ -106,7 +106,7 @@ def _loads(family: str, base: dict, stored_model, final: Path) -> None:
 def test_stored_model_trains_a_lora_that_loads(stored_model, dataset, base_pipelines, family, dtype, form, precision,
                                                 tmp_path):
     from trainer.job import ModelSpec
-    from trainer.model_files import stored_model as read_stored
+    from trainer.families.model_files import stored_model as read_stored
 
     model = stored_model(family, dtype, form)
     found = read_stored(ModelSpec(path=model[0], variant=model[2]))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from trainer import tokens
+from trainer.methods import tokens
 from trainer.demo import build_tiny_sd15, build_tiny_sdxl
 from trainer.job import JobError, NewToken
 

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lora_checks import assert_both_lora_files_change_the_image
-from trainer import checkpoint
+from trainer.run import checkpoint
 from trainer.cli import main
 from trainer.events import TOKEN_ENV, EventListener, read_events
 

@@ -13,10 +13,10 @@ import sys
 import traceback
 from pathlib import Path
 
-from . import disk
-from .checkpoint_files import resume_lines
+from .run import disk
+from .run.checkpoint_files import resume_lines
 from .job import PROVENANCE_KEY, JobError, ModelSpec, RunFailed, load_job, save_job
-from .terminal import attached
+from .run.terminal import attached
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3
 
@@ -122,7 +122,7 @@ def cmd_inspect_model(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .convert import export
+    from .export.command import export
 
     _quiet_libraries()
     out = Path(args.out) if args.out else None
@@ -132,7 +132,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_sample_cascade(args) -> int:
-    from .cascade_lora import sample
+    from .export.cascade_lora import sample
 
     _quiet_libraries()
     path = sample(args.model, args.prompt, Path(args.out), lora=args.lora or "", decoder=args.decoder or "",
@@ -184,7 +184,7 @@ def _provenance() -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .convert import FORMATS
+    from .export.command import FORMATS
     from .demo import BUILDERS, METHODS
 
     p = argparse.ArgumentParser(prog="python -m trainer", description="Train LoRAs for Stable Diffusion models.")

@@ -273,6 +273,8 @@ MID_WIDTHS = {"sd1": (768,), "sd2": (1024,), "sdxl": (768, 1280), "sd3": (768, 1
 def build_mid_size(family: str, path: Path, seed: int = 0) -> Path:
     """The family's tiny model with its real text-encoder widths (still two layers deep; 10-60 MB)."""
     return BUILDERS[family](path, seed, widths=MID_WIDTHS[family])
+
+
 # What a family's demo job changes: transformer models bucket in steps of 16 (VAE 8 x patch 2) and take a LoRA on
 # their joint attention's image and text projections.
 FAMILY_OVERRIDES = {

@@ -10,15 +10,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import images, prior
-from .buckets import Layout, batches_per_epoch, layout
-from .cache import CachePlan, decide
-from .data_files import Scan, scan_dataset
+from .data import images
+from .methods import prior
+from .data.buckets import Layout, batches_per_epoch, layout
+from .data.cache import CachePlan, decide
+from .data.files import Scan, scan_dataset
 from .families.detect import detect_family
 from .families.table import FAMILIES
 from .job import Job, JobError
-from .layers import describe_trainable
-from .model_files import check_bundled_parts, stored_model
+from .methods.layers import describe_trainable
+from .families.model_files import check_bundled_parts, stored_model
 
 RUN_FILES_ALLOWED_BEFORE_START = {"job.json"}  # the window writes the job into the run folder, then starts
 MAX_LISTED = 200  # skipped files listed by `check` one per line; the rest are counted
@@ -100,7 +101,7 @@ def make_plan(job: Job, resume: bool = False) -> Plan:
 
 
 def class_layout(job: Job, images: list[Path]) -> Layout:
-    """DreamBooth's class images (`images`, as trainer/prior.py chose them) in buckets, like the instances."""
+    """DreamBooth's class images (`images`, as trainer/methods/prior.py chose them) in buckets, like the instances."""
     spec = prior.class_dataset_spec(job)
     scan = scan_dataset(spec)
     keep = {Path(p).resolve() for p in images}

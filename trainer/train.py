@@ -20,10 +20,14 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
 
-from . import cache, checkpoint, ema, export, nonfinite, precision, prior, trainable
-from .buckets import batches_per_epoch, epoch_batches
-from .checkpoint_files import newest_good
-from .dataset import TrainDataset, collate
+from .data import cache
+from .run import checkpoint, nonfinite
+from .methods import ema, prior, trainable
+from .export import lora_files
+from .families import precision
+from .data.buckets import batches_per_epoch, epoch_batches
+from .run.checkpoint_files import newest_good
+from .data.dataset import TrainDataset, collate
 from .events import Reporter
 from .families.detect import family_module
 from .job import Job, JobError
@@ -368,7 +372,7 @@ def _prepare_data(run: _Run, dataset: TrainDataset, quiet: bool = False) -> set[
         _warn_skipped([(str(item.path), f"{why}; its samples train on another image of its bucket")], warned,
                       reporter, main)
     if job.dataset.crop == "face" and main:
-        from .crops import face_detection_problem
+        from .data.crops import face_detection_problem
 
         problem = face_detection_problem(create=not plan.caching.latents)  # cached: only if the pass needed it
         if problem:
@@ -421,7 +425,7 @@ def _expand(run: _Run, text: str) -> str:
     """A multi-vector new token stands for several tokenizer entries; captions and prompts name it once."""
     if run.tr.tokens is None:
         return text
-    from .tokens import expand_prompt
+    from .methods.tokens import expand_prompt
 
     return expand_prompt(text, run.tr.tokens)
 
@@ -553,21 +557,21 @@ def _export(run: _Run) -> dict:
     outputs: dict = {}
     with _exported_weights(run):
         if tr.lora_configs:
-            outputs.update(export.write_lora(final, run.family, run.parts, trainable.lora_states(tr),
+            outputs.update(lora_files.write_lora(final, run.family, run.parts, trainable.lora_states(tr),
                                              tr.lora_configs, job, info))
         if tr.full:
             pipe = run.family.pipeline(run.parts, run.accelerator.unwrap_model(run.denoiser))
-            from .single_file import original_layout
+            from .export.single_file import original_layout
 
             single = job.output.save_single_file and original_layout(pipe) is not None
             if job.output.save_single_file and not single:
                 run.reporter.log(f"no original single-file layout for {plan.family} models: wrote the "
                                  "diffusers folder only", "warning")
-            outputs.update(export.write_full(final, pipe, job, single))
+            outputs.update(lora_files.write_full(final, pipe, job, single))
     if tr.tokens is not None:
-        from .tokens import save_embeddings
+        from .methods.tokens import save_embeddings
 
-        metadata = {export.JOB_METADATA_KEY: json.dumps(job.model_dump(mode="json"), separators=(",", ":"))}
+        metadata = {lora_files.JOB_METADATA_KEY: json.dumps(job.model_dump(mode="json"), separators=(",", ":"))}
         for i, path in enumerate(save_embeddings(tr.tokens, final / "embeddings", metadata)):
             outputs[f"embedding_{i}"] = path
     return outputs

@@ -4,7 +4,7 @@ train_c does; stages A and B stay frozen and only turn stage C's latents into va
 What differs from the other families: the latents are not a VAE's but an EfficientNetV2-S encoder's (16 channels,
 1/32 of the image side: 24x24 for the 768 px images stage C trains on, which stage B renders at 1024 px); the noise
 is Würstchen's GDF (a cosine schedule on a continuous t in [0, 1], an epsilon target, the P2 loss weight); and
-diffusers has no LoRA loader for the prior, so its LoRA file is read by trainer/cascade_lora.py.
+diffusers has no LoRA loader for the prior, so its LoRA file is read by trainer/export/cascade_lora.py.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import noise
+from . import noise
 from ..job import DiffusionSpec, JobError, ModelSpec
-from ..noise import draw_noise
+from .noise import draw_noise
 from .sd import drop_rows
 from .table import FAMILIES
 
@@ -333,7 +333,7 @@ def load_decoder(path: str, dtype: torch.dtype, field: str = "model.decoder", re
 def save_lora_diffusers(directory: Path, states: dict[str, dict], adapter_configs: dict[str, dict]) -> Path:
     """DIRECTORY/pytorch_lora_weights.safetensors in PEFT form (`prior.<module>.lora_A.weight`, and
     `text_encoder.` for the CLIP), with diffusers' adapter metadata ("prior.r", "prior.lora_alpha", ...). diffusers
-    loads no Stable Cascade LoRA: trainer/cascade_lora.py reads this file."""
+    loads no Stable Cascade LoRA: trainer/export/cascade_lora.py reads this file."""
     from safetensors.torch import save_file
 
     tensors = {f"{component}.{key}": value.detach().cpu().contiguous()
@@ -348,7 +348,7 @@ def save_lora_diffusers(directory: Path, states: dict[str, dict], adapter_config
 def kohya_state_dict(states: dict[str, dict], alpha: float) -> dict:
     """Refused: no kohya format for Stable Cascade LoRAs is established (ComfyUI and A1111 read none for it)."""
     raise JobError("output.save_kohya: Stable Cascade has no kohya LoRA format; set output.save_kohya to false "
-                   "(final/pytorch_lora_weights.safetensors is written, and trainer/cascade_lora.py applies it)")
+                   "(final/pytorch_lora_weights.safetensors is written, and trainer/export/cascade_lora.py applies it)")
 
 
 def kohya_metadata(parts: Parts) -> dict[str, str]:

@@ -14,7 +14,7 @@ import torch
 
 from ..job import DiffusionSpec, JobError, ModelSpec
 from .table import FAMILIES
-from ..noise import draw_noise, draw_timesteps, min_snr_weights, timestep_weights, zero_terminal_snr_schedulers
+from .noise import draw_noise, draw_timesteps, min_snr_weights, timestep_weights, zero_terminal_snr_schedulers
 
 DENOISER = FAMILIES["sd1"].denoiser
 IMAGE_ENCODER = FAMILIES["sd1"].image_encoder
@@ -270,7 +270,7 @@ def _unbundled_parts(spec: ModelSpec, local: bool, skip: set[str]) -> dict:
 
     from diffusers import DiffusionPipeline
 
-    from ..model_files import check_bundled_parts, stored_model
+    from .model_files import check_bundled_parts, stored_model
 
     check_bundled_parts(spec)  # without model.config: the one line that says what is missing
     found = stored_model(spec)

@@ -2,7 +2,7 @@
 
 What differs from the UNet families: the prompt goes through CLIP-L, CLIP-G and (optionally) T5, joined as
 diffusers' pipeline joins them; the VAE's latents are shifted as well as scaled; the noisy input and the target
-come from rectified flow (trainer/flow.py); and its LoRA files are written with diffusers' transformer names,
+come from rectified flow (trainer/families/flow.py); and its LoRA files are written with diffusers' transformer names,
 which is what ComfyUI reads for SD3.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .. import flow, noise
+from . import flow, noise
 from ..job import DiffusionSpec, JobError, ModelSpec
 from .sd import _load_pipeline, alpha_folded, drop_rows, encode_image_dists, save_lora_with
 from .table import FAMILIES

@@ -1,4 +1,4 @@
-"""Samples to training batches: rendered live (trainer/render.py) or read from the caches cache.prepare indexed.
+"""Samples to training batches: rendered live (trainer/data/render.py) or read from the caches cache.prepare indexed.
 
 Every random choice of a sample comes from (seed, epoch, sample index), never from a global generator, so a
 resumed run and DataLoader workers see exactly what an uninterrupted single-process run would.
@@ -12,7 +12,7 @@ from . import images
 from .buckets import Layout
 from .cache import CacheIndex, load_entry
 from .captions import epoch_caption, sample_rng
-from .job import DatasetSpec
+from ..job import DatasetSpec
 from .render import render
 
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from .families.detect import check_model_path, safetensors_shapes
-from .families.table import FAMILIES
-from .job import BlockEntryError, Job, JobError, block_children, resolve_block
+from ..families.detect import check_model_path, safetensors_shapes
+from ..families.table import FAMILIES
+from ..blocks import BlockEntryError, block_children, resolve_block
+from ..job import Job, JobError
 
 # Projections inside attention modules: diffusers (SD3's joint attention adds the add_* ones), CLIP, T5.
 ATTENTION_PROJECTIONS = {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",

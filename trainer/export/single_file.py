@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .job import JobError
+from ..job import JobError
 
 SD_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
 SDXL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .job import JobError, NewToken
+from ..job import JobError, NewToken
 
 # The keys A1111 and ComfyUI read: one tensor for SD1/SD2, CLIP-L's and CLIP-G's rows for SDXL.
 _FILE_KEYS = {("text_encoder",): {"text_encoder": "emb_params"},

@@ -1,5 +1,5 @@
 """Final LoRA files: diffusers/PEFT format for `load_lora_weights`, kohya format with `ss_` metadata for ComfyUI/A1111;
-and whole models: a diffusers folder and one original-layout .safetensors (trainer/single_file.py).
+and whole models: a diffusers folder and one original-layout .safetensors (trainer/export/single_file.py).
 
 All embed the resolved job, so any file can be traced back to how it was made.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from .job import Job
+from ..job import Job
 
 JOB_METADATA_KEY = "sdtrainer_job"
 JOB_FILE = "sdtrainer_job.json"  # the resolved job inside an exported diffusers folder

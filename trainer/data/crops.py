@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-FACE_MODEL = Path(__file__).resolve().parent.parent / "resources" / "face_detection_short_range.tflite"
+FACE_MODEL = Path(__file__).resolve().parents[2] / "resources" / "face_detection_short_range.tflite"
 DETECT_SIDE = 384  # tiles are shrunk to this before detection: BlazeFace itself looks at 128x128
 MIN_FACE_SCORE = 0.5
 

@@ -3,7 +3,7 @@ safetensors + JSON.
 
 No pickle anywhere, so a checkpoint copied from a rented GPU is safe to open. A checkpoint is written under a
 temporary name and renamed when complete; its state.json, written last, records every file's size and hash
-(trainer/checkpoint_files.py), so a damaged one is found before it is loaded.
+(trainer/run/checkpoint_files.py), so a damaged one is found before it is loaded.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ EMA_FILE = "ema.safetensors"
 def save(root: Path, step: int, weights: dict[str, torch.Tensor], optimizer, lr_scheduler, info: dict,
          keep_last: int, ema: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoints/step-N atomically and keep the newest `keep_last` intact ones. `weights` are keyed
-    "component.parameter" (see trainer/trainable.py); `info` (epoch, the job) goes into state.json. A write that
+    "component.parameter" (see trainer/methods/trainable.py); `info` (epoch, the job) goes into state.json. A write that
     fails (a full disk) leaves no partial checkpoint and every earlier one as it was."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"

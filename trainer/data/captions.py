@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .job import DatasetSpec
+from ..job import DatasetSpec
 
 SALT = 0xCA7  # keeps the caption stream apart from the crop and flip stream of the same sample
 

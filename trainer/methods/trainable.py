@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .job import Job, JobError
+from ..job import Job, JobError
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Trainable:
     modules: dict[str, torch.nn.Module]  # component name -> the module whose weights train
     groups: list[Group]
     lora_configs: dict[str, dict] = field(default_factory=dict)  # component -> adapter metadata for LoRA files
-    tokens: Any = None  # trainer.tokens.TokenState when new tokens train
+    tokens: Any = None  # trainer.methods.tokens.TokenState when new tokens train
     full: set[str] = field(default_factory=set)  # components trained fully (exported as whole models)
 
     @property

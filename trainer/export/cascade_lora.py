@@ -2,7 +2,7 @@
 so this applies the trainer's pytorch_lora_weights.safetensors to a StableCascadeUNet (and its CLIP) with peft.
 
 In your own script, after `pipe = StableCascadePriorPipeline.from_pretrained(...)`:
-    from trainer.cascade_lora import apply_lora
+    from trainer.export.cascade_lora import apply_lora
     lora = "RUN/final/pytorch_lora_weights.safetensors"
     apply_lora(pipe.prior, lora, scale=1.0)
     apply_lora(pipe.text_encoder, lora, component="text_encoder")  # only if the text encoder was trained
@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .job import JobError
+from ..job import JobError
 
 ADAPTER = "cascade_lora"  # the applied layers' peft adapter name (not "default", which training uses)
 
@@ -74,7 +74,7 @@ def sample(model: str, prompt: str, out: Path, lora: str = "", decoder: str = ""
 
     import torch
 
-    from .families.cascade import load_decoder, load_pipelines, render
+    from ..families.cascade import load_decoder, load_pipelines, render
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -104,7 +104,7 @@ def _read(path: Path, component: str) -> tuple[dict, dict]:
     """The component's LoRA tensors (keys without the component prefix) and its adapter config from the file."""
     from safetensors import SafetensorError, safe_open
 
-    from .families.cascade import ADAPTER_METADATA_KEY
+    from ..families.cascade import ADAPTER_METADATA_KEY
 
     if not path.is_file():
         raise JobError(f"{path}: LoRA file not found")

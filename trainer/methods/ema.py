@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .job import EmaSpec
+from ..job import EmaSpec
 
 
 def create(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .job import DatasetFolder, DatasetSpec, JobError, MetadataFilter
+from ..job import DatasetFolder, DatasetSpec, JobError, MetadataFilter
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 MAX_SIDECAR_BYTES = 1_000_000  # a caption or metadata file bigger than this is not a caption

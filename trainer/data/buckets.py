@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data_files import ImageItem
-from .job import DatasetSpec
+from .files import ImageItem
+from ..job import DatasetSpec
 
 Size = tuple[int, int]  # (width, height)
 

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .job import DiffusionSpec
+from ..job import DiffusionSpec
 from .noise import draw_noise
 
 # What shapes a flow-matching run's timesteps, where DDPM options (min-SNR, timestep bias) would.

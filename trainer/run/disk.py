@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .job import JobError, RunFailed
+from ..job import JobError, RunFailed
 
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 MB = 1 << 20
@@ -103,8 +103,8 @@ def full_message(path: Path | str, needed: int | None = None) -> str:
 
 def _trained_params(job, family: str) -> int:
     """Parameters trained in the denoiser, from the model's headers; 0 when they cannot be counted yet."""
-    from .families.table import FAMILIES
-    from .layers import count_trainable, table_from_folder
+    from ..families.table import FAMILIES
+    from ..methods.layers import count_trainable, table_from_folder
 
     root, denoiser = Path(job.model.path).expanduser(), FAMILIES[family].denoiser
     if job.network.kind == "none" or not (root / denoiser).is_dir():

@@ -16,10 +16,10 @@ import os
 import re
 from pathlib import Path
 
-from . import images
-from .cache import Progress, cache_root, model_identity
-from .data_files import IMAGE_EXTENSIONS, ImageItem
-from .job import DatasetFolder, DatasetSpec, Job, JobError
+from ..data import images
+from ..data.cache import Progress, cache_root, model_identity
+from ..data.files import IMAGE_EXTENSIONS, ImageItem
+from ..job import DatasetFolder, DatasetSpec, Job, JobError
 
 CLASS_FOLDER = "class-images"  # under the cache root
 # Every part of the model that shapes a generated image; model_identity adds the family's tokenizers and other
@@ -96,7 +96,7 @@ def generate_missing(job: Job, pipe, num_instance_images: int, reporter, device)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)  # Progress below reports instead of a bar per batch
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(job.precision.mixed_precision)
-    # Like validation: under mixed precision the frozen parts are half (trainer/precision.py) and the VAE fp32;
+    # Like validation: under mixed precision the frozen parts are half (trainer/families/precision.py) and the VAE fp32;
     # autocast joins them. fp16 on a CPU has already become fp32 there, so only bf16 reaches a CPU here.
     if half is torch.float16 and device.type == "cpu":
         half = None

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .events import Reporter
-from .job import OptimizerSpec, RunFailed
+from ..events import Reporter
+from ..job import OptimizerSpec, RunFailed
 
 
 def find(losses: list[torch.Tensor], groups) -> str | None:

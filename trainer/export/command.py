@@ -1,9 +1,9 @@
 """`trainer export`: a run's trained weights as LoRA files (diffusers or kohya), a diffusers folder, a merged model
 (the LoRA fused into the base at a chosen strength) or one original-layout .safetensors for ComfyUI and A1111.
 
-From a checkpoint the model is rebuilt the way training built it (trainer/trainable.py) and the checkpoint's tensors
-(its EMA unless --raw) are put back, so every format comes from the same weights. A run without checkpoints exports
-what its final/ folder holds. Torch is imported only once an export starts, so the command line stays quick.
+From a checkpoint the model is rebuilt the way training built it (trainer/methods/trainable.py) and the checkpoint's
+tensors (its EMA unless --raw) are put back, so every format comes from the same weights. A run without checkpoints
+exports what its final/ folder holds. Torch is imported only once an export starts, so the command line stays quick.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .job import Job, JobError, load_job
+from ..job import Job, JobError, load_job
 
 FORMATS = ("diffusers", "kohya", "merged", "single-file")
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the diffusers-format LoRA in a run's final/ folder
@@ -44,8 +44,8 @@ def export(source: Path, fmt: str, out: Path | None = None, lora_scale: float | 
     if fmt == "single-file" and target.suffix.lower() != ".safetensors":
         target = target / f"{src.job.output.name}.safetensors"
     _check_free(target, force)
-    from .families.detect import detect_family, family_module
-    from .families.table import FAMILIES
+    from ..families.detect import detect_family, family_module
+    from ..families.table import FAMILIES
 
     name = detect_family(src.job.model)
     lora_only = fmt == "kohya" or (fmt in ("merged", "single-file") and src.job.network.kind != "full")
@@ -62,7 +62,7 @@ def export(source: Path, fmt: str, out: Path | None = None, lora_scale: float | 
 def resolve_source(path: Path) -> Source:
     """A checkpoint folder (RUN/checkpoints/step-N) or a run folder holding job.json; a one-line JobError naming
     the folder otherwise."""
-    from .checkpoint_files import STATE_FILE, damage, newest_good
+    from ..run.checkpoint_files import STATE_FILE, damage, newest_good
 
     path = path.expanduser().resolve()
     if not path.is_dir():
@@ -90,7 +90,9 @@ def resolve_source(path: Path) -> Source:
 
 
 def _from_checkpoint(family, src: Source, fmt: str, target: Path, scale: float, raw: bool) -> list[Path]:
-    from . import checkpoint, export, trainable
+    from ..run import checkpoint
+    from . import lora_files
+    from ..methods import trainable
 
     job = src.job
     state = checkpoint.read_state(src.checkpoint)
@@ -106,29 +108,29 @@ def _from_checkpoint(family, src: Source, fmt: str, target: Path, scale: float, 
         states = trainable.lora_states(tr)
         if fmt == "kohya":
             info = _training_info(src, int(state["step"]), int(state.get("epoch", 0)))
-            written.append(export.write_lora_kohya(target / f"{job.output.name}.safetensors", family, parts, states,
+            written.append(lora_files.write_lora_kohya(target / f"{job.output.name}.safetensors", family, parts, states,
                                                    job, info))
         else:
             if states:
-                written.append(export.write_lora_diffusers(target, family, states, tr.lora_configs, job))
+                written.append(lora_files.write_lora_diffusers(target, family, states, tr.lora_configs, job))
             if tr.full:  # the whole model is the result; its LoRA (if any) stays a separate file beside it
                 if states:
                     pipe.unload_lora_weights()  # drops the adapters unmerged
-                written.append(export.write_pipeline_folder(target, pipe, job))
+                written.append(lora_files.write_pipeline_folder(target, pipe, job))
     else:
         _fuse(pipe, list(tr.lora_configs), scale)
         written += _write_model(pipe, job, fmt, target)
     if tr.tokens is not None:
-        from .tokens import save_embeddings
+        from ..methods.tokens import save_embeddings
 
         folder = (target.parent if fmt == "single-file" else target) / "embeddings"
-        written += save_embeddings(tr.tokens, folder, {export.JOB_METADATA_KEY: export.job_json(job)})
+        written += save_embeddings(tr.tokens, folder, {lora_files.JOB_METADATA_KEY: lora_files.job_json(job)})
     return written
 
 
 def _from_final(family, src: Source, fmt: str, target: Path, scale: float) -> list[Path]:
     """The files a finished run wrote: copied for diffusers/kohya, fused into the base for the rest."""
-    from . import export
+    from . import lora_files
 
     job, final = src.job, src.run / "final"
     lora, folder = final / LORA_FILE, final / "diffusers"
@@ -152,7 +154,7 @@ def _from_final(family, src: Source, fmt: str, target: Path, scale: float) -> li
         else:  # the run was told not to write one (output.save_kohya): convert its diffusers-format LoRA
             parts = family.load(job.model)
             info = _training_info(src, *_final_step_epoch(src))
-            written.append(export.write_lora_kohya(path, family, parts, _lora_file_states(lora), job, info))
+            written.append(lora_files.write_lora_kohya(path, family, parts, _lora_file_states(lora), job, info))
     else:
         spec = job.model
         if folder.is_dir():  # a full fine-tune: its own folder is the model
@@ -163,7 +165,7 @@ def _from_final(family, src: Source, fmt: str, target: Path, scale: float) -> li
             pipe.load_lora_weights(str(final), weight_name=LORA_FILE)
             _fuse(pipe, sorted(_lora_file_states(lora)), scale)
         if embeddings:
-            from .tokens import load_embeddings_into
+            from ..methods.tokens import load_embeddings_into
 
             load_embeddings_into(pipe, embeddings)
         written += _write_model(pipe, job, fmt, target)
@@ -177,7 +179,7 @@ def _from_final(family, src: Source, fmt: str, target: Path, scale: float) -> li
 def _write_model(pipe, job: Job, fmt: str, target: Path) -> list[Path]:
     """merged: a diffusers folder, and NAME.safetensors in it when output.save_single_file and the family has
     an original layout; single-file: the one original-layout file."""
-    from .export import JOB_METADATA_KEY, job_json, write_pipeline_folder
+    from .lora_files import JOB_METADATA_KEY, job_json, write_pipeline_folder
     from .single_file import original_layout, write_single_file
 
     metadata = {JOB_METADATA_KEY: job_json(job)}
@@ -217,9 +219,9 @@ def _final_step_epoch(src: Source) -> tuple[int, int]:
 
 
 def _training_info(src: Source, step: int, epoch: int) -> dict:
-    """What kohya's `ss_` metadata records about training (see trainer.export.kohya_metadata): the start time and
-    total steps from the run's events (job.json is written as the run starts), the dataset as it is on disk."""
-    from .data_files import Scan, scan_dataset
+    """What kohya's `ss_` metadata records about training (see lora_files.kohya_metadata): the start time and total
+    steps from the run's events (job.json is written as the run starts), the dataset as it is on disk."""
+    from ..data.files import Scan, scan_dataset
 
     started_at, total = (src.run / "job.json").stat().st_mtime, step
     starts = [e for e in _events(src) if e["type"] == "run_started"]
@@ -238,7 +240,7 @@ def _training_info(src: Source, step: int, epoch: int) -> dict:
 
 
 def _events(src: Source) -> list[dict]:
-    from .events import read_events
+    from ..events import read_events
 
     path = src.run / "events.jsonl"
     return read_events(path)[0] if path.is_file() else []

@@ -11,8 +11,8 @@ from PIL import Image, ImageEnhance
 from . import images
 from .buckets import fit
 from .crops import crop_offset, focus_point
-from .data_files import ImageItem
-from .job import DatasetSpec
+from .files import ImageItem
+from ..job import DatasetSpec
 
 
 def render(item: ImageItem, bucket: tuple[int, int], spec: DatasetSpec, flip: bool, u, focus_memo: dict):

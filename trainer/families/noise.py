@@ -9,7 +9,7 @@ from functools import lru_cache
 
 import torch
 
-from .job import DiffusionSpec, JobError
+from ..job import DiffusionSpec, JobError
 
 
 def draw_noise(latents: torch.Tensor, generator: torch.Generator, offset: float) -> torch.Tensor:

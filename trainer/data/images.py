@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .data_files import ImageItem
+from .files import ImageItem
 
 MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # ~179 MP, Pillow's own hard limit: larger is refused as a bomb
 TAIL_BYTES = 4096
