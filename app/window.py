@@ -16,8 +16,8 @@ from PySide6.QtWidgets import QComboBox, QFileDialog, QLabel, QMainWindow, QMess
 
 from trainer.data.files import scan_dataset
 from trainer.events import read_events
-from trainer.job import (DEMO_METHODS, PRESETS_DIR, Job, JobError, from_sparse, list_presets, load_job, save_job,
-                         to_sparse)
+from trainer.job import (DEMO_METHODS, PRESETS_DIR, Job, JobError, from_sparse, list_presets, load_job, run_leftovers,
+                         save_job, to_sparse)
 
 from . import live_run
 from .dataset_view import DatasetView
@@ -346,7 +346,7 @@ class MainWindow(QMainWindow):
                 return False
         run_dir = Path(job.output.output_dir).expanduser().resolve()
         resume = False
-        if run_dir.is_dir() and any(p.name != "job.json" for p in run_dir.iterdir()):
+        if run_leftovers(run_dir):
             answer = self.ask("Run folder in use",
                               f"{run_dir} already holds a run.\n\nResume it from its last checkpoint, or start "
                               "a new run in a new folder?", ["Resume", "New folder", "Cancel"])

@@ -472,6 +472,14 @@ def save_job(job: Job, path: str | Path, sparse: bool = False, extra: dict | Non
     tmp.replace(path)
 
 
+def run_leftovers(output_dir: Path) -> list[str]:
+    """What a run folder holds besides the job file the window writes into it before starting: a run that only
+    `--resume` may continue."""
+    if not output_dir.is_dir():
+        return []
+    return sorted(p.name for p in output_dir.iterdir() if p.name != "job.json")
+
+
 def apply_override(data: dict, item: str) -> dict:
     """`optimizer.learning_rate=3e-4`: the value is read as JSON, or taken as a string if it is not JSON."""
     if "=" not in item:

@@ -17,11 +17,10 @@ from .data.cache import CachePlan, decide
 from .data.files import Scan, scan_dataset
 from .families.detect import detect_family
 from .families.table import FAMILIES
-from .job import Job, JobError
+from .job import Job, JobError, run_leftovers
 from .methods.layers import describe_trainable
 from .families.model_files import check_bundled_parts, stored_model
 
-RUN_FILES_ALLOWED_BEFORE_START = {"job.json"}  # the window writes the job into the run folder, then starts
 MAX_LISTED = 200  # skipped files listed by `check` one per line; the rest are counted
 
 
@@ -160,9 +159,9 @@ def _check_output_dir(job: Job, resume: bool) -> Path:
                            f"(dataset.folders.{index}); its samples would become training images")
     if out.exists() and not out.is_dir():
         raise JobError(f"output.output_dir: {out} is a file")
-    if out.is_dir() and not resume:
-        leftovers = [p.name for p in out.iterdir() if p.name not in RUN_FILES_ALLOWED_BEFORE_START]
+    if not resume:
+        leftovers = run_leftovers(out)
         if leftovers:
-            raise JobError(f"output.output_dir: {out} already holds a run ({', '.join(sorted(leftovers)[:3])}); "
+            raise JobError(f"output.output_dir: {out} already holds a run ({', '.join(leftovers[:3])}); "
                            "pass --resume to continue it or choose an empty folder")
     return out
