@@ -1,7 +1,7 @@
 """The checkpoints users bring: every family stored in fp32, fp16 and bf16, as a folder, a `variant` folder and an
 original-layout single file, trains a LoRA under `mixed_precision` no and bf16, and its LoRA loads.
 
-The models are mid-size (each family's real text-encoder widths, two layers deep), built once per session
+The models are mid-size (each family's real text-encoder widths and 8x VAE, two layers deep), built once per session
 (conftest's `stored_model`). The matrix: per family, folder x {fp32, fp16, bf16}, a variant folder of fp16 files,
 and for SD1, SD2 and SDXL (the families our single-file writer lays out) a single file x {fp32, fp16, bf16}: 33
 stored models, each trained under both precisions: 66 runs of 2 steps, all of them in the full suite.

@@ -22,7 +22,7 @@ SHAPES = ("circle", "square", "triangle")
 SIZES = ((96, 80), (80, 96), (72, 72), (112, 88))
 
 
-def build_tiny_sd15(path: Path, seed: int = 0, widths: tuple[int, ...] = (32,)) -> Path:
+def build_tiny_sd15(path: Path, seed: int = 0, widths: tuple[int, ...] = (32,), vae_factor: int = 2) -> Path:
     """Write a tiny SD1.5-layout diffusers folder with random weights (~6 MB); loads offline. `widths`: the text
     encoder's (CLIP ViT-L's real 768 in MID_WIDTHS)."""
     from diffusers import PNDMScheduler
@@ -31,10 +31,10 @@ def build_tiny_sd15(path: Path, seed: int = 0, widths: tuple[int, ...] = (32,)) 
     scheduler = PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", prediction_type="epsilon", steps_offset=1,
                               skip_prk_steps=True, set_alpha_to_one=False)
-    return _build_tiny_sd(path, seed, text_width=widths[0], scheduler=scheduler)
+    return _build_tiny_sd(path, seed, widths[0], scheduler, vae_factor)
 
 
-def build_tiny_sd2(path: Path, seed: int = 0, widths: tuple[int, ...] = (1024,)) -> Path:
+def build_tiny_sd2(path: Path, seed: int = 0, widths: tuple[int, ...] = (1024,), vae_factor: int = 2) -> Path:
     """A tiny SD2.x-layout folder (~40 MB): a 1024-wide text encoder (what tells SD2 from SD1) and SD 2.1's
     v-prediction DDIM scheduler config."""
     from diffusers import DDIMScheduler
@@ -42,13 +42,13 @@ def build_tiny_sd2(path: Path, seed: int = 0, widths: tuple[int, ...] = (1024,))
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", prediction_type="v_prediction", steps_offset=1,
                               clip_sample=False, set_alpha_to_one=False)
-    return _build_tiny_sd(path, seed, text_width=widths[0], scheduler=scheduler)
+    return _build_tiny_sd(path, seed, widths[0], scheduler, vae_factor)
 
 
-def _build_tiny_sd(path: Path, seed: int, text_width: int, scheduler) -> Path:
+def _build_tiny_sd(path: Path, seed: int, text_width: int, scheduler, vae_factor: int) -> Path:
     # Imported here so the dataset and job builders (and importing this module) stay light and torch-free.
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = Path(path)
@@ -62,10 +62,7 @@ def _build_tiny_sd(path: Path, seed: int, text_width: int, scheduler) -> Path:
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=text_width,
             attention_head_dim=8)
         torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"))
+        vae = _tiny_vae(vae_factor, latent_channels=4)
         torch.manual_seed(seed)
         text_encoder = _tiny_clip(CLIPTextModel, tokenizer, text_width, projection=32)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -75,11 +72,11 @@ def _build_tiny_sd(path: Path, seed: int, text_width: int, scheduler) -> Path:
     return path
 
 
-def build_tiny_sdxl(path: Path, seed: int = 0, widths: tuple[int, ...] = (32, 32)) -> Path:
+def build_tiny_sdxl(path: Path, seed: int = 0, widths: tuple[int, ...] = (32, 32), vae_factor: int = 2) -> Path:
     """Write a tiny SDXL-layout diffusers folder with random weights (two CLIP encoders of `widths`); loads
     offline."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     path = Path(path)
@@ -97,10 +94,7 @@ def build_tiny_sdxl(path: Path, seed: int = 0, widths: tuple[int, ...] = (32, 32
             addition_embed_type="text_time", addition_time_embed_dim=time_dim,
             projection_class_embeddings_input_dim=6 * time_dim + width_g)  # 6 size numbers + pooled text
         torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), scaling_factor=0.13025, force_upcast=True)
+        vae = _tiny_vae(vae_factor, latent_channels=4, scaling_factor=0.13025, force_upcast=True)
         torch.manual_seed(seed)
         text_encoder = _tiny_clip(CLIPTextModel, tokenizer, width_l)
         torch.manual_seed(seed + 1)
@@ -116,12 +110,11 @@ def build_tiny_sdxl(path: Path, seed: int = 0, widths: tuple[int, ...] = (32, 32
     return path
 
 
-def build_tiny_sd3(path: Path, seed: int = 0, widths: tuple[int, ...] = (32, 48, 96)) -> Path:
+def build_tiny_sd3(path: Path, seed: int = 0, widths: tuple[int, ...] = (32, 48, 96), vae_factor: int = 2) -> Path:
     """Write a tiny SD3-layout diffusers folder with random weights (MMDiT, 16-channel VAE, CLIP-L, CLIP-G and T5
     encoders); loads offline, with or without T5."""
     import torch
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
     path = Path(path)
@@ -139,11 +132,8 @@ def build_tiny_sd3(path: Path, seed: int = 0, widths: tuple[int, ...] = (32, 48,
             pooled_projection_dim=width_l + width_g,  # both CLIPs' projections, concatenated
             pos_embed_max_size=64, qk_norm="rms_norm")  # 64 patches a side: buckets up to 256 px
         torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=16, sample_size=64,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), scaling_factor=1.5305, shift_factor=0.0609,
-            use_quant_conv=False, use_post_quant_conv=False)  # SD3's VAE config, but for the sizes
+        vae = _tiny_vae(vae_factor, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
+                        use_quant_conv=False, use_post_quant_conv=False)  # SD3's VAE config, but for the sizes
         torch.manual_seed(seed)
         text_encoder = _tiny_clip(CLIPTextModelWithProjection, tokenizer, width_l)
         torch.manual_seed(seed + 1)
@@ -165,7 +155,7 @@ def build_tiny_flux(path: Path, seed: int = 0, widths: tuple[int, ...] = (32, 48
     """Write a tiny Flux.1-dev-layout diffusers folder with random weights (a guidance-embedding transformer on
     2x2-packed latents, a 16-channel VAE that downsamples 8x, CLIP-L and T5 encoders); loads offline."""
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
     path = Path(path)
@@ -179,11 +169,8 @@ def build_tiny_flux(path: Path, seed: int = 0, widths: tuple[int, ...] = (32, 48
             num_attention_heads=2, joint_attention_dim=width_t5, pooled_projection_dim=width_clip,
             guidance_embeds=True, axes_dims_rope=(4, 6, 6))  # 64 = 16 latent channels x a 2x2 patch
         torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            block_out_channels=(16, 16, 32, 32), in_channels=3, out_channels=3, latent_channels=16,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            norm_num_groups=8, sample_size=64, scaling_factor=0.3611, shift_factor=0.1159,
-            use_quant_conv=False, use_post_quant_conv=False)  # Flux's VAE config, but for the sizes
+        vae = _tiny_vae(8, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                        use_post_quant_conv=False)  # Flux's VAE config, but for the sizes
         torch.manual_seed(seed)
         text_encoder = _tiny_clip(CLIPTextModel, tokenizer, width_clip)
         torch.manual_seed(seed + 1)
@@ -268,11 +255,15 @@ BUILDERS = {"sd1": build_tiny_sd15, "sd2": build_tiny_sd2, "sdxl": build_tiny_sd
 # for `build_mid_size`: single-file loaders tell the encoders apart by their widths, which the tiny ones share.
 MID_WIDTHS = {"sd1": (768,), "sd2": (1024,), "sdxl": (768, 1280), "sd3": (768, 1280, 4096), "flux": (768, 4096),
               "cascade": (1280, 1280)}
+# And the real VAEs' 8x downsampling where the tiny model halves (Flux's tiny VAE and Stable Cascade's EfficientNet
+# already reduce as the real ones do): a 64 px image is then 8x8 latents, as a 512 px one is 64x64 in SD1.5.
+MID_VAE = {"sd1": {"vae_factor": 8}, "sd2": {"vae_factor": 8}, "sdxl": {"vae_factor": 8}, "sd3": {"vae_factor": 8}}
 
 
 def build_mid_size(family: str, path: Path, seed: int = 0) -> Path:
-    """The family's tiny model with its real text-encoder widths (still two layers deep; 10-60 MB)."""
-    return BUILDERS[family](path, seed, widths=MID_WIDTHS[family])
+    """The family's tiny model with its real text-encoder widths and latent scale (still two layers deep;
+    10-60 MB)."""
+    return BUILDERS[family](path, seed, widths=MID_WIDTHS[family], **MID_VAE.get(family, {}))
 
 
 # What a family's demo job changes: transformer models bucket in steps of 16 (VAE 8 x patch 2) and take a LoRA on
@@ -363,6 +354,17 @@ def _method_overrides(method: str, dir: Path) -> dict:
                 "validation": {"prompts": ["a red <shape> on a blue background"]},
                 "output": {"name": "demo_ti"}}
     return {}
+
+
+def _tiny_vae(factor: int, **config):
+    """A tiny AutoencoderKL that downsamples `factor` times (2 or 8: one block per halving after the first)."""
+    from diffusers import AutoencoderKL
+
+    channels = {2: (32, 64), 8: (16, 16, 32, 32)}[factor]
+    return AutoencoderKL(block_out_channels=channels, in_channels=3, out_channels=3, sample_size=64,
+                         down_block_types=("DownEncoderBlock2D",) * len(channels),
+                         up_block_types=("UpDecoderBlock2D",) * len(channels),
+                         norm_num_groups=8 if factor == 8 else 32, **config)
 
 
 def _tiny_clip(model_class, tokenizer, width: int, projection: int = 0):
