@@ -3,16 +3,18 @@ line, the last good checkpoint intact, and NaN never reaching the event writer a
 
 import json
 import math
+from types import SimpleNamespace
 
 import torch
 
-from trainer.run import checkpoint
 from trainer import train
-from trainer.run.checkpoint_files import damage
 from trainer.cli import main
 from trainer.events import encode, make_event, read_events
-from trainer.run.nonfinite import find
+from trainer.job import OptimizerSpec
 from trainer.methods.trainable import Group
+from trainer.run import checkpoint
+from trainer.run.checkpoint_files import damage
+from trainer.run.nonfinite import Guard, find
 
 FAST = ["--set", "validation.prompts=[]", "--set", "output.checkpoint_every=2"]
 
@@ -84,3 +86,30 @@ def test_nan_in_an_event_is_written_as_null_with_a_flag():
     assert line["loss"] is None and line["lr"] is None and line["nonfinite"] == ["loss", "lr"]
     nested = json.loads(encode(make_event("run_finished", status="failed", outputs={"x": [1.0, float("-inf")]})))
     assert nested["outputs"] == {"x": [1.0, None]} and nested["nonfinite"] == ["outputs.x.1"]
+
+
+class _TwoProcesses:
+    """What Guard.skip sees of accelerate with a second process whose readings are `other`'s."""
+    num_processes, is_main_process, scaler = 2, True, None
+
+    def __init__(self, other: torch.Tensor):
+        self.other = other
+
+    def reduce(self, tensor, op):
+        assert op == "sum"
+        return tensor + self.other
+
+
+def test_every_process_takes_the_same_branch_and_prints_the_mean_loss(tmp_path):
+    weight = torch.nn.Parameter(torch.ones(2))
+    weight.grad = torch.ones(2)
+    groups = [Group("denoiser", {"w": weight}, 1e-4, 0)]
+    guard = Guard(OptimizerSpec(on_nonfinite="skip", max_skipped_steps=3), None, tmp_path)
+    healthy = _TwoProcesses(torch.tensor([3.0, 1.0, 1.0]))  # its loss 3.0, loss and gradients finite
+    assert guard.skip(healthy, [torch.tensor(1.0), torch.tensor(2.0)], groups, 1) == (False, 2.25)
+    sick = _TwoProcesses(torch.tensor([float("nan"), 0.0, 1.0]))  # its loss is NaN: this process skips too
+    logged = []
+    guard.reporter = SimpleNamespace(log=lambda message, level: logged.append(message))
+    skip, loss = guard.skip(sick, [torch.tensor(1.0)], groups, 2)
+    assert skip and math.isnan(loss) and guard.in_a_row == 1
+    assert logged[0].startswith("step 2: the loss or gradients of another process not finite")

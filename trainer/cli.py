@@ -13,9 +13,9 @@ import sys
 import traceback
 from pathlib import Path
 
+from .job import PROVENANCE_KEY, JobError, ModelSpec, RunFailed, load_job, save_job
 from .run import disk
 from .run.checkpoint_files import resume_lines
-from .job import PROVENANCE_KEY, JobError, ModelSpec, RunFailed, load_job, save_job
 from .run.terminal import attached
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3

@@ -11,15 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data import images
-from .methods import prior
 from .data.buckets import Layout, batches_per_epoch, layout
 from .data.cache import CachePlan, decide
 from .data.files import Scan, scan_dataset
 from .families.detect import detect_family
+from .families.model_files import check_bundled_parts, stored_model
 from .families.table import FAMILIES
 from .job import Job, JobError, run_leftovers
+from .methods import prior
 from .methods.layers import describe_trainable
-from .families.model_files import check_bundled_parts, stored_model
 
 MAX_LISTED = 200  # skipped files listed by `check` one per line; the rest are counted
 

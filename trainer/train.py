@@ -21,17 +21,17 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
 
 from .data import cache
-from .run import checkpoint, nonfinite
-from .methods import ema, prior, trainable
-from .export import lora_files
-from .families import precision
 from .data.buckets import batches_per_epoch, epoch_batches
-from .run.checkpoint_files import newest_good
 from .data.dataset import TrainDataset, collate
 from .events import Reporter
+from .export import lora_files
+from .families import precision
 from .families.detect import family_module
 from .job import Job, JobError
+from .methods import ema, prior, trainable
 from .plan import Plan, class_layout
+from .run import checkpoint, nonfinite, speed
+from .run.checkpoint_files import newest_good
 
 
 @dataclass
@@ -231,7 +231,7 @@ def _loop(run: _Run, requests: Requests) -> str:
                 skip = False
                 if accelerator.sync_gradients:
                     _sync_unprepared_grads(accelerator, tr)
-                    skip = guard.skip(accelerator, losses, tr.groups, step + 1)  # stop: raises RunFailed
+                    skip, step_loss = guard.skip(accelerator, losses, tr.groups, step + 1)  # may raise RunFailed
                     if job.optimizer.max_grad_norm > 0 and not skip:
                         accelerator.clip_grad_norm_(list(tr.params.values()), job.optimizer.max_grad_norm)
                 if not skip:
@@ -248,7 +248,6 @@ def _loop(run: _Run, requests: Requests) -> str:
             trainable.apply_stops(tr, run.optimizer, step)
             if run.shadow is not None:
                 ema.update(run.shadow, trainable.ema_params(tr), job.ema, step)
-            step_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
             losses.clear()
             its, eta = timer.tick(step)
             if run.main:
@@ -443,11 +442,16 @@ def _accelerator(job: Job, reporter: Reporter) -> Accelerator:
     if precision == "fp16" and not torch.cuda.is_available():
         reporter.log("fp16 needs a GPU; training in fp32 on the CPU (bf16 works on CPUs)", "warning")
         precision = "no"
-    return Accelerator(gradient_accumulation_steps=job.schedule.gradient_accumulation, mixed_precision=precision)
+    accelerator = Accelerator(gradient_accumulation_steps=job.schedule.gradient_accumulation,
+                              mixed_precision=precision)
+    note = speed.enable_tf32(accelerator.device)
+    if note and accelerator.is_main_process:
+        reporter.log(note)
+    return accelerator
 
 
 def _optimizer(job: Job, groups: list[dict]) -> torch.optim.Optimizer:
-    """AdamW over the parameter groups (each carries its own learning rate)."""
+    """AdamW over the parameter groups (each carries its own learning rate); torch's fused kernel on CUDA."""
     opt = job.optimizer
     kwargs = dict(lr=opt.learning_rate, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
     if opt.name == "adamw8bit":
@@ -456,7 +460,7 @@ def _optimizer(job: Job, groups: list[dict]) -> torch.optim.Optimizer:
         except ImportError:
             raise JobError("optimizer.name: adamw8bit needs bitsandbytes, which is not installed") from None
         return bnb.optim.AdamW8bit(groups, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs, fused=speed.fused_adamw(groups) or None)
 
 
 def _generator(seed: int, micro: int, accelerator: Accelerator) -> torch.Generator:

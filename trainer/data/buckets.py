@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .files import ImageItem
 from ..job import DatasetSpec
+from .files import ImageItem
 
 Size = tuple[int, int]  # (width, height)
 

@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import ImageItem
 from ..families.detect import detect_family
 from ..families.table import FAMILIES
 from ..job import Job, JobError, ModelSpec
+from .files import ImageItem
 
 LATENT_FORMAT = 1  # bump when the pixels fed to the VAE change (resize filter, crop or face rule, colours)
 TEXT_FORMAT = 1

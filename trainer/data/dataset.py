@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 
+from ..job import DatasetSpec
 from . import images
 from .buckets import Layout
 from .cache import CacheIndex, load_entry
 from .captions import epoch_caption, sample_rng
-from ..job import DatasetSpec
 from .render import render
 
 

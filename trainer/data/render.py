@@ -8,11 +8,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
+from ..job import DatasetSpec
 from . import images
 from .buckets import fit
 from .crops import crop_offset, focus_point
 from .files import ImageItem
-from ..job import DatasetSpec
 
 
 def render(item: ImageItem, bucket: tuple[int, int], spec: DatasetSpec, flip: bool, u, focus_memo: dict):

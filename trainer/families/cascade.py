@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import noise
 from ..job import DiffusionSpec, JobError, ModelSpec
+from . import noise
 from .noise import draw_noise
 from .sd import drop_rows
 from .table import FAMILIES

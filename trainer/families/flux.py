@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from . import flow, noise
 from ..job import DiffusionSpec, JobError, ModelSpec
+from . import flow, noise
 from .sd import _load_pipeline, alpha_folded, drop_rows, encode_image_dists, save_lora_with  # noqa: F401
 from .sd3 import encode_images, sample_latents  # noqa: F401  (the same VAE layout as SD3: shifted, then scaled)
 from .table import FAMILIES

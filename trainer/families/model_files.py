@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .detect import check_model_path, safetensors_header
 from ..job import JobError, ModelSpec
+from .detect import check_model_path, safetensors_header
 
 # Key prefixes of what an original-layout single file may bundle beside its denoiser: SD1/SD2's CLIP or OpenCLIP,
 # SDXL's two embedders, and SD3/Flux's ComfyUI-style text_encoders.*; the VAE as CompVis named it or as ComfyUI does.

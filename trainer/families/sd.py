@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from ..job import DiffusionSpec, JobError, ModelSpec
-from .table import FAMILIES
 from .noise import draw_noise, draw_timesteps, min_snr_weights, timestep_weights, zero_terminal_snr_schedulers
+from .table import FAMILIES
 
 DENOISER = FAMILIES["sd1"].denoiser
 IMAGE_ENCODER = FAMILIES["sd1"].image_encoder

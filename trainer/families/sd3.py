@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from . import flow, noise
 from ..job import DiffusionSpec, JobError, ModelSpec
+from . import flow, noise
 from .sd import _load_pipeline, alpha_folded, drop_rows, encode_image_dists, save_lora_with
 from .table import FAMILIES
 from .text_encoders import TextEncoders

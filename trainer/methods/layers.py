@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
+from ..blocks import BlockEntryError, block_children, resolve_block
 from ..families.detect import check_model_path, safetensors_shapes
 from ..families.table import FAMILIES
-from ..blocks import BlockEntryError, block_children, resolve_block
 from ..job import Job, JobError
 
 # Projections inside attention modules: diffusers (SD3's joint attention adds the add_* ones), CLIP, T5.

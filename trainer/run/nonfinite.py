@@ -18,14 +18,7 @@ from ..job import OptimizerSpec, RunFailed
 
 def find(losses: list[torch.Tensor], groups) -> str | None:
     """What is not finite in this step ('the loss', 'the gradients of GROUP'), or None when all is."""
-    if not bool(torch.isfinite(torch.stack([loss.float() for loss in losses])).all()):
-        return "the loss"
-    for group in groups:
-        grads = [p.grad for p in group.params.values() if p.grad is not None]
-        # One flag per tensor, read once: no norm, whose square could overflow on finite gradients.
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-            return f"the gradients of {group.name}"
-    return None
+    return _named(_readings(losses, groups)[1:].tolist(), groups)
 
 
 @dataclass
@@ -36,23 +29,31 @@ class Guard:
     checkpoints: Path
     in_a_row: int = 0
 
-    def skip(self, accelerator, losses: list[torch.Tensor], groups, step: int) -> bool:
-        """True when step `step` must leave the weights alone; raises RunFailed when the run must stop."""
+    def skip(self, accelerator, losses: list[torch.Tensor], groups, step: int) -> tuple[bool, float]:
+        """Whether step `step` must leave the weights alone, and its loss (the mean over micro-batches and
+        processes). Raises RunFailed when the run must stop. The one read from the device a step makes."""
         if getattr(accelerator, "scaler", None) is not None:
             groups = ()  # fp16: overflowing gradients are the loss scaler's business (it skips and rescales)
-        what = find(losses, groups)
-        if accelerator.num_processes > 1:  # every process must take the same branch
-            flag = accelerator.reduce(torch.tensor(float(what is not None), device=accelerator.device), "sum")
-            what = what or ("the loss or gradients of another process" if flag.item() else None)
+        readings = _readings(losses, groups)
+        count, processes = len(readings), accelerator.num_processes
+        if processes > 1:  # every process must take the same branch, and print the same loss
+            values = torch.cat([readings, accelerator.reduce(readings.clone(), "sum")]).tolist()
+            mine, total = values[:count], values[count:]
+            loss = total[0] / processes
+            what = _named(mine[1:], groups) or (
+                None if total[1:] == [processes] * (count - 1) else "the loss or gradients of another process")
+        else:
+            mine = readings.tolist()
+            loss, what = mine[0], _named(mine[1:], groups)
         if what is None:
             self.in_a_row = 0
-            return False
+            return False, loss
         self.in_a_row += 1
         if self.spec.on_nonfinite == "skip" and self.in_a_row < self.spec.max_skipped_steps:
             if accelerator.is_main_process:
                 self.reporter.log(f"step {step}: {what} not finite (NaN or inf); step skipped, weights unchanged "
                                   f"({self.in_a_row} in a row, stopping at {self.spec.max_skipped_steps})", "warning")
-            return True
+            return True, loss
         row = f" ({self.in_a_row} steps in a row)" if self.in_a_row > 1 else ""
         raise RunFailed(f"step {step}: {what} not finite (NaN or inf){row}; {self._advice()}")
 
@@ -66,3 +67,24 @@ class Guard:
             return f"no checkpoint was written yet: start again with a lower learning rate ({lower})"
         return (f"the last good checkpoint {found} is kept: resume from it with a lower learning rate: "
                 f"python -m trainer run {job} --resume {lower}")
+
+
+def _readings(losses: list[torch.Tensor], groups) -> torch.Tensor:
+    """On the device, nothing read back yet: the mean loss, then 1.0/0.0 for 'the loss is finite' and for 'each
+    group's gradients are finite'. One flag per gradient tensor: no norm, whose square could overflow."""
+    loss = torch.stack([loss.detach().float() for loss in losses])
+    flags = [torch.isfinite(loss).all()]
+    for group in groups:
+        grads = [p.grad for p in group.params.values() if p.grad is not None]
+        flags.append(torch.stack([torch.isfinite(g).all() for g in grads]).all().to(loss.device) if grads
+                     else torch.ones((), dtype=torch.bool, device=loss.device))
+    return torch.cat([loss.mean().reshape(1), torch.stack(flags).float()])
+
+
+def _named(flags: list[float], groups) -> str | None:
+    if not flags[0]:
+        return "the loss"
+    for group, ok in zip(groups, flags[1:]):
+        if not ok:
+            return f"the gradients of {group.name}"
+    return None
