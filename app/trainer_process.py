@@ -46,6 +46,7 @@ class TrainerProcess(QObject):
     stepReceived = Signal(dict)
     sampleReceived = Signal(dict)
     checkpointReceived = Signal(dict)
+    pauseChanged = Signal(bool, int)  # paused (True) or continued (False), at this step
     logReceived = Signal(dict)
     errorReceived = Signal(dict)
     runFinished = Signal(dict)
@@ -223,6 +224,9 @@ class TrainerProcess(QObject):
         kind = event["type"]
         if kind == "error":
             self._error_event = event
+        if kind in ("paused", "continued"):
+            self.pauseChanged.emit(kind == "paused", event["step"])
+            return
         signal_ = {"run_started": self.runStarted, "step": self.stepReceived, "sample": self.sampleReceived,
                    "checkpoint": self.checkpointReceived, "log": self.logReceived, "error": self.errorReceived,
                    "run_finished": self.runFinished}[kind]

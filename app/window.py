@@ -44,6 +44,7 @@ class MainWindow(QMainWindow):
         self.job: Job | None = None  # the valid job in the form, or None
         self.start_reasons: list[str] = []
         self.live_run_dir: Path | None = None
+        self.paused = False  # the trainer said `paused` and not yet `continued`
 
         self.runner = TrainerProcess(self, trainer_command)
         self.follower = RunFolder(self)
@@ -86,6 +87,7 @@ class MainWindow(QMainWindow):
         self.runner.stalled.connect(self._on_stalled)
         self.runner.runStarted.connect(lambda e: self._notice(f"Run started: {e.get('total_steps')} steps"))
         self.runner.checkpointReceived.connect(lambda e: self._notice(f"Checkpoint saved at step {e['step']}"))
+        self.runner.pauseChanged.connect(self._on_pause_changed)
         self.follower.eventsRead.connect(self.run_panel.add_events)
         self.follower.eventsRead.connect(self._on_followed)
         self.follower.failed.connect(self._notice)
@@ -132,13 +134,17 @@ class MainWindow(QMainWindow):
                                          "Ask the trainer to save a checkpoint at its next step", _ICONS.SP_DialogSaveButton)
         self.act_sample_now = self._action("Sa&mple now", lambda: self._command("sample"), "F7",
                                            "Ask the trainer to render validation images at its next step", _ICONS.SP_FileDialogContentsView)
+        self.act_pause = self._action("&Pause", self._toggle_pause, "F8",
+                                      "Pause: the trainer keeps the model loaded and steps nothing; Save and Sample "
+                                      "still work. Press again to continue, exactly where it was",
+                                      _ICONS.SP_MediaPause)
         self.act_kill = self._action("&Kill trainer", self.runner.kill, None,
                                      "End the trainer at once, without a checkpoint")
         self.act_open_output = self._action("Show run folder in file manager", self._open_run_dir, None,
                                             "Open the run folder in the system's file manager")
         self.act_readme = self._action("&README", lambda: QDesktopServices.openUrl(
             QUrl.fromLocalFile(str(REPO_ROOT / "README.md"))), "F1", "Open the README")
-        for action in (self.act_start, self.act_stop, self.act_save_now, self.act_sample_now):
+        for action in (self.act_start, self.act_stop, self.act_pause, self.act_save_now, self.act_sample_now):
             action.setShortcutContext(Qt.ShortcutContext.ApplicationShortcut)
 
     def _make_menus_and_toolbar(self) -> None:
@@ -147,8 +153,8 @@ class MainWindow(QMainWindow):
                        self.act_open_run, self.act_open_output, None, self.act_quit):
             file_menu.addSeparator() if action is None else file_menu.addAction(action)
         run_menu = self.menuBar().addMenu("&Run")
-        for action in (self.act_start, self.act_stop, None, self.act_save_now, self.act_sample_now, None,
-                       self.act_kill):
+        for action in (self.act_start, self.act_stop, self.act_pause, None, self.act_save_now,
+                       self.act_sample_now, None, self.act_kill):
             run_menu.addSeparator() if action is None else run_menu.addAction(action)
         help_menu = self.menuBar().addMenu("&Help")
         help_menu.addAction(self.act_readme)
@@ -166,7 +172,8 @@ class MainWindow(QMainWindow):
         self.preset_combo.activated.connect(self._on_preset_chosen)
         toolbar.addWidget(self.preset_combo)
         for action in (self.act_open_preset, self.act_save_preset, self.act_save_job, None, self.act_start,
-                       self.act_stop, self.act_save_now, self.act_sample_now, None, self.act_open_run):
+                       self.act_stop, self.act_pause, self.act_save_now, self.act_sample_now, None,
+                       self.act_open_run):
             toolbar.addSeparator() if action is None else toolbar.addAction(action)
 
     # ---- presets and job files -----------------------------------------------------------------------
@@ -318,6 +325,9 @@ class MainWindow(QMainWindow):
         self.reason_label.setText(f"Cannot start: {reason}" if reason else "")
         self.reason_label.setToolTip("\n".join(self.start_reasons))
         self.act_stop.setEnabled(not idle)
+        self.act_pause.setEnabled(running)
+        if idle:
+            self._on_pause_changed(False, 0, quiet=True)
         self.act_save_now.setEnabled(running)
         self.act_sample_now.setEnabled(running)
         self.act_kill.setEnabled(not idle)
@@ -399,7 +409,20 @@ class MainWindow(QMainWindow):
     def _command(self, name: str) -> None:
         if self.runner.send(name):
             self._notice({"save": "Asked the trainer to save a checkpoint at its next step",
-                          "sample": "Asked the trainer to render validation images at its next step"}[name])
+                          "sample": "Asked the trainer to render validation images at its next step",
+                          "pause": "Asked the trainer to pause after its current step",
+                          "continue": "Asked the trainer to continue"}[name])
+
+    def _toggle_pause(self) -> None:
+        self._command("continue" if self.paused else "pause")
+
+    def _on_pause_changed(self, paused: bool, step: int, quiet: bool = False) -> None:
+        self.paused = paused
+        self.act_pause.setText("&Continue" if paused else "&Pause")
+        self.act_pause.setIcon(self.style().standardIcon(_ICONS.SP_MediaPlay if paused else _ICONS.SP_MediaPause))
+        if not quiet:
+            self._notice(f"Paused at step {step}: the model stays loaded; Continue (F8) goes on" if paused
+                         else f"Continued at step {step}")
 
     # ---- trainer signals -----------------------------------------------------------------------------
 

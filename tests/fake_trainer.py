@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
     while mode == "forever" or step < steps:
         step += 1
         time.sleep(delay)
-        for name in reporter.commands():
+        for name in _commands(reporter, step):
             if name == "stop":
                 reporter.emit("checkpoint", step=step, path=str(out / "checkpoints" / f"step-{step}"))
                 reporter.emit("run_finished", status="stopped", outputs={})
@@ -79,6 +79,21 @@ def main(argv: list[str]) -> int:
     reporter.emit("run_finished", status="completed" if exit_code == 0 else "failed", outputs={})
     reporter.close()
     return exit_code
+
+
+def _commands(reporter: Reporter, step: int) -> list[str]:
+    """The commands since the last step; a `pause` holds here, passing on the others, until `continue`."""
+    names = reporter.commands()
+    if "pause" not in names:
+        return names
+    reporter.emit("paused", step=step - 1)
+    held = [n for n in names if n not in ("pause", "continue")]
+    while "continue" not in names and "stop" not in held:
+        time.sleep(0.01)
+        names = reporter.commands()
+        held += [n for n in names if n not in ("pause", "continue")]
+    reporter.emit("continued", step=step - 1)
+    return held
 
 
 def demo(folder: Path) -> int:

@@ -1,5 +1,6 @@
 """The window driving a trainer process: a fake one (tests/fake_trainer.py) that streams scripted events."""
 
+import json
 import socket
 import time
 
@@ -251,3 +252,25 @@ def test_a_folder_without_images_blocks_start_with_the_line_trainer_check_gives(
     assert not window.act_start.isEnabled()
     assert f"dataset.folders: no images (png, jpg, jpeg, webp) found in {data}" in window.start_reasons
     assert window.start() is False
+
+
+def test_pause_then_continue_from_the_window(app_window, qtbot, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_STEPS", "400")
+    monkeypatch.setenv("FAKE_DELAY", "0.02")
+    window = app_window
+    setup_job(window, tmp_path)
+    assert not window.act_pause.isEnabled()
+    assert window.start()
+    qtbot.waitUntil(lambda: window.act_pause.isEnabled(), timeout=10000)
+    window.act_pause.trigger()
+    qtbot.waitUntil(lambda: window.paused, timeout=5000)
+    assert window.act_pause.text() == "&Continue"
+    window.act_pause.trigger()
+    qtbot.waitUntil(lambda: not window.paused, timeout=5000)
+    assert window.act_pause.text() == "&Pause"
+    events = [json.loads(line)["type"] for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert events.count("paused") == 1 and events.count("continued") == 1
+    assert events.index("paused") < events.index("continued")
+    window.stop()
+    qtbot.waitUntil(lambda: window.runner.state == "idle", timeout=10000)
+    assert not window.paused and not window.act_pause.isEnabled()

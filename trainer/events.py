@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 TOKEN_ENV = "SDTRAINER_EVENTS_TOKEN"
-COMMANDS = ("stop", "save", "sample")
+COMMANDS = ("stop", "save", "sample", "pause", "continue")
 
 # Every event has `type` and `time`; these are the other fields each type carries.
 EVENT_FIELDS: dict[str, tuple[str, ...]] = {
@@ -25,6 +25,8 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "step": ("step", "epoch", "loss", "lr", "its", "eta"),
     "sample": ("step", "prompt", "seed", "path"),
     "checkpoint": ("step", "path"),
+    "paused": ("step",),
+    "continued": ("step",),
     "log": ("level", "message"),
     "error": ("message", "traceback"),
     "run_finished": ("status", "outputs"),

@@ -36,17 +36,28 @@ from .run.checkpoint_files import newest_good
 
 @dataclass
 class Requests:
-    """What the window (over the socket) or a signal asked for; acted on at the next step."""
+    """What the window (over the socket), a signal or the pause file asked for; acted on at the next step."""
     stop: bool = False
     save: bool = False
     sample: bool = False
+    pause: bool = False
+    proceed: bool = False  # the `continue` command (a Python keyword)
+    toggle: bool = False  # SIGUSR1: pause, or continue when paused
+    held: bool = False  # the run folder holds a file named `pause`
     signals: int = field(default=0)
+    pause_file: Path | None = None
+
+
+FLAGS = ("stop", "save", "sample", "pause", "proceed", "toggle", "held")  # what every process must agree on
+PAUSED_POLL_S = 0.2
 
 
 def train(job: Job, plan: Plan, reporter: Reporter, resume: bool) -> str:
     """Train to the end or until asked to stop; returns 'completed' or 'stopped'."""
-    requests = Requests()
+    requests = Requests(pause_file=plan.output_dir / "pause")
     previous = {sig: signal.signal(sig, _stop_handler(requests)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if hasattr(signal, "SIGUSR1"):  # not on Windows
+        previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, _pause_handler(requests))
     try:
         return _train(job, plan, reporter, resume, requests)
     finally:
@@ -253,6 +264,9 @@ def _loop(run: _Run, requests: Requests) -> str:
             if run.main:
                 run.reporter.emit("step", step=step, epoch=epoch, loss=step_loss, lr=lr, its=its, eta=eta)
             wants = _gather_requests(accelerator, run.reporter, requests)
+            if wants.pause or wants.toggle or wants.held:
+                wants = _paused(run, requests, wants.held)
+                timer.pause_excluded()
             if wants.stop:
                 _save_checkpoint(run)
                 return "stopped"
@@ -470,6 +484,15 @@ def _generator(seed: int, micro: int, accelerator: Accelerator) -> torch.Generat
     return torch.Generator(device=accelerator.device).manual_seed(value)
 
 
+def _pause_handler(requests: Requests):
+    """SIGUSR1: pause at the next step, or continue when paused."""
+
+    def handler(signum, frame):
+        requests.toggle = True
+
+    return handler
+
+
 def _stop_handler(requests: Requests):
     """Ctrl-C or SIGTERM: save a checkpoint and stop at the next step; a second one stops at once."""
 
@@ -482,18 +505,45 @@ def _stop_handler(requests: Requests):
     return handler
 
 
+def _paused(run: _Run, requests: Requests, held: bool) -> Requests:
+    """Hold the model and step nothing until `continue`, SIGUSR1, or the pause file going away (when it paused
+    the run); `sample` and `save` act meanwhile. Returns what ended the pause (a stop, too). Nothing random is
+    drawn here that training uses: each micro-step seeds its own generators, so continuing is exact."""
+    if run.main:
+        run.reporter.emit("paused", step=run.step)
+    while True:
+        time.sleep(PAUSED_POLL_S)
+        wants = _gather_requests(run.accelerator, run.reporter, requests)
+        if wants.save:
+            _save_checkpoint(run)
+        if wants.sample and run.job.validation.prompts:
+            _validate(run, run.step)
+        if wants.stop or wants.proceed or wants.toggle or (held and not wants.held):
+            break
+        held = wants.held
+    if run.main and requests.pause_file is not None:
+        requests.pause_file.unlink(missing_ok=True)  # else the next step would pause again
+    if run.main:
+        run.reporter.emit("continued", step=run.step)
+    return Requests(stop=wants.stop)
+
+
 def _gather_requests(accelerator: Accelerator, reporter: Reporter, requests: Requests) -> Requests:
     """Commands reach the main process; every process must act on them at the same step."""
-    wants = Requests(stop=requests.stop)
-    requests.stop = False
+    wants = Requests(stop=requests.stop, toggle=requests.toggle)
+    requests.stop = requests.toggle = False
     if accelerator.is_main_process:
         for name in reporter.commands():
-            setattr(wants, name, True)
+            setattr(wants, _COMMAND_FIELDS.get(name, name), True)
+        wants.held = requests.pause_file is not None and requests.pause_file.exists()
     if accelerator.num_processes > 1:
-        flags = torch.tensor([wants.stop, wants.save, wants.sample], device=accelerator.device, dtype=torch.int32)
+        flags = torch.tensor([getattr(wants, name) for name in FLAGS], device=accelerator.device, dtype=torch.int32)
         flags = broadcast(flags, from_process=0)
-        wants = Requests(*(bool(f) for f in flags.tolist()))
+        wants = Requests(**{name: bool(f) for name, f in zip(FLAGS, flags.tolist())})
     return wants
+
+
+_COMMAND_FIELDS = {"continue": "proceed"}
 
 
 def _save_checkpoint(run: _Run) -> None:
