@@ -408,7 +408,7 @@ def validate(data: dict, source: str = "job") -> Job:
     try:
         return Job.model_validate(migrate(data))
     except ValidationError as exc:
-        raise JobError(f"{source}: {_first_error(exc)}") from None
+        raise JobError(f"{source}: {first_error(exc)}") from None
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -552,7 +552,8 @@ def _diff(value: dict, base: dict) -> dict:
     return out
 
 
-def _first_error(exc: ValidationError) -> str:
+def first_error(exc: ValidationError) -> str:
+    """The first validation error as `dotted.field: message (got value)` (the importer names its source field)."""
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
