@@ -104,6 +104,9 @@ class DatasetFolder(_Section):
                          "an 'N_name' folder name, else 1.")
     caption_extension: str = Field(".txt", description="Extension of the caption file beside each image. A file "
                                    "with several lines holds several captions; one is picked each epoch.")
+    caption_column: str = Field("text", min_length=1, max_length=200, description="A Hugging Face imagefolder "
+                                "(metadata.jsonl or metadata.csv beside the images, a file_name column): the "
+                                "column holding the captions.")
     instance_prompt: str = Field("", description="Caption used for images that have no caption file; it also "
                                  "replaces the instance token (dataset.instance_token) inside captions.")
     weight: float = Field(1.0, gt=0, le=100, description="Loss weight of this folder's images: 2 pulls twice "
