@@ -249,3 +249,41 @@ def test_an_existing_out_file_is_kept_unless_forced(demo, tmp_path, capsys):
     assert err == f"error: {job}: already exists; pass --force to replace it\n" and job.read_text() == "mine\n"
     assert main(["import", str(config), "--out", str(job), "--force"]) == 0
     assert load_job(job).network.rank == 8
+
+
+def test_the_readme_table_matches_the_mapping_tables():
+    """Each source field the README's tables name is one the importer maps, onto fields the job has; each
+    field the importer maps is in the README; and a row that says exact names the field the table maps to."""
+    from pathlib import Path
+
+    from trainer.imports import kohya, sd_scripts
+    from trainer.job import Job
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Coming from another trainer", 1)[1].split("\n## ", 1)[0]
+    tables = {"kohya_ss GUI JSON": set(kohya.EXACT) | set(kohya.RULES),
+              "sd-scripts dataset TOML": {*sd_scripts.GLOBAL, *sd_scripts.GLOBAL_RULES, *sd_scripts.FOLDER}}
+    exact = {"kohya_ss GUI JSON": kohya.EXACT, "sd-scripts dataset TOML": sd_scripts.GLOBAL}
+    for title, mapped in tables.items():
+        rows = section.split(f"| {title} |", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+        named = set()
+        for row in rows:
+            source, ours, how = [cell.strip() for cell in row.strip("|").split(" | ")]
+            keys = re.findall(r"`([A-Za-z0-9_]+)`", source)
+            assert keys and set(keys) <= mapped, row
+            named |= set(keys)
+            fields = [f for f in re.findall(r"`([a-z_.N0-9]+)`", ours) if "." in f or f in Job.model_fields]
+            for field in fields:
+                assert _has_field(Job, field.replace(".N.", ".")), (row, field)
+            if how.startswith("exact") and fields:
+                assert all(exact[title][k][0] in fields for k in keys if k in exact[title]), row
+        assert named == mapped, sorted(mapped ^ named)
+
+
+def _has_field(model, dotted):
+    for part in dotted.split("."):
+        if part not in model.model_fields:
+            return False
+        annotation = model.model_fields[part].annotation
+        model = getattr(annotation, "__args__", [annotation])[0] if hasattr(annotation, "__args__") else annotation
+    return True
