@@ -256,20 +256,23 @@ def test_the_readme_table_matches_the_mapping_tables():
     field the importer maps is in the README; and a row that says exact names the field the table maps to."""
     from pathlib import Path
 
-    from trainer.imports import kohya, sd_scripts
+    from trainer.imports import kohya, onetrainer, sd_scripts
     from trainer.job import Job
 
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     section = text.split("## Coming from another trainer", 1)[1].split("\n## ", 1)[0]
     tables = {"kohya_ss GUI JSON": set(kohya.EXACT) | set(kohya.RULES),
-              "sd-scripts dataset TOML": {*sd_scripts.GLOBAL, *sd_scripts.GLOBAL_RULES, *sd_scripts.FOLDER}}
-    exact = {"kohya_ss GUI JSON": kohya.EXACT, "sd-scripts dataset TOML": sd_scripts.GLOBAL}
+              "sd-scripts dataset TOML": {*sd_scripts.GLOBAL, *sd_scripts.GLOBAL_RULES, *sd_scripts.FOLDER},
+              "OneTrainer config (preset or saved config)": {*onetrainer.EXACT, *onetrainer.RULES},
+              "OneTrainer concepts": set(onetrainer.CONCEPT_RULES)}
+    exact = {"kohya_ss GUI JSON": kohya.EXACT, "sd-scripts dataset TOML": sd_scripts.GLOBAL,
+             "OneTrainer config (preset or saved config)": onetrainer.EXACT, "OneTrainer concepts": {}}
     for title, mapped in tables.items():
         rows = section.split(f"| {title} |", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
         named = set()
         for row in rows:
             source, ours, how = [cell.strip() for cell in row.strip("|").split(" | ")]
-            keys = re.findall(r"`([A-Za-z0-9_]+)`", source)
+            keys = re.findall(r"`([A-Za-z0-9_.]+)`", source)
             assert keys and set(keys) <= mapped, row
             named |= set(keys)
             fields = [f for f in re.findall(r"`([a-z_.N0-9]+)`", ours) if "." in f or f in Job.model_fields]
@@ -287,3 +290,57 @@ def _has_field(model, dotted):
         annotation = model.model_fields[part].annotation
         model = getattr(annotation, "__args__", [annotation])[0] if hasattr(annotation, "__args__") else annotation
     return True
+
+
+def onetrainer_preset(root) -> dict:
+    """A OneTrainer SDXL LoRA config as its UI saves one (nested sections, upper-case enum names)."""
+    return {"__version": 6, "training_method": "LORA", "model_type": "STABLE_DIFFUSION_XL_10_BASE",
+            "base_model_name": str(root / "demo" / "model"), "workspace_dir": str(root / "ot-run"),
+            "cache_dir": str(root / "ot-cache"), "output_model_destination": "models/ohwx.safetensors",
+            "output_model_format": "SAFETENSORS", "concept_file_name": "training_concepts/concepts.json",
+            "resolution": "64", "batch_size": 2, "gradient_accumulation_steps": 1, "epochs": 3,
+            "learning_rate": 0.0003, "learning_rate_scheduler": "COSINE_WITH_HARD_RESTARTS",
+            "learning_rate_warmup_steps": 10, "learning_rate_cycles": 1, "lora_rank": 8, "lora_alpha": 4.0,
+            "optimizer": {"optimizer": "ADAMW_8BIT", "weight_decay": 0.01, "beta1": 0.9, "beta2": 0.99,
+                          "eps": 1e-8, "fused": False},
+            "text_encoder": {"train": True, "learning_rate": 5e-5, "stop_training_after": 30},
+            "unet": {"train": True, "learning_rate": 0.0002}, "ema": "OFF", "ema_decay": 0.999,
+            "offset_noise_weight": 0.05, "train_dtype": "BFLOAT_16", "gradient_checkpointing": "ON",
+            "latent_caching": True, "aspect_ratio_bucketing": True, "loss_weight_fn": "MIN_SNR_GAMMA",
+            "loss_weight_strength": 5.0, "attention_mechanism": "SDP", "backup_after": 100,
+            "backup_after_unit": "STEP", "sample_after": 10, "sample_after_unit": "MINUTE",
+            "samples": [{"enabled": True, "prompt": "ohwx shape on a table", "height": 1024, "seed": 42},
+                        {"enabled": False, "prompt": "unused", "height": 1024, "seed": 1}]}
+
+
+def onetrainer_concepts(root) -> list:
+    return [{"__version": 1, "name": "ohwx", "path": str(root / "train" / "10_sks shape"), "enabled": True,
+             "balancing": 4.0, "balancing_strategy": "REPEATS", "loss_weight": 1.0, "include_subdirectories": False,
+             "image": {"enable_random_flip": True, "enable_crop_jitter": True},
+             "text": {"prompt_source": "sample", "prompt_path": "", "enable_tag_shuffling": True,
+                      "tag_delimiter": ",", "keep_tags_count": 1}},
+            {"name": "held out", "path": "/nowhere", "enabled": False, "balancing": 1.0}]
+
+
+def test_onetrainer_config_and_concepts_import_and_check(demo, tmp_path, capsys):
+    config, concepts = onetrainer_preset(demo), onetrainer_concepts(demo)
+    code, report, err, job_path = run_import(tmp_path, capsys, ("concepts.json", json.dumps(concepts)),
+                                             ("ohwx.json", json.dumps(config)))
+    assert code == 0, err
+    assert report[:2] == [f"read {tmp_path / 'ohwx.json'} as OneTrainer config",
+                          f"read {tmp_path / 'concepts.json'} as OneTrainer concepts"]
+    found = assert_every_key_reported_once(report, **{"ohwx.json": config, "concepts.json": concepts})
+    assert {"ohwx.json: learning_rate_scheduler", "ohwx.json: output_model_destination",
+            "ohwx.json: samples.0.prompt"} <= set(found["mapped approximately"])
+    assert {"ohwx.json: attention_mechanism", "ohwx.json: sample_after", "concepts.json: 1.path",
+            "concepts.json: 0.image.enable_crop_jitter"} <= set(found["no equivalent"])
+    job = load_job(job_path)
+    assert (job.model.family, job.network.rank, job.optimizer.name, job.optimizer.betas) == (
+        "sdxl", 8, "adamw8bit", [0.9, 0.99])
+    assert (job.optimizer.learning_rate, job.text_encoder.mode, job.schedule.epochs) == (2e-4, "lora", 3)
+    assert (job.diffusion.min_snr_gamma, job.precision.mixed_precision, job.output.checkpoint_every) == (5, "bf16", 100)
+    assert (job.output.name, job.validation.prompts) == ("ohwx", ["ohwx shape on a table"])
+    [folder] = job.dataset.folders
+    assert (folder.repeats, job.dataset.shuffle_tags, job.dataset.random_flip) == (4, True, True)
+    assert main(["check", str(job_path)]) == 0
+    assert "12 images x 4 repeats" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """`python -m trainer import FILE [FILE...] --out job.json`: other trainers' configs as one job, and the report.
 
-Each file's format is read from its content; a kohya GUI JSON is applied before the dataset TOML given with it.
+Each file's format is read from its content; files are applied in FORMATS' order (a kohya GUI JSON before its
+dataset TOML), whatever order they are given in.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..job import Job, JobError, defaults, first_error, from_sparse, merge, migrate, save_job
-from . import kohya, sd_scripts
-from .report import Entry, Importer, render
+from . import kohya, onetrainer, sd_scripts
+from .report import KOHYA, ONETRAINER, ONETRAINER_CONCEPTS, SD_SCRIPTS, Entry, Importer, render
 
 MAX_BYTES = 10_000_000  # a config is a few kB; anything this big is not one
-# format name -> (recognises a parsed file, converts it); the order files are applied in (later ones win)
+# format name -> (recognises a parsed file, converts it), in the order files are applied (later ones win)
 FORMATS = {
-    "kohya_ss GUI config": (kohya.looks_like, kohya.convert),
-    "sd-scripts dataset TOML": (sd_scripts.looks_like, sd_scripts.convert),
+    KOHYA: (kohya.looks_like, kohya.convert),
+    SD_SCRIPTS: (sd_scripts.looks_like, sd_scripts.convert),
+    ONETRAINER: (onetrainer.looks_like, onetrainer.convert),
+    ONETRAINER_CONCEPTS: (onetrainer.looks_like_concepts, onetrainer.convert_concepts),
 }
 
 
@@ -38,16 +41,10 @@ class Imported:
 
 def import_files(paths: list[Path]) -> Imported:
     """Read every file, map it into one job and validate it; any problem is one JobError naming file and field."""
-    parsed = [(path, *_identify(path)) for path in paths]
-    order = list(FORMATS)
-    parsed.sort(key=lambda item: order.index(item[1]))
-    imp = Importer(has_dataset_config=any(name == "sd-scripts dataset TOML" for _, name, _ in parsed))
-    kohya_config = next((config for _, name, config in parsed if name == "kohya_ss GUI config"), None)
+    parsed = sorted(((path, *_identify(path)) for path in paths), key=lambda item: list(FORMATS).index(item[1]))
+    imp = Importer(formats={name: config for _, name, config in parsed})
     for path, name, config in parsed:
-        if name == "sd-scripts dataset TOML":
-            sd_scripts.convert(imp, path, config, kohya_config)
-        else:
-            FORMATS[name][1](imp, path, config)
+        FORMATS[name][1](imp, path, config)
     return Imported(_validate(imp, paths), imp.entries, [(p, n) for p, n, _ in parsed])
 
 

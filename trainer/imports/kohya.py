@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..job import JobError
-from .report import Importer, as_bool, as_float, as_int, as_str, is_unset
+from .report import SD_SCRIPTS, Importer, apply_tables, as_bool, as_float, as_int, as_str, flatten, is_unset
 
 # Fields the GUI writes that identify its files (any two of them).
 SIGNATURE = {"pretrained_model_name_or_path", "LoRA_type", "network_dim", "train_data_dir", "max_resolution",
@@ -71,18 +71,7 @@ def looks_like(config: Any) -> bool:
 
 def convert(imp: Importer, path: Path, config: dict) -> None:
     """Every field of `config` into `imp`: a table entry, a rule below, or no equivalent."""
-    for key, value in config.items():
-        source = f"{path.name}: {key}"
-        if key in EXACT:
-            target, parse = EXACT[key]
-            if is_unset(value) and parse is not as_str:
-                imp.none(source, value, "unset: our default kept")
-            else:
-                imp.exact(source, target, parse(value, source))
-        elif key in RULES:
-            RULES[key](imp, source, value, config, path)
-        else:
-            imp.none(source, value)
+    apply_tables(imp, path, flatten(config), EXACT, RULES)
 
 
 def _family(imp: Importer, source: str, value: Any, config: dict, path: Path) -> None:
@@ -262,7 +251,7 @@ def _reg_data_dir(imp: Importer, source: str, value: Any, config: dict, path: Pa
 
 def _caption_extension_rule(imp: Importer, source: str, value: Any, config: dict, path: Path) -> None:
     extension = _caption_extension(config, source)
-    if imp.has_dataset_config:
+    if SD_SCRIPTS in imp.formats:
         imp.approx(source, {}, "the dataset TOML's folders carry their own caption extension")
     else:
         imp.approx(source, {}, f"{extension!r} on each dataset folder (see train_data_dir)")
@@ -329,7 +318,7 @@ def parse_sample_prompts(text: str, source: str) -> tuple[list[str], dict]:
 def _data_dir(imp: Importer, source: str, value: Any, empty_note: str) -> str:
     """The folder a *_data_dir field names, or '' once reported as unused (empty, or a dataset TOML given)."""
     folder = as_str(value, source)
-    if imp.has_dataset_config:
+    if SD_SCRIPTS in imp.formats:
         imp.approx(source, {}, "the dataset TOML lists the folders instead, as in sd-scripts")
         return ""
     if not folder:

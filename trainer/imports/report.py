@@ -6,11 +6,15 @@ The format modules (kohya.py, sd_scripts.py) write into one `Importer`; it build
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..job import JobError
 
 EXACT, APPROX, NONE = "mapped exactly", "mapped approximately", "no equivalent"
+# The formats, by the names the report gives them; a format module looks up another's file under its name.
+KOHYA, SD_SCRIPTS = "kohya_ss GUI config", "sd-scripts dataset TOML"
+ONETRAINER, ONETRAINER_CONCEPTS = "OneTrainer config", "OneTrainer concepts"
 
 
 @dataclass
@@ -28,11 +32,14 @@ class Importer:
     job: dict = field(default_factory=dict)
     entries: list[Entry] = field(default_factory=list)
     owner: dict[str, Entry] = field(default_factory=dict)  # our dotted field -> the entry that set it
-    has_dataset_config: bool = False  # an sd-scripts dataset TOML is among the files: it lists the folders
+    formats: dict[str, Any] = field(default_factory=dict)  # format name -> its parsed file, for every file given
 
-    def exact(self, source: str, target: str, value: Any, note: str = "") -> None:
-        entry = self._entry(source, EXACT, {target: value}, note)
-        self.put(target, value, entry)
+    def exact(self, source: str, target: str, value: Any, note: str = "", also: dict | None = None) -> None:
+        """`also`: fields that follow from this one (epochs set: max_steps 0)."""
+        values = {target: value, **(also or {})}
+        entry = self._entry(source, EXACT, values, note)
+        for field_name, item in values.items():
+            self.put(field_name, item, entry)
 
     def approx(self, source: str, values: dict[str, Any], note: str) -> None:
         entry = self._entry(source, APPROX, values, note)
@@ -68,6 +75,23 @@ class Importer:
 
     def _entry(self, source: str, part: str, values: dict[str, Any], note: str) -> Entry:
         return self.record(source, part, ", ".join(f"{k} = {_short(v)}" for k, v in values.items()), note)
+
+
+def apply_tables(imp: Importer, path: Path, flat: dict, exact: dict, rules: dict) -> None:
+    """Each field of a (flattened) config through a format's tables: `exact` (field -> (our field, parser)),
+    `rules` (field -> function(imp, source, value, flat, path)), else no equivalent."""
+    for key, value in flat.items():
+        source = f"{path.name}: {key}"
+        if key in exact:
+            target, parse = exact[key]
+            if is_unset(value) and parse is not as_str:
+                imp.none(source, value, "unset: our default kept")
+            else:
+                imp.exact(source, target, parse(value, source))
+        elif key in rules:
+            rules[key](imp, source, value, flat, path)
+        else:
+            imp.none(source, value)
 
 
 def render(entries: list[Entry]) -> list[str]:
@@ -124,13 +148,18 @@ def is_unset(value: Any) -> bool:
     return value is None or value == ""
 
 
-def flat_keys(value: Any, prefix: str = "") -> list[str]:
+def flat_keys(value: Any) -> list[str]:
     """Every leaf key of a nested config, dotted, list items by index: what the report must account for."""
+    return list(flatten(value))
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as {dotted key: leaf value}; tables and lists of tables are opened, other lists are leaves."""
     if isinstance(value, dict) and value:
-        return [k for key, item in value.items() for k in flat_keys(item, f"{prefix}{key}.")]
+        return {k: v for key, item in value.items() for k, v in flatten(item, f"{prefix}{key}.").items()}
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        return [k for i, item in enumerate(value) for k in flat_keys(item, f"{prefix}{i}.")]
-    return [prefix.rstrip(".")]
+        return {k: v for i, item in enumerate(value) for k, v in flatten(item, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): value}
 
 
 def _short(value: Any) -> str:

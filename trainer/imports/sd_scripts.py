@@ -11,7 +11,7 @@ from typing import Any
 
 from ..job import JobError
 from . import kohya
-from .report import APPROX, EXACT, NONE, Importer, as_bool, as_int, as_str
+from .report import APPROX, EXACT, KOHYA, NONE, Importer, as_bool, as_int, as_str
 
 # Settings that are one value for the whole job in ours; their names match the kohya GUI's, so its table applies.
 SHARED = ("enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "shuffle_caption",
@@ -30,9 +30,10 @@ def looks_like(config: Any) -> bool:
     return isinstance(config, dict) and isinstance(config.get("datasets"), list)
 
 
-def convert(imp: Importer, path: Path, config: dict, fallback: dict | None = None) -> None:
-    """`fallback`: the kohya GUI config given with it, whose caption_extension sd-scripts uses for subsets that
-    set none."""
+def convert(imp: Importer, path: Path, config: dict) -> None:
+    """A kohya GUI config given with it supplies the caption_extension of subsets that set none, as the command
+    line does for sd-scripts."""
+    fallback = imp.formats.get(KOHYA)
     general = config.get("general", {})
     if not isinstance(general, dict):
         raise JobError(f"{path.name}: general: expected a table")
