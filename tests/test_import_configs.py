@@ -212,10 +212,12 @@ def test_kohya_sdxl_lora_with_dataset_toml_checks_and_trains(demo, tmp_path, cap
             "--set", f'dataset.folders=[{{"path": "{tiny / "dataset"}", "instance_prompt": "ohwx shape"}}]',
             "--set", f"prior.class_dir={classes}", "--set", "prior.num_class_images=2",
             "--set", f"output.output_dir={tmp_path / 'run'}", "--set", f"dataset.cache_dir={tmp_path / 'cache'}",
-            # a tiny model at 64 px for 2 steps; bf16 autocast on a CPU and accumulation would triple the time
+            # a tiny model at 64 px for 2 steps of one image; bf16 autocast on a CPU, accumulation and
+            # checkpointing would triple the time
             "--set", "dataset.resolution=64", "--set", "dataset.bucket_min_side=0",
             "--set", "dataset.bucket_max_side=0", "--set", "schedule.max_steps=2", "--set", "schedule.warmup_steps=0",
-            "--set", "precision.mixed_precision=no", "--set", "schedule.gradient_accumulation=1", *QUIET]
+            "--set", "schedule.batch_size=1", "--set", "precision.mixed_precision=no",
+            "--set", "schedule.gradient_accumulation=1", "--set", "precision.gradient_checkpointing=false", *QUIET]
     assert main(["check", str(job_path), *here]) == 0
     assert "prior preservation: 2 class images" in capsys.readouterr().out
     assert main(["run", str(job_path), *here]) == 0
