@@ -258,7 +258,7 @@ def test_the_readme_table_matches_the_mapping_tables():
     field the importer maps is in the README; and a row that says exact names the field the table maps to."""
     from pathlib import Path
 
-    from trainer.imports import kohya, onetrainer, sd_scripts
+    from trainer.imports import kohya, onetrainer, sd_scripts, simpletuner
     from trainer.job import Job
 
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
@@ -266,9 +266,13 @@ def test_the_readme_table_matches_the_mapping_tables():
     tables = {"kohya_ss GUI JSON": set(kohya.EXACT) | set(kohya.RULES),
               "sd-scripts dataset TOML": {*sd_scripts.GLOBAL, *sd_scripts.GLOBAL_RULES, *sd_scripts.FOLDER},
               "OneTrainer config (preset or saved config)": {*onetrainer.EXACT, *onetrainer.RULES},
-              "OneTrainer concepts": set(onetrainer.CONCEPT_RULES)}
+              "OneTrainer concepts": set(onetrainer.CONCEPT_RULES),
+              "SimpleTuner config.json (keys with or without `--`)": {*simpletuner.EXACT, *simpletuner.RULES},
+              "SimpleTuner multidatabackend.json": set(simpletuner.BACKEND_RULES)}
     exact = {"kohya_ss GUI JSON": kohya.EXACT, "sd-scripts dataset TOML": sd_scripts.GLOBAL,
-             "OneTrainer config (preset or saved config)": onetrainer.EXACT, "OneTrainer concepts": {}}
+             "OneTrainer config (preset or saved config)": onetrainer.EXACT, "OneTrainer concepts": {},
+             "SimpleTuner config.json (keys with or without `--`)": simpletuner.EXACT,
+             "SimpleTuner multidatabackend.json": {}}
     for title, mapped in tables.items():
         rows = section.split(f"| {title} |", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
         named = set()
@@ -346,3 +350,41 @@ def test_onetrainer_config_and_concepts_import_and_check(demo, tmp_path, capsys)
     assert (folder.repeats, job.dataset.shuffle_tags, job.dataset.random_flip) == (4, True, True)
     assert main(["check", str(job_path)]) == 0
     assert "12 images x 4 repeats" in capsys.readouterr().out
+
+
+def test_simpletuner_config_and_databackends_import_and_check(demo, tmp_path, capsys):
+    """SimpleTuner's options with and without their `--`, and its dataset list: an image dataset (repeats 0 is
+    once), a regularisation dataset, and the text-embed cache entry it needs but we do not."""
+    config = {"--model_family": "sdxl", "--model_type": "lora", "--lora_type": "standard",
+              "--pretrained_model_name_or_path": str(demo / "demo" / "model"), "--output_dir": str(tmp_path / "st"),
+              "--data_backend_config": "config/multidatabackend.json", "--lora_rank": 8, "lora_alpha": 8,
+              "--learning_rate": 1e-4, "--lr_scheduler": "polynomial", "--lr_warmup_steps": 10,
+              "--max_train_steps": 500, "--num_train_epochs": 0, "--train_batch_size": 1,
+              "--gradient_accumulation_steps": 1, "--mixed_precision": "bf16", "--optimizer": "adamw_bf16",
+              "--resolution": 64, "--resolution_type": "pixel_area", "--validation_prompt": "ohwx shape",
+              "--validation_steps": 100, "--snr_gamma": 5, "--checkpointing_steps": 250, "--report_to": "wandb",
+              "--base_model_precision": "int8-quanto", "--seed": 7}
+    backends = [{"id": "ohwx", "type": "local", "instance_data_dir": str(demo / "train" / "10_sks shape"),
+                 "caption_strategy": "textfile", "instance_prompt": "ohwx shape", "repeats": 2, "resolution": 64,
+                 "resolution_type": "pixel_area", "crop": True, "crop_style": "center",
+                 "cache_dir_vae": "cache/vae/ohwx", "minimum_image_size": 32},
+                {"id": "reg", "type": "local", "instance_data_dir": str(demo / "reg" / "1_shape"),
+                 "is_regularisation_data": True, "instance_prompt": "shape", "caption_strategy": "instanceprompt"},
+                {"id": "text-embeds", "dataset_type": "text_embeds", "default": True, "type": "local",
+                 "cache_dir": "cache/text"}]
+    code, report, err, job_path = run_import(tmp_path, capsys, ("config.json", json.dumps(config)),
+                                             ("multidatabackend.json", json.dumps(backends)))
+    assert code == 0, err
+    found = assert_every_key_reported_once(report, **{"config.json": config, "multidatabackend.json": backends})
+    assert {"config.json: --report_to", "config.json: --base_model_precision", "multidatabackend.json: 2.cache_dir",
+            "multidatabackend.json: 0.cache_dir_vae"} <= set(found["no equivalent"])
+    assert {"config.json: --optimizer", "multidatabackend.json: 1.is_regularisation_data"} <= set(
+        found["mapped approximately"])
+    job = load_job(job_path)
+    assert (job.model.family, job.network.rank, job.network.alpha, job.schedule.max_steps) == ("sdxl", 8, 8, 500)
+    assert (job.validation.prompts, job.diffusion.min_snr_gamma, job.optimizer.name) == (["ohwx shape"], 5, "adamw")
+    [folder] = job.dataset.folders
+    assert (folder.repeats, folder.instance_prompt) == (3, "ohwx shape")
+    assert (job.prior.enabled, job.prior.class_prompt, job.prior.num_class_images) == (True, "shape", 3)
+    assert main(["check", str(job_path)]) == 0
+    assert "12 images x 3 repeats" in capsys.readouterr().out

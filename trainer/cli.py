@@ -214,10 +214,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     imp = sub.add_parser("import", help="turn other trainers' configs (kohya_ss GUI JSON, sd-scripts dataset "
-                         "TOML, OneTrainer config and concepts.json) into a job, reporting what mapped exactly, "
-                         "approximately, or not at all")
-    imp.add_argument("files", nargs="+", metavar="FILE", help="config files; a kohya JSON and its dataset TOML "
-                     "combine, as do a OneTrainer config and its concepts file")
+                         "TOML, OneTrainer config and concepts.json, SimpleTuner config.json and "
+                         "multidatabackend.json) into a job, reporting what mapped exactly, approximately, or not "
+                         "at all")
+    imp.add_argument("files", nargs="+", metavar="FILE", help="config files; a config and its dataset file "
+                     "combine")
     imp.add_argument("--out", required=True, metavar="JOB", help="the job file to write")
     imp.add_argument("--force", action="store_true", help="replace an existing --out file")
     imp.set_defaults(func=cmd_import)

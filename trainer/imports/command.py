@@ -15,8 +15,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..job import Job, JobError, defaults, first_error, from_sparse, merge, migrate, save_job
-from . import kohya, onetrainer, sd_scripts
-from .report import KOHYA, ONETRAINER, ONETRAINER_CONCEPTS, SD_SCRIPTS, Entry, Importer, render
+from . import kohya, onetrainer, sd_scripts, simpletuner
+from .report import (KOHYA, ONETRAINER, ONETRAINER_CONCEPTS, SD_SCRIPTS, SIMPLETUNER, SIMPLETUNER_DATA, Entry,
+                     Importer, render)
 
 MAX_BYTES = 10_000_000  # a config is a few kB; anything this big is not one
 # format name -> (recognises a parsed file, converts it), in the order files are applied (later ones win)
@@ -25,6 +26,8 @@ FORMATS = {
     SD_SCRIPTS: (sd_scripts.looks_like, sd_scripts.convert),
     ONETRAINER: (onetrainer.looks_like, onetrainer.convert),
     ONETRAINER_CONCEPTS: (onetrainer.looks_like_concepts, onetrainer.convert_concepts),
+    SIMPLETUNER: (simpletuner.looks_like, simpletuner.convert),
+    SIMPLETUNER_DATA: (simpletuner.looks_like_backends, simpletuner.convert_backends),
 }
 
 

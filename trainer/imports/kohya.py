@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from ..job import JobError
-from .report import SD_SCRIPTS, Importer, apply_tables, as_bool, as_float, as_int, as_str, flatten, is_unset
+from .report import (SD_SCRIPTS, Importer, apply_tables, as_bool, as_float, as_int, as_str, choice_rule, flatten,
+                     is_unset)
 
-# Fields the GUI writes that identify its files (any two of them).
-SIGNATURE = {"pretrained_model_name_or_path", "LoRA_type", "network_dim", "train_data_dir", "max_resolution",
-             "save_model_as", "train_batch_size", "lr_scheduler", "mixed_precision"}
+# Fields the GUI writes that identify its files (any two of them; SimpleTuner shares the generic ones).
+SIGNATURE = {"LoRA_type", "network_dim", "network_alpha", "train_data_dir", "reg_data_dir", "max_resolution",
+             "save_model_as", "v_parameterization", "enable_bucket"}
 
 # source field -> (our field, parser): the value means the same in both trainers.
 EXACT = {
@@ -139,16 +140,6 @@ def _optimizer_args(imp: Importer, source: str, value: Any, config: dict, path: 
         imp.none(source, value, f"= {text!r}: no argument we have")
         return
     imp.approx(source, mapped, f"not mapped: {' '.join(left)}" if left else "each argument mapped")
-
-
-def _scheduler(imp: Importer, source: str, value: Any, config: dict, path: Path) -> None:
-    name = as_str(value, source)
-    if name in SCHEDULERS:
-        imp.exact(source, "schedule.lr_scheduler", SCHEDULERS[name])
-    elif name in NEAREST_SCHEDULER:
-        imp.approx(source, {"schedule.lr_scheduler": NEAREST_SCHEDULER[name]}, f"we have no {name}: the nearest")
-    else:
-        imp.none(source, value, f"= {name!r}: a scheduler we do not have; ours stays constant")
 
 
 def _lr_warmup(imp: Importer, source: str, value: Any, config: dict, path: Path) -> None:
@@ -371,7 +362,7 @@ RULES = {
     "max_resolution": _resolution,
     "optimizer": _optimizer,
     "optimizer_args": _optimizer_args,
-    "lr_scheduler": _scheduler,
+    "lr_scheduler": choice_rule(SCHEDULERS, NEAREST_SCHEDULER, "schedule.lr_scheduler", "scheduler"),
     "lr_warmup": _lr_warmup,
     "learning_rate": _learning_rate,
     "unet_lr": _unet_lr,

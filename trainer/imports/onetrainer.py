@@ -10,7 +10,8 @@ from typing import Any
 
 from ..job import JobError
 from . import kohya
-from .report import ONETRAINER_CONCEPTS, Importer, apply_tables, as_bool, as_float, as_int, as_str, flatten, is_unset
+from .report import (ONETRAINER_CONCEPTS, Importer, apply_tables, as_bool, as_float, as_int, as_str, choice_rule,
+                     flatten, is_unset)
 
 SIGNATURE = {"training_method", "model_type", "base_model_name", "concept_file_name", "output_model_destination",
              "learning_rate_scheduler", "lora_rank", "workspace_dir"}
@@ -112,19 +113,6 @@ def _skipped(concept: dict) -> str:
     if concept.get("validation_concept") is True or concept.get("type") in ("VALIDATION", "PRIOR_PREDICTION"):
         return "a validation or prior-prediction concept: not a training folder here"
     return ""
-
-
-def _enum(table: dict, nearest: dict, target: str, what: str):
-    """A rule for an enum field: exact where the table has it, the nearest where `nearest` does, else none."""
-    def rule(imp: Importer, source: str, value: Any, flat: dict, path: Path) -> None:
-        name = as_str(value, source)
-        if name in table:
-            imp.exact(source, target, table[name])
-        elif name in nearest:
-            imp.approx(source, {target: nearest[name]}, f"we have no {name}: the nearest {what}")
-        else:
-            imp.none(source, value, f"= {name!r}: a {what} we do not have")
-    return rule
 
 
 def _model_type(imp: Importer, source: str, value: Any, flat: dict, path: Path) -> None:
@@ -286,7 +274,7 @@ def _shared(target: str, parse):
 
 
 RULES = {
-    "training_method": _enum(METHODS, {}, "network.kind", "training method"),
+    "training_method": choice_rule(METHODS, {}, "network.kind", "training method"),
     "model_type": _model_type,
     "resolution": kohya.RULES["max_resolution"],
     "epochs": _epochs,
@@ -296,13 +284,13 @@ RULES = {
     "text_encoder.learning_rate": _text_encoder_lr("text_encoder.learning_rate"),
     "text_encoder_learning_rate": _text_encoder_lr("text_encoder.learning_rate"),
     "text_encoder_2.learning_rate": _text_encoder_lr("text_encoder.learning_rate_2"),
-    "learning_rate_scheduler": _enum(SCHEDULERS, NEAREST_SCHEDULER, "schedule.lr_scheduler", "scheduler"),
-    "optimizer": _enum(OPTIMIZERS, {}, "optimizer.name", "optimizer"),
-    "optimizer.optimizer": _enum(OPTIMIZERS, {}, "optimizer.name", "optimizer"),
+    "learning_rate_scheduler": choice_rule(SCHEDULERS, NEAREST_SCHEDULER, "schedule.lr_scheduler", "scheduler"),
+    "optimizer": choice_rule(OPTIMIZERS, {}, "optimizer.name", "optimizer"),
+    "optimizer.optimizer": choice_rule(OPTIMIZERS, {}, "optimizer.name", "optimizer"),
     "optimizer.beta1": _betas, "optimizer.beta2": _betas,
     "ema": _ema,
     "force_v_prediction": _prediction, "force_epsilon_prediction": _prediction,
-    "train_dtype": _enum(PRECISIONS, {}, "precision.mixed_precision", "training precision"),
+    "train_dtype": choice_rule(PRECISIONS, {}, "precision.mixed_precision", "training precision"),
     "gradient_checkpointing": _checkpointing,
     "loss_weight_fn": _min_snr, "loss_weight_strength": _loss_strength,
     "sample_after": _per_step("validation.every_n_steps", "sample_after_unit"),

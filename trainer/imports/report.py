@@ -15,6 +15,7 @@ EXACT, APPROX, NONE = "mapped exactly", "mapped approximately", "no equivalent"
 # The formats, by the names the report gives them; a format module looks up another's file under its name.
 KOHYA, SD_SCRIPTS = "kohya_ss GUI config", "sd-scripts dataset TOML"
 ONETRAINER, ONETRAINER_CONCEPTS = "OneTrainer config", "OneTrainer concepts"
+SIMPLETUNER, SIMPLETUNER_DATA = "SimpleTuner config", "SimpleTuner multidatabackend"
 
 
 @dataclass
@@ -92,6 +93,20 @@ def apply_tables(imp: Importer, path: Path, flat: dict, exact: dict, rules: dict
             rules[key](imp, source, value, flat, path)
         else:
             imp.none(source, value)
+
+
+def choice_rule(table: dict, nearest: dict, target: str, what: str):
+    """A rule for a field holding a name: exact where `table` has it, the nearest we have where `nearest` does,
+    else no equivalent."""
+    def rule(imp: Importer, source: str, value: Any, flat: dict, path: Path) -> None:
+        name = as_str(value, source)
+        if name in table:
+            imp.exact(source, target, table[name])
+        elif name in nearest:
+            imp.approx(source, {target: nearest[name]}, f"we have no {name}: the nearest {what}")
+        else:
+            imp.none(source, value, f"= {name!r}: a {what} we do not have")
+    return rule
 
 
 def render(entries: list[Entry]) -> list[str]:
