@@ -117,8 +117,8 @@ class MainWindow(QMainWindow):
         self.act_open_preset = self._action("&Load preset…", self.load_preset_dialog, QKeySequence.StandardKey.Open,
                                             "Load a preset or job file into the editor")
         self.act_import = self._action("&Import…", self.import_dialog, "Ctrl+I",
-                                       "Import a kohya_ss, OneTrainer or SimpleTuner config (with its dataset "
-                                       "file) into the editor, with a report of what mapped")
+                                       "Import a kohya_ss, OneTrainer, SimpleTuner or ai-toolkit config (with "
+                                       "its dataset file) into the editor, with a report of what mapped")
         self.act_save_preset = self._action("&Save preset…", self.save_preset_dialog, QKeySequence.StandardKey.Save,
                                             "Save the editor as a preset (only what differs from the defaults)")
         self.act_save_job = self._action("Save &job file…", self.save_job_dialog, "Ctrl+Shift+S",
@@ -235,7 +235,7 @@ class MainWindow(QMainWindow):
     def import_dialog(self) -> None:
         paths, _ = QFileDialog.getOpenFileNames(self, "Import another trainer's config (with its dataset TOML or "
                                                 "concepts file)", str(Path.home()),
-                                                "Trainer configs (*.json *.toml);;All files (*)")
+                                                "Trainer configs (*.json *.toml *.yaml *.yml);;All files (*)")
         if paths:
             self.import_configs(paths)
 

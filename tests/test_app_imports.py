@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONTRACTS = {"trainer.job", "trainer.events", "trainer.blocks", "trainer.families.table", "trainer.data.files",
              # File > Import... maps other trainers' configs by the same tables as `trainer import` (json, tomllib)
              "trainer.imports.command", "trainer.imports.report", "trainer.imports.kohya", "trainer.imports.sd_scripts",
-             "trainer.imports.onetrainer", "trainer.imports.simpletuner"}
+             "trainer.imports.onetrainer", "trainer.imports.simpletuner", "trainer.imports.ai_toolkit"}
 APP_MAY_IMPORT = CONTRACTS | {"trainer", "trainer.families", "trainer.data", "trainer.imports"}  # empty packages
 
 

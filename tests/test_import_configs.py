@@ -258,7 +258,7 @@ def test_the_readme_table_matches_the_mapping_tables():
     field the importer maps is in the README; and a row that says exact names the field the table maps to."""
     from pathlib import Path
 
-    from trainer.imports import kohya, onetrainer, sd_scripts, simpletuner
+    from trainer.imports import ai_toolkit, kohya, onetrainer, sd_scripts, simpletuner
     from trainer.job import Job
 
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
@@ -268,11 +268,14 @@ def test_the_readme_table_matches_the_mapping_tables():
               "OneTrainer config (preset or saved config)": {*onetrainer.EXACT, *onetrainer.RULES},
               "OneTrainer concepts": set(onetrainer.CONCEPT_RULES),
               "SimpleTuner config.json (keys with or without `--`)": {*simpletuner.EXACT, *simpletuner.RULES},
-              "SimpleTuner multidatabackend.json": set(simpletuner.BACKEND_RULES)}
+              "SimpleTuner multidatabackend.json": set(simpletuner.BACKEND_RULES),
+              "ai-toolkit job YAML (under `config.process[0]`)": {*ai_toolkit.EXACT, *ai_toolkit.RULES},
+              "ai-toolkit datasets": set(ai_toolkit.DATASET_RULES)}
     exact = {"kohya_ss GUI JSON": kohya.EXACT, "sd-scripts dataset TOML": sd_scripts.GLOBAL,
              "OneTrainer config (preset or saved config)": onetrainer.EXACT, "OneTrainer concepts": {},
              "SimpleTuner config.json (keys with or without `--`)": simpletuner.EXACT,
-             "SimpleTuner multidatabackend.json": {}}
+             "SimpleTuner multidatabackend.json": {}, "ai-toolkit datasets": {},
+             "ai-toolkit job YAML (under `config.process[0]`)": ai_toolkit.EXACT}
     for title, mapped in tables.items():
         rows = section.split(f"| {title} |", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
         named = set()
@@ -388,3 +391,90 @@ def test_simpletuner_config_and_databackends_import_and_check(demo, tmp_path, ca
     assert (job.prior.enabled, job.prior.class_prompt, job.prior.num_class_images) == (True, "shape", 3)
     assert main(["check", str(job_path)]) == 0
     assert "12 images x 3 repeats" in capsys.readouterr().out
+
+
+AI_TOOLKIT_YAML = """
+job: extension
+config:
+  name: ohwx_lora
+  process:
+    - type: sd_trainer
+      training_folder: {out}
+      device: cuda:0
+      trigger_word: ohwx
+      network:
+        type: lokr
+        linear: 8
+        linear_alpha: 8
+      save:
+        dtype: float16
+        save_every: 250
+        max_step_saves_to_keep: 4
+      datasets:
+        - folder_path: {folder}
+          caption_ext: txt
+          caption_dropout_rate: 0.05
+          shuffle_tokens: false
+          cache_latents_to_disk: true
+          resolution: [32, 48, 64]
+      train:
+        batch_size: 1
+        steps: 300
+        gradient_accumulation_steps: 1
+        train_unet: true
+        train_text_encoder: false
+        gradient_checkpointing: true
+        noise_scheduler: ddpm
+        optimizer: adamw8bit
+        lr: 1.0e-4
+        ema_config:
+          use_ema: true
+          ema_decay: 0.99
+        dtype: bf16
+      model:
+        name_or_path: {model}
+        is_xl: true
+        quantize: false
+      sample:
+        sampler: ddpm
+        sample_every: 100
+        width: 64
+        height: 64
+        prompts:
+          - "[trigger] shape on a table"
+        neg: ""
+        seed: 42
+        walk_seed: true
+        guidance_scale: 4
+        sample_steps: 20
+meta:
+  name: "[name]"
+  version: '1.0'
+"""
+
+
+def test_ai_toolkit_yaml_imports_and_checks(demo, tmp_path, capsys):
+    import yaml
+
+    text = AI_TOOLKIT_YAML.format(out=tmp_path / "aitk", folder=demo / "train" / "10_sks shape",
+                                  model=demo / "demo" / "model")
+    code, report, err, job_path = run_import(tmp_path, capsys, ("ohwx.yaml", text))
+    assert code == 0, err
+    found = assert_every_key_reported_once(report, **{"ohwx.yaml": yaml.safe_load(text)})
+    assert {"ohwx.yaml: config.process.0.network.type", "ohwx.yaml: config.process.0.trigger_word",
+            "ohwx.yaml: config.process.0.datasets.0.resolution"} <= set(found["mapped approximately"])
+    assert {"ohwx.yaml: config.process.0.train.noise_scheduler", "ohwx.yaml: meta.version",
+            "ohwx.yaml: config.process.0.model.quantize"} <= set(found["no equivalent"])
+    job = load_job(job_path)
+    assert (job.model.family, job.network.rank, job.optimizer.name, job.ema.enabled) == ("sdxl", 8, "adamw8bit", True)
+    assert (job.dataset.resolution, job.dataset.instance_token, job.output.name) == (64, "[trigger]", "ohwx_lora")
+    assert job.validation.prompts == ["ohwx shape on a table"]
+    [folder] = job.dataset.folders
+    assert (folder.instance_prompt, folder.caption_extension) == ("ohwx", ".txt")
+    assert main(["check", str(job_path)]) == 0
+
+
+def test_bad_yaml_is_one_line(tmp_path, capsys):
+    code, report, err, job_path = run_import(tmp_path, capsys, ("bad.yaml", "config: [unclosed\n"))
+    assert code == 2 and err.startswith(f"error: {tmp_path / 'bad.yaml'}: not valid YAML (")
+    assert len(err.strip().splitlines()) == 1 and not job_path.exists()

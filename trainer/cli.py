@@ -215,8 +215,8 @@ def _parser() -> argparse.ArgumentParser:
 
     imp = sub.add_parser("import", help="turn other trainers' configs (kohya_ss GUI JSON, sd-scripts dataset "
                          "TOML, OneTrainer config and concepts.json, SimpleTuner config.json and "
-                         "multidatabackend.json) into a job, reporting what mapped exactly, approximately, or not "
-                         "at all")
+                         "multidatabackend.json, ai-toolkit YAML) into a job, reporting what mapped exactly, "
+                         "approximately, or not at all")
     imp.add_argument("files", nargs="+", metavar="FILE", help="config files; a config and its dataset file "
                      "combine")
     imp.add_argument("--out", required=True, metavar="JOB", help="the job file to write")

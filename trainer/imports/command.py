@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml  # PyYAML: in the lock already (transformers, accelerate and huggingface_hub need it)
 from pydantic import ValidationError
 
 from ..job import Job, JobError, defaults, first_error, from_sparse, merge, migrate, save_job
-from . import kohya, onetrainer, sd_scripts, simpletuner
-from .report import (KOHYA, ONETRAINER, ONETRAINER_CONCEPTS, SD_SCRIPTS, SIMPLETUNER, SIMPLETUNER_DATA, Entry,
-                     Importer, render)
+from . import ai_toolkit, kohya, onetrainer, sd_scripts, simpletuner
+from .report import (AI_TOOLKIT, KOHYA, ONETRAINER, ONETRAINER_CONCEPTS, SD_SCRIPTS, SIMPLETUNER, SIMPLETUNER_DATA,
+                     Entry, Importer, render)
 
 MAX_BYTES = 10_000_000  # a config is a few kB; anything this big is not one
 # format name -> (recognises a parsed file, converts it), in the order files are applied (later ones win)
@@ -28,6 +29,7 @@ FORMATS = {
     ONETRAINER_CONCEPTS: (onetrainer.looks_like_concepts, onetrainer.convert_concepts),
     SIMPLETUNER: (simpletuner.looks_like, simpletuner.convert),
     SIMPLETUNER_DATA: (simpletuner.looks_like_backends, simpletuner.convert_backends),
+    AI_TOOLKIT: (ai_toolkit.looks_like, ai_toolkit.convert),
 }
 
 
@@ -75,13 +77,20 @@ def _identify(path: Path) -> tuple[str, Any]:
 
 
 def _parse(path: Path, text: str) -> Any:
-    toml = path.suffix.lower() == ".toml" or not text.lstrip().startswith(("{", "["))
+    """JSON, TOML or YAML by the extension, else JSON when it looks like it, else TOML."""
+    suffix = path.suffix.lower()
     try:
-        return tomllib.loads(text) if toml else json.loads(text)
+        if suffix in (".yaml", ".yml"):
+            return yaml.safe_load(text)  # plain data only: no tags that build objects or run code
+        if suffix == ".toml" or not text.lstrip().startswith(("{", "[")):
+            return tomllib.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise JobError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
     except tomllib.TOMLDecodeError as exc:
         raise JobError(f"{path}: neither JSON nor valid TOML ({exc})") from None
+    except yaml.YAMLError as exc:
+        raise JobError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
     except RecursionError:
         raise JobError(f"{path}: nested too deeply; not a trainer config") from None
 

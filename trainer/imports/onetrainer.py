@@ -11,7 +11,7 @@ from typing import Any
 from ..job import JobError
 from . import kohya
 from .report import (ONETRAINER_CONCEPTS, Importer, apply_tables, as_bool, as_float, as_int, as_str, choice_rule,
-                     flatten, is_unset)
+                     flatten, folder_rule, is_unset, shared_rule)
 
 SIGNATURE = {"training_method", "model_type", "base_model_name", "concept_file_name", "output_model_destination",
              "learning_rate_scheduler", "lora_rank", "workspace_dir"}
@@ -232,10 +232,6 @@ def _concept_file(imp: Importer, source: str, value: Any, flat: dict, path: Path
 
 # --- a concept's fields; `target` is the dataset folder it becomes -------------------------------------------
 
-def _concept_path(imp: Importer, source: str, value: Any, flat: dict, target: str) -> None:
-    imp.exact(source, f"{target}.path", as_str(value, source))
-
-
 def _balancing(imp: Importer, source: str, value: Any, flat: dict, target: str) -> None:
     amount = as_float(value, source)
     if flat.get("balancing_strategy", "REPEATS") != "REPEATS":
@@ -244,10 +240,6 @@ def _balancing(imp: Importer, source: str, value: Any, flat: dict, target: str) 
         imp.exact(source, f"{target}.repeats", int(amount))
     else:
         imp.approx(source, {f"{target}.repeats": max(1, round(amount))}, f"{amount:g} rounded to whole repeats")
-
-
-def _loss_weight(imp: Importer, source: str, value: Any, flat: dict, target: str) -> None:
-    imp.exact(source, f"{target}.weight", as_float(value, source))
 
 
 def _prompt_source(imp: Importer, source: str, value: Any, flat: dict, target: str) -> None:
@@ -264,13 +256,6 @@ def _prompt_source(imp: Importer, source: str, value: Any, flat: dict, target: s
     else:
         imp.none(source, value, f"= {kind!r}: captions from {'file names' if kind == 'filename' else 'a file'} "
                  "are not read")
-
-
-def _shared(target: str, parse):
-    """A concept setting that is one value for the whole job in ours."""
-    def rule(imp: Importer, source: str, value: Any, flat: dict, folder: str) -> None:
-        imp.exact(source, target, parse(value, source))
-    return rule
 
 
 RULES = {
@@ -301,14 +286,14 @@ RULES = {
     "concept_file_name": _concept_file,
 }
 CONCEPT_RULES = {
-    "path": _concept_path,
+    "path": folder_rule("path", as_str),
     "balancing": _balancing, "repeats": _balancing,
     "balancing_strategy": _unit,
-    "loss_weight": _loss_weight,
+    "loss_weight": folder_rule("weight", as_float),
     "text.prompt_source": _prompt_source,
     "text.prompt_path": _unit,
-    "text.enable_tag_shuffling": _shared("dataset.shuffle_tags", as_bool),
-    "text.tag_delimiter": _shared("dataset.tag_separator", as_str),
-    "text.keep_tags_count": _shared("dataset.keep_tokens", as_int),
-    "image.enable_random_flip": _shared("dataset.random_flip", as_bool),
+    "text.enable_tag_shuffling": shared_rule("dataset.shuffle_tags", as_bool),
+    "text.tag_delimiter": shared_rule("dataset.tag_separator", as_str),
+    "text.keep_tags_count": shared_rule("dataset.keep_tokens", as_int),
+    "image.enable_random_flip": shared_rule("dataset.random_flip", as_bool),
 }

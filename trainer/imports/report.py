@@ -16,6 +16,7 @@ EXACT, APPROX, NONE = "mapped exactly", "mapped approximately", "no equivalent"
 KOHYA, SD_SCRIPTS = "kohya_ss GUI config", "sd-scripts dataset TOML"
 ONETRAINER, ONETRAINER_CONCEPTS = "OneTrainer config", "OneTrainer concepts"
 SIMPLETUNER, SIMPLETUNER_DATA = "SimpleTuner config", "SimpleTuner multidatabackend"
+AI_TOOLKIT = "ai-toolkit job"
 
 
 @dataclass
@@ -78,11 +79,13 @@ class Importer:
         return self.record(source, part, ", ".join(f"{k} = {_short(v)}" for k, v in values.items()), note)
 
 
-def apply_tables(imp: Importer, path: Path, flat: dict, exact: dict, rules: dict) -> None:
+def apply_tables(imp: Importer, path: Path, flat: dict, exact: dict, rules: dict, prefix: str = "",
+                 context: dict | None = None) -> None:
     """Each field of a (flattened) config through a format's tables: `exact` (field -> (our field, parser)),
-    `rules` (field -> function(imp, source, value, flat, path)), else no equivalent."""
+    `rules` (field -> function(imp, source, value, context, path); context: the fields a rule may read, by
+    default `flat`), else no equivalent. `prefix`: where `flat` sits in the file, for the report."""
     for key, value in flat.items():
-        source = f"{path.name}: {key}"
+        source = f"{path.name}: {prefix}{key}"
         if key in exact:
             target, parse = exact[key]
             if is_unset(value) and parse is not as_str:
@@ -90,7 +93,7 @@ def apply_tables(imp: Importer, path: Path, flat: dict, exact: dict, rules: dict
             else:
                 imp.exact(source, target, parse(value, source))
         elif key in rules:
-            rules[key](imp, source, value, flat, path)
+            rules[key](imp, source, value, flat if context is None else context, path)
         else:
             imp.none(source, value)
 
@@ -106,6 +109,20 @@ def choice_rule(table: dict, nearest: dict, target: str, what: str):
             imp.approx(source, {target: nearest[name]}, f"we have no {name}: the nearest {what}")
         else:
             imp.none(source, value, f"= {name!r}: a {what} we do not have")
+    return rule
+
+
+def folder_rule(field_name: str, parse):
+    """A rule for a dataset entry's field that is a field of the dataset folder it becomes (`target`)."""
+    def rule(imp: Importer, source: str, value: Any, flat: dict, target: str) -> None:
+        imp.exact(source, f"{target}.{field_name}", parse(value, source))
+    return rule
+
+
+def shared_rule(target: str, parse):
+    """A rule for a dataset entry's field that is one value for the whole job in ours (the last entry's wins)."""
+    def rule(imp: Importer, source: str, value: Any, flat: dict, folder: str) -> None:
+        imp.exact(source, target, parse(value, source))
     return rule
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..job import JobError
 from . import kohya
-from .report import APPROX, EXACT, KOHYA, NONE, Importer, as_bool, as_int, as_str
+from .report import APPROX, EXACT, KOHYA, Importer, as_bool, as_int, as_str
 
 # Settings that are one value for the whole job in ours; their names match the kohya GUI's, so its table applies.
 SHARED = ("enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "shuffle_caption",

@@ -12,7 +12,7 @@ from typing import Any
 from ..job import JobError
 from . import kohya
 from .report import (SIMPLETUNER_DATA, Importer, apply_tables, as_bool, as_float, as_int, as_str, choice_rule, flatten,
-                     is_unset)
+                     folder_rule, is_unset)
 
 # Options only SimpleTuner has (any two of them); kohya's GUI shares the generic ones.
 SIGNATURE = {"model_family", "model_type", "lora_type", "data_backend_config", "resolution_type", "snr_gamma",
@@ -207,12 +207,6 @@ def _data_config(imp: Importer, source: str, value: Any, flat: dict, path: Path)
 
 # --- a dataset entry's fields; `target` is the dataset folder it becomes -------------------------------------
 
-def _folder_field(field: str, parse):
-    def rule(imp: Importer, source: str, value: Any, flat: dict, target: str) -> None:
-        imp.exact(source, f"{target}.{field}", parse(value, source))
-    return rule
-
-
 def _repeats(imp: Importer, source: str, value: Any, flat: dict, target: str) -> None:
     imp.exact(source, f"{target}.repeats", as_int(value, source) + 1, "SimpleTuner's 0 is once: ours counts passes")
 
@@ -252,8 +246,8 @@ RULES = {
     "data_backend_config": _data_config,
 }
 BACKEND_RULES = {
-    "instance_data_dir": _folder_field("path", as_str),
-    "instance_prompt": _folder_field("instance_prompt", as_str),
+    "instance_data_dir": folder_rule("path", as_str),
+    "instance_prompt": folder_rule("instance_prompt", as_str),
     "repeats": _repeats,
     "caption_strategy": _caption_strategy,
     "crop_style": _crop_style,
