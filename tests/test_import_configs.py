@@ -193,6 +193,7 @@ def test_kohya_sdxl_lora_with_dataset_toml_checks_and_trains(demo, tmp_path, cap
                                                       "dataset.toml": tomllib.loads(SDXL_TOML)})
     assert {"sdxl.json: fp8_base", "sdxl.json: full_bf16", "sdxl.json: conv_dim", "dataset.toml: general.color_aug",
             "dataset.toml: datasets.0.subsets.1.num_repeats"} <= set(found["no equivalent"])
+    assert {"sdxl.json: dataset_config", "sdxl.json: train_data_dir"} <= set(found["mapped approximately"])
     job = load_job(job_path)
     assert (job.model.family, job.dataset.resolution, job.schedule.batch_size) == ("sdxl", 1024, 2)  # TOML wins
     assert (job.optimizer.name, job.schedule.warmup_steps, job.text_encoder.mode) == ("adamw8bit", 100, "lora")

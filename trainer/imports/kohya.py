@@ -240,6 +240,15 @@ def _reg_data_dir(imp: Importer, source: str, value: Any, config: dict, path: Pa
     imp.approx(source, values, note)
 
 
+def _dataset_config(imp: Importer, source: str, value: Any, config: dict, path: Path) -> None:
+    if SD_SCRIPTS in imp.formats:
+        imp.approx(source, {}, "the dataset TOML given with it is read")
+    elif as_str(value, source):
+        imp.none(source, value, "import the dataset TOML together with this file")
+    else:
+        imp.none(source, value, "empty")
+
+
 def _caption_extension_rule(imp: Importer, source: str, value: Any, config: dict, path: Path) -> None:
     extension = _caption_extension(config, source)
     if SD_SCRIPTS in imp.formats:
@@ -373,6 +382,7 @@ RULES = {
     "epoch": _epoch, "max_train_epochs": _epoch,
     "train_data_dir": _train_data_dir,
     "reg_data_dir": _reg_data_dir,
+    "dataset_config": _dataset_config,
     "caption_extension": _caption_extension_rule,
     "sample_prompts": _sample_prompts,
     "output_name": _output_name,
