@@ -1,5 +1,5 @@
 """ai-toolkit's job YAML (`job: extension`, `config.process[0]` with network, train, model, datasets, save,
-sample). Read with yaml.safe_load, which builds plain data and runs nothing.
+sample). command.py reads it with yaml.safe_load, which builds plain data and runs nothing.
 
 Only the first process trains here; the others are listed as having no equivalent.
 """

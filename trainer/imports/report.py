@@ -1,6 +1,7 @@
 """What an import did with each field of another trainer's config: mapped exactly, approximately, or not at all.
 
-The format modules (kohya.py, sd_scripts.py) write into one `Importer`; it builds the sparse job and the report.
+Every format module (kohya.py, sd_scripts.py, onetrainer.py, simpletuner.py, ai_toolkit.py) writes into one
+`Importer` through its tables and the rule makers here; the Importer builds the sparse job and the report.
 """
 
 from __future__ import annotations
