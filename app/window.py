@@ -16,6 +16,7 @@ from PySide6.QtWidgets import QComboBox, QFileDialog, QLabel, QMainWindow, QMess
 
 from trainer.data.files import scan_dataset
 from trainer.events import read_events
+from trainer.imports.command import import_files
 from trainer.job import (DEMO_METHODS, PRESETS_DIR, Job, JobError, from_sparse, list_presets, load_job, run_leftovers,
                          save_job, to_sparse)
 
@@ -117,6 +118,9 @@ class MainWindow(QMainWindow):
     def _make_actions(self) -> None:
         self.act_open_preset = self._action("&Load preset…", self.load_preset_dialog, QKeySequence.StandardKey.Open,
                                             "Load a preset or job file into the editor")
+        self.act_import = self._action("&Import…", self.import_dialog, "Ctrl+I",
+                                       "Import a kohya_ss, OneTrainer, SimpleTuner or ai-toolkit config (with "
+                                       "its dataset file) into the editor, with a report of what mapped")
         self.act_save_preset = self._action("&Save preset…", self.save_preset_dialog, QKeySequence.StandardKey.Save,
                                             "Save the editor as a preset (only what differs from the defaults)")
         self.act_save_job = self._action("Save &job file…", self.save_job_dialog, "Ctrl+Shift+S",
@@ -149,8 +153,8 @@ class MainWindow(QMainWindow):
 
     def _make_menus_and_toolbar(self) -> None:
         file_menu = self.menuBar().addMenu("&File")
-        for action in (self.act_demo, None, self.act_open_preset, self.act_save_preset, self.act_save_job, None,
-                       self.act_open_run, self.act_open_output, None, self.act_quit):
+        for action in (self.act_demo, None, self.act_open_preset, self.act_import, self.act_save_preset,
+                       self.act_save_job, None, self.act_open_run, self.act_open_output, None, self.act_quit):
             file_menu.addSeparator() if action is None else file_menu.addAction(action)
         run_menu = self.menuBar().addMenu("&Run")
         for action in (self.act_start, self.act_stop, self.act_pause, None, self.act_save_now,
@@ -216,6 +220,31 @@ class MainWindow(QMainWindow):
                                               "Job and preset files (*.json);;All files (*)")
         if path:
             self.load_preset(path)
+
+    def import_configs(self, paths: list[str | Path]) -> bool:
+        """Another trainer's config files into the editor, as `python -m trainer import` reads them (nothing is
+        written: save the job from the editor); the report shows what mapped and what did not."""
+        try:
+            imported = import_files([Path(p) for p in paths])
+        except JobError as exc:
+            self._error("Cannot import", str(exc))
+            return False
+        self.form.set_job(imported.job)
+        self.current_preset = ""
+        report = imported.report()
+        counts = ", ".join(line.removesuffix(":") for line in report if not line.startswith(("  ", "read ")))
+        self._notice(f"Imported {', '.join(Path(p).name for p in paths)}: {counts}")
+        self.show_report(f"Imported {len(paths)} file{'s' if len(paths) > 1 else ''}",
+                         f"The job is in the editor ({counts}). Check the paths, then save it or start.",
+                         "\n".join(report))
+        return True
+
+    def import_dialog(self) -> None:
+        paths, _ = QFileDialog.getOpenFileNames(self, "Import another trainer's config (with its dataset TOML or "
+                                                "concepts file)", str(Path.home()),
+                                                "Trainer configs (*.json *.toml *.yaml *.yml);;All files (*)")
+        if paths:
+            self.import_configs(paths)
 
     def save_preset(self, path: str | Path) -> bool:
         job = self.form.job_or_none()
@@ -563,6 +592,12 @@ class MainWindow(QMainWindow):
     def show_message(self, title: str, text: str) -> None:
         """An error dialog; tests replace this."""
         QMessageBox.warning(self, title, text)
+
+    def show_report(self, title: str, text: str, details: str) -> None:
+        """A notice with a long report behind "Show Details…"; tests replace this."""
+        box = QMessageBox(QMessageBox.Icon.Information, title, text, parent=self)
+        box.setDetailedText(details)
+        box.exec()
 
     def _notice(self, text: str) -> None:
         self.statusBar().showMessage(text, 10000)

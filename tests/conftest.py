@@ -26,7 +26,7 @@ FAKE_TRAINER = str(Path(__file__).resolve().parent / "fake_trainer.py")
 @pytest.fixture
 def app_window(qtbot):
     """The real main window running tests/fake_trainer.py; its questions are answered from `answers`
-    (first button when empty) and recorded in `questions`; error dialogs go to `messages`."""
+    (first button when empty) and recorded in `questions`; error dialogs and reports go to `messages`."""
     from app.window import MainWindow
 
     window = MainWindow(trainer_command=[sys.executable, FAKE_TRAINER], restore=False)
@@ -38,6 +38,7 @@ def app_window(qtbot):
 
     window.ask = ask
     window.show_message = lambda title, text: window.messages.append(f"{title}: {text}")
+    window.show_report = lambda title, text, details: window.messages.append(f"{title}: {text}\n{details}")
     qtbot.addWidget(window)
     yield window
     if window.runner.state != "idle":

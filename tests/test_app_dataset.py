@@ -3,6 +3,7 @@
 import time
 
 from PIL import Image
+from PySide6.QtCore import Qt
 
 from app.dataset_view import DatasetView
 from trainer.job import DatasetSpec
@@ -70,3 +71,16 @@ def test_missing_folder_is_one_line(qtbot, tmp_path):
     with qtbot.waitSignal(view.scanned, timeout=5000):
         view.set_spec(DatasetSpec(folders=[{"path": str(tmp_path / "nope")}]))
     assert "folder not found" in view.error and "dataset.folders.0.path" in view.error
+
+
+def test_imagefolder_captions_are_shown(qtbot, tmp_path):
+    folder = make_images(tmp_path / "hf", 2, captions=0)
+    (folder / "metadata.jsonl").write_text('{"file_name": "00000.png", "text": "from the metadata"}\n')
+    view = DatasetView()
+    qtbot.addWidget(view)
+    with qtbot.waitSignal(view.scanned, timeout=5000) as scanned:
+        view.set_spec(DatasetSpec(folders=[{"path": str(folder)}]))
+    assert (scanned.args[0].captions_found, scanned.args[0].captions_missing) == (1, 1)
+    first = view.model.index(0)
+    assert view.model.data(first).startswith("from the metadata")
+    assert "caption file: " + str(folder / "metadata.jsonl") in view.model.data(first, Qt.ItemDataRole.ToolTipRole)

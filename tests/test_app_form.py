@@ -128,6 +128,44 @@ def test_bad_preset_is_one_line_error(app_window, tmp_path):
     assert "\n" not in app_window.messages[0]
 
 
+KOHYA = {"LoRA_type": "LyCORIS/LoHa", "pretrained_model_name_or_path": "/models/sdxl.safetensors", "sdxl": True,
+         "network_dim": 32, "network_alpha": 16, "conv_dim": 8, "max_resolution": "1024,1024", "optimizer": "AdamW8bit",
+         "learning_rate": 0.0001, "max_train_steps": 1600, "lr_scheduler": "cosine", "lr_warmup": 10,
+         "train_batch_size": 2, "output_name": "mine", "xformers": "xformers"}
+DATASET_TOML = ("[[datasets]]\nresolution = 1024\n"
+                "[[datasets.subsets]]\nimage_dir = '/data/20_ohwx dog'\nnum_repeats = 20\n")
+
+
+def test_file_import_loads_the_job_and_shows_the_report(app_window, tmp_path, monkeypatch):
+    from PySide6.QtWidgets import QFileDialog
+
+    from trainer.imports.command import import_files
+
+    (tmp_path / "lora.json").write_text(json.dumps(KOHYA))
+    (tmp_path / "dataset.toml").write_text(DATASET_TOML)
+    chosen = [str(tmp_path / "lora.json"), str(tmp_path / "dataset.toml")]
+    monkeypatch.setattr(QFileDialog, "getOpenFileNames", lambda *args, **kwargs: (chosen, ""))
+    app_window.act_import.trigger()
+    job = app_window.form.job_or_none()
+    assert job == import_files([tmp_path / "lora.json", tmp_path / "dataset.toml"]).job
+    assert (job.network.rank, job.model.family, job.schedule.warmup_steps) == (32, "sdxl", 160)
+    assert app_window.form.editor("network.rank").spin.value() == 32
+    assert [(f.path, f.repeats) for f in job.dataset.folders] == [("/data/20_ohwx dog", 20)]
+    [report] = app_window.messages
+    assert report.startswith("Imported 2 files: The job is in the editor (mapped exactly (")
+    assert "lora.json: conv_dim = 8" in report and "lora.json: LoRA_type -> network.kind = 'lora'" in report
+    assert "dataset.toml: datasets.0.subsets.0.num_repeats -> dataset.folders.0.repeats = 20" in report
+
+
+def test_file_import_of_a_bad_file_is_one_line_and_keeps_the_editor(app_window, tmp_path):
+    before = app_window.form.job_or_none()
+    (tmp_path / "broken.json").write_text('{"network_dim": ')
+    assert not app_window.import_configs([tmp_path / "broken.json"])
+    [message] = app_window.messages
+    assert message.startswith(f"Cannot import: {tmp_path / 'broken.json'}: not valid JSON") and "\n" not in message
+    assert app_window.form.job_or_none() == before
+
+
 def _fill_paths(form, tmp_path):
     form.editor("model.path").set(str(tmp_path / "model"))
     form.editor("output.output_dir").set(str(tmp_path / "run"))

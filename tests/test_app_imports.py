@@ -1,6 +1,6 @@
 """The architecture: app/ is the window, importing Qt and the trainer's torch-free contracts only (the job schema,
-the event stream, the family table, the block notation, and the dataset scanner, so the dataset view lists what
-training will read by the trainer's own rules); trainer/ never imports Qt."""
+the event stream, the family table, the block notation, the dataset scanner, so the dataset view lists what
+training will read by the trainer's own rules, and the config importer); trainer/ never imports Qt."""
 
 import ast
 import subprocess
@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CONTRACTS = {"trainer.job", "trainer.events", "trainer.blocks", "trainer.families.table", "trainer.data.files"}
-APP_MAY_IMPORT = CONTRACTS | {"trainer", "trainer.families", "trainer.data"}  # their empty package files
+CONTRACTS = {"trainer.job", "trainer.events", "trainer.blocks", "trainer.families.table", "trainer.data.files",
+             # File > Import... maps other trainers' configs by the same tables as `trainer import` (json, tomllib)
+             "trainer.imports.command", "trainer.imports.report", "trainer.imports.kohya", "trainer.imports.sd_scripts",
+             "trainer.imports.onetrainer", "trainer.imports.simpletuner", "trainer.imports.ai_toolkit"}
+APP_MAY_IMPORT = CONTRACTS | {"trainer", "trainer.families", "trainer.data", "trainer.imports"}  # empty packages
 
 
 def test_app_never_imports_torch():

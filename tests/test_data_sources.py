@@ -1,5 +1,9 @@
 """Dataset sources: several folders with their own settings, kohya `N_name` folders, multi-line captions,
-webdataset shards, and metadata filters written as data."""
+webdataset shards, metadata filters written as data, and Hugging Face imagefolders (captions in metadata.jsonl
+or metadata.csv)."""
+
+import json
+from pathlib import Path
 
 import pytest
 
@@ -125,3 +129,47 @@ def test_check_reports_sources_filters_and_captions(demo_job, capsys, tmp_path):
     assert "2 x score >= 2 is false" in out
     plan = make_plan(load_job(demo_job))
     assert len(plan.layout.samples) == 14
+
+
+def test_imagefolder_jsonl_captions_and_unusable_rows(tmp_path):
+    """The Hugging Face imagefolder layout: captions in metadata.jsonl's `text` column, keyed by file_name."""
+    folder = _images(tmp_path / "hf", ["a.png", "b.png", "c.png", "d.png", "e.png"], [None, None, None, None, "own"])
+    rows = ['{"file_name": "a.png", "text": "a red [instance]\\nanother caption"}', 'not json at all',
+            '{"file_name": "b.png", "caption": "wrong column"}', '["a list"]', '', '{"text": "no file name"}',
+            '{"file_name": "gone.png", "text": "an image not there"}', '{"file_name": "c.png", "text": "plain"}']
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    scan = scan_dataset(_spec({"path": str(folder), "instance_prompt": "sks cube"}))
+    by_name = {i.path.name: i for i in scan.items}
+    assert by_name["a.png"].captions == ["a red sks cube", "another caption"]
+    assert by_name["a.png"].caption_path == folder / "metadata.jsonl" and by_name["c.png"].caption == "plain"
+    assert by_name["d.png"].caption_path is None and by_name["d.png"].caption == "sks cube"  # no row: no caption
+    assert by_name["e.png"].caption == "own"  # no row, but a caption file: that is read
+    assert sorted(by_name) == ["a.png", "c.png", "d.png", "e.png"]  # b's row has no caption: skipped, as a bad file
+    assert (scan.captions_found, scan.captions_missing) == (3, 1)
+    skipped = dict(scan.skipped)
+    assert skipped[str(folder / "b.png")] == "its caption is unusable: metadata.jsonl line 3: no 'text' column"
+    assert skipped[f"{folder / 'metadata.jsonl'}:2"] == "row skipped: not valid JSON"
+    assert skipped[f"{folder / 'metadata.jsonl'}:4"] == "row skipped: not a JSON object"
+    assert skipped[f"{folder / 'metadata.jsonl'}:6"] == "row skipped: no file_name"
+    assert scan.warnings == [f"{folder / 'metadata.jsonl'}: 1 rows name images not found (first: gone.png)"]
+
+
+def test_imagefolder_csv_with_a_named_column_and_subfolders(tmp_path):
+    folder = _images(tmp_path / "hf", ["top.png"])
+    _images(folder / "3_style", ["s.png"])
+    (folder / "metadata.csv").write_text('file_name,text,blip\ntop.png,unused,"a top, image"\n'
+                                         '3_style/s.png,unused,a styled image\nbroken.png,x\n', encoding="utf-8")
+    scan = scan_dataset(_spec({"path": str(folder), "caption_column": "blip"}))
+    assert sorted((i.path.name, i.caption, i.repeats) for i in scan.items) == [
+        ("s.png", "a styled image", 3), ("top.png", "a top, image", 1)]
+    assert dict(scan.skipped) == {f"{folder / 'metadata.csv'}:4": "row skipped: its field count differs from the "
+                                                                  "header's"}
+
+
+def test_check_counts_imagefolder_captions(demo_job, capsys):
+    job = load_job(demo_job)
+    folder = Path(job.dataset.folders[0].path)
+    uncaptioned = next(p for p in sorted(folder.iterdir()) if p.suffix != ".txt" and not p.with_suffix(".txt").exists())
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": uncaptioned.name, "text": "a shape"}) + "\n")
+    assert main(["check", str(demo_job)]) == 0
+    assert "images: 12 (12 with captions, 0 missing" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""The command line: `python -m trainer demo|check|run|export`. Exit codes are a contract with the window and scripts.
+"""The command line: `python -m trainer demo|check|run|export|import|...`. Exit codes are a contract with the window.
 
 0 completed, 1 training failed, 2 invalid job or data (one line naming the field or file), 3 stopped on request.
 Torch is imported only by the commands that train, so `check` answers at once.
@@ -110,6 +110,20 @@ def _one_line_reason(exc: BaseException) -> str | None:
     return None
 
 
+def cmd_import(args) -> int:
+    from .imports.command import import_files, write_job
+
+    out = Path(args.out)
+    if out.exists() and not args.force:  # before reading anything: nothing is written either way
+        raise JobError(f"{out}: already exists; pass --force to replace it")
+    imported = import_files([Path(p) for p in args.files])
+    write_job(imported, out, args.force)
+    for line in imported.report():
+        print(line)
+    print(f"wrote {out}; check it with: python -m trainer check {out}")
+    return EXIT_OK
+
+
 def cmd_inspect_model(args) -> int:
     from .families.detect import check_model_path
     from .inspect_model import main_json
@@ -198,6 +212,16 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--method", choices=tuple(METHODS), default="lora",
                       help="how it trains: " + "; ".join(f"{k}: {v}" for k, v in METHODS.items()))
     demo.set_defaults(func=cmd_demo)
+
+    imp = sub.add_parser("import", help="turn other trainers' configs (kohya_ss GUI JSON, sd-scripts dataset "
+                         "TOML, OneTrainer config and concepts.json, SimpleTuner config.json and "
+                         "multidatabackend.json, ai-toolkit YAML) into a job, reporting what mapped exactly, "
+                         "approximately, or not at all")
+    imp.add_argument("files", nargs="+", metavar="FILE", help="config files; a config and its dataset file "
+                     "combine")
+    imp.add_argument("--out", required=True, metavar="JOB", help="the job file to write")
+    imp.add_argument("--force", action="store_true", help="replace an existing --out file")
+    imp.set_defaults(func=cmd_import)
 
     inspect = sub.add_parser("inspect-model", help="print a model's block tree with parameter counts (JSON)")
     inspect.add_argument("model", help="a local diffusers model folder")

@@ -104,6 +104,9 @@ class DatasetFolder(_Section):
                          "an 'N_name' folder name, else 1.")
     caption_extension: str = Field(".txt", description="Extension of the caption file beside each image. A file "
                                    "with several lines holds several captions; one is picked each epoch.")
+    caption_column: str = Field("text", min_length=1, max_length=200, description="A Hugging Face imagefolder "
+                                "(metadata.jsonl or metadata.csv beside the images, a file_name column): the "
+                                "column holding the captions.")
     instance_prompt: str = Field("", description="Caption used for images that have no caption file; it also "
                                  "replaces the instance token (dataset.instance_token) inside captions.")
     weight: float = Field(1.0, gt=0, le=100, description="Loss weight of this folder's images: 2 pulls twice "
@@ -408,7 +411,7 @@ def validate(data: dict, source: str = "job") -> Job:
     try:
         return Job.model_validate(migrate(data))
     except ValidationError as exc:
-        raise JobError(f"{source}: {_first_error(exc)}") from None
+        raise JobError(f"{source}: {first_error(exc)}") from None
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -552,7 +555,8 @@ def _diff(value: dict, base: dict) -> dict:
     return out
 
 
-def _first_error(exc: ValidationError) -> str:
+def first_error(exc: ValidationError) -> str:
+    """The first validation error as `dotted.field: message (got value)` (the importer names its source field)."""
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"])
     msg = err["msg"].removeprefix("Value error, ")

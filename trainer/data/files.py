@@ -1,10 +1,12 @@
-"""Finding the training images and their captions on disk (folders, kohya `N_name` folders, webdataset shards).
+"""Finding the training images and their captions on disk (folders, kohya `N_name` folders, webdataset shards,
+Hugging Face imagefolders whose captions are a column of metadata.jsonl or metadata.csv).
 
 `trainer check`, the training dataset and the window's dataset view all see the same list from `scan_dataset`.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import tarfile
@@ -17,6 +19,8 @@ from ..job import DatasetFolder, DatasetSpec, JobError, MetadataFilter
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 MAX_SIDECAR_BYTES = 1_000_000  # a caption or metadata file bigger than this is not a caption
 MAX_MEMBER_BYTES = 256_000_000  # a shard member bigger than this is refused, never read into memory
+MAX_METADATA_BYTES = 256_000_000  # an imagefolder's metadata file: a line per image, so it may be large
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # what the datasets library's imagefolder reads
 _KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
 
 
@@ -114,9 +118,60 @@ def scan_dataset(spec: DatasetSpec) -> Scan:
             continue
         if not root.is_dir():
             raise JobError(f"dataset.folders.{index}.path: {root}: folder not found")
+        table = imagefolder_captions(scan, root, folder_spec.caption_column)
         for folder, repeats in _subset_folders(root, folder_spec.repeats):
-            _scan_folder(scan, folder, repeats, folder_spec, spec)
+            _scan_folder(scan, folder, repeats, folder_spec, spec, table)
+        if table.names:
+            unused = sorted(set(table.names) - table.used)
+            if unused:
+                scan.warnings.append(f"{table.path}: {len(unused)} rows name images not found (first: {unused[0]})")
     return scan
+
+
+@dataclass
+class CaptionTable:
+    """An imagefolder's captions: file_name (relative to the folder, '/'-separated) -> its captions, or why its
+    row is unusable."""
+    path: Path | None = None
+    names: dict[str, list[str] | str] = field(default_factory=dict)
+    used: set[str] = field(default_factory=set)
+
+
+def imagefolder_captions(scan: Scan, root: Path, column: str) -> CaptionTable:
+    """The captions in root's metadata.jsonl or metadata.csv (the `column` of each row), if it has one.
+
+    A row that cannot be read is listed as skipped with its line number; a row whose caption is unusable skips
+    its image, as an unusable caption file does."""
+    path = next((root / name for name in METADATA_FILES if (root / name).is_file()), None)
+    table = CaptionTable(path)
+    if path is None:
+        return table
+    try:
+        if path.stat().st_size > MAX_METADATA_BYTES:
+            raise ValueError(f"over {MAX_METADATA_BYTES // 1_000_000} MB")
+        text = path.read_bytes().decode("utf-8-sig")
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        scan.skipped.append((str(path), f"metadata unreadable, its captions not used ({exc})"))
+        return table
+    rows = _jsonl_rows(text) if path.suffix == ".jsonl" else _csv_rows(text)
+    for line, row in rows:
+        where = f"{path.name} line {line}"
+        if isinstance(row, str):
+            scan.skipped.append((f"{path}:{line}", f"row skipped: {row}"))
+            continue
+        name = row.get("file_name")
+        if not isinstance(name, str) or not name.strip():
+            scan.skipped.append((f"{path}:{line}", "row skipped: no file_name"))
+            continue
+        caption = row.get(column)
+        if isinstance(caption, str):
+            table.names[Path(name).as_posix()] = [part.strip() for part in caption.splitlines() if part.strip()]
+        elif isinstance(caption, list) and all(isinstance(c, str) for c in caption):
+            table.names[Path(name).as_posix()] = [c.strip() for c in caption if c.strip()]
+        else:
+            why = f"no '{column}' column" if caption is None else f"'{column}' is not text"
+            table.names[Path(name).as_posix()] = f"{where}: {why}"
+    return table
 
 
 def read_captions(path: Path) -> tuple[list[str], str]:
@@ -203,7 +258,8 @@ def _subset_folders(root: Path, repeats: int) -> list[tuple[Path, int]]:
     return out
 
 
-def _scan_folder(scan: Scan, folder: Path, repeats: int, folder_spec: DatasetFolder, spec: DatasetSpec) -> None:
+def _scan_folder(scan: Scan, folder: Path, repeats: int, folder_spec: DatasetFolder, spec: DatasetSpec,
+                 table: CaptionTable) -> None:
     subset = Subset(folder=folder, repeats=repeats, weight=folder_spec.weight)
     files = sorted(p for p in folder.iterdir() if p.is_file())
     for path in files:
@@ -221,7 +277,15 @@ def _scan_folder(scan: Scan, folder: Path, repeats: int, folder_spec: DatasetFol
                 continue
         caption_path: Path | None = path.with_suffix(folder_spec.caption_extension)
         lines: list[str] = []
-        if caption_path.is_file():
+        name = path.relative_to(table.path.parent).as_posix() if table.path else ""
+        if name in table.names:
+            table.used.add(name)
+            found = table.names[name]
+            if isinstance(found, str):
+                scan.skipped.append((str(path), f"its caption is unusable: {found}"))
+                continue
+            caption_path, lines = table.path, found
+        elif caption_path.is_file():
             try:
                 lines, warning = read_captions(caption_path)
             except ValueError as exc:
@@ -344,3 +408,31 @@ def _add(scan: Scan, subset: Subset, item: ImageItem, lines: list[str], folder_s
     scan.items.append(item)
     subset.images += 1
     subset.captions_found += item.caption_path is not None
+
+
+def _jsonl_rows(text: str) -> list[tuple[int, dict | str]]:
+    rows: list[tuple[int, dict | str]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            rows.append((number, "not valid JSON"))
+            continue
+        rows.append((number, row if isinstance(row, dict) else "not a JSON object"))
+    return rows
+
+
+def _csv_rows(text: str) -> list[tuple[int, dict | str]]:
+    reader = csv.DictReader(text.splitlines())
+    rows: list[tuple[int, dict | str]] = []
+    try:
+        for row in reader:
+            if None in row or None in row.values():  # more or fewer fields than the header names
+                rows.append((reader.line_num, "its field count differs from the header's"))
+            else:
+                rows.append((reader.line_num, row))
+    except csv.Error as exc:
+        rows.append((reader.line_num, f"not valid CSV ({exc})"))
+    return rows
