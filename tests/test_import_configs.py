@@ -11,9 +11,16 @@ import pytest
 from trainer.cli import main
 from trainer.demo import build_demo
 from trainer.imports.report import flat_keys
+from trainer.events import read_events
 from trainer.job import load_job
 
 QUIET = ["--set", "validation.prompts=[]", "--set", "output.checkpoint_every=0"]
+# What makes an imported job a 2-step run of the tiny demo model: one image at a time at 64 px, in fp32 without
+# accumulation or checkpointing (bf16 autocast on a CPU, accumulation and checkpointing would triple the time).
+TINY_RUN = ["--set", "dataset.resolution=64", "--set", "dataset.bucket_min_side=0",
+            "--set", "dataset.bucket_max_side=0", "--set", "schedule.max_steps=2", "--set", "schedule.warmup_steps=0", "--set", "schedule.batch_size=1",
+            "--set", "precision.mixed_precision=no", "--set", "schedule.gradient_accumulation=1",
+            "--set", "precision.gradient_checkpointing=false", "--set", "ema.enabled=false", *QUIET]
 
 
 @pytest.fixture(scope="module")
@@ -212,17 +219,19 @@ def test_kohya_sdxl_lora_with_dataset_toml_checks_and_trains(demo, tmp_path, cap
     here = ["--set", f"model.path={tiny / 'model'}", "--set", "model.family=sdxl",
             "--set", f'dataset.folders=[{{"path": "{tiny / "dataset"}", "instance_prompt": "ohwx shape"}}]',
             "--set", f"prior.class_dir={classes}", "--set", "prior.num_class_images=2",
-            "--set", f"output.output_dir={tmp_path / 'run'}", "--set", f"dataset.cache_dir={tmp_path / 'cache'}",
-            # a tiny model at 64 px for 2 steps of one image; bf16 autocast on a CPU, accumulation and
-            # checkpointing would triple the time
-            "--set", "dataset.resolution=64", "--set", "dataset.bucket_min_side=0",
-            "--set", "dataset.bucket_max_side=0", "--set", "schedule.max_steps=2", "--set", "schedule.warmup_steps=0",
-            "--set", "schedule.batch_size=1", "--set", "precision.mixed_precision=no",
-            "--set", "schedule.gradient_accumulation=1", "--set", "precision.gradient_checkpointing=false", *QUIET]
-    assert main(["check", str(job_path), *here]) == 0
+            "--set", f"dataset.cache_dir={tmp_path / 'cache'}"]
+    assert main(["check", str(job_path), *here, *TINY_RUN]) == 0
     assert "prior preservation: 2 class images" in capsys.readouterr().out
-    assert main(["run", str(job_path), *here]) == 0
+    trains_two_steps(job_path, tmp_path, *here)
     assert (tmp_path / "run" / "final" / "ohwx_sdxl.safetensors").is_file()
+
+
+def trains_two_steps(job_path, tmp_path, *extra):
+    """The imported job, its sizes made tiny (TINY_RUN), trains 2 steps and writes its LoRA."""
+    assert main(["run", str(job_path), "--set", f"output.output_dir={tmp_path / 'run'}", *TINY_RUN, *extra]) == 0
+    steps = [e for e in read_events(tmp_path / "run" / "events.jsonl")[0] if e["type"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2]
+    assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_bad_input_is_one_line_and_writes_nothing(demo, tmp_path, capsys):
@@ -332,7 +341,7 @@ def onetrainer_concepts(root) -> list:
             {"name": "held out", "path": "/nowhere", "enabled": False, "balancing": 1.0}]
 
 
-def test_onetrainer_config_and_concepts_import_and_check(demo, tmp_path, capsys):
+def test_onetrainer_config_and_concepts_import_check_and_train(demo, tmp_path, capsys):
     config, concepts = onetrainer_preset(demo), onetrainer_concepts(demo)
     code, report, err, job_path = run_import(tmp_path, capsys, ("concepts.json", json.dumps(concepts)),
                                              ("ohwx.json", json.dumps(config)))
@@ -354,9 +363,10 @@ def test_onetrainer_config_and_concepts_import_and_check(demo, tmp_path, capsys)
     assert (folder.repeats, job.dataset.shuffle_tags, job.dataset.random_flip) == (4, True, True)
     assert main(["check", str(job_path)]) == 0
     assert "12 images x 4 repeats" in capsys.readouterr().out
+    trains_two_steps(job_path, tmp_path)
 
 
-def test_simpletuner_config_and_databackends_import_and_check(demo, tmp_path, capsys):
+def test_simpletuner_config_and_databackends_import_check_and_train(demo, tmp_path, capsys):
     """SimpleTuner's options with and without their `--`, and its dataset list: an image dataset (repeats 0 is
     once), a regularisation dataset, and the text-embed cache entry it needs but we do not."""
     config = {"--model_family": "sdxl", "--model_type": "lora", "--lora_type": "standard",
@@ -392,6 +402,7 @@ def test_simpletuner_config_and_databackends_import_and_check(demo, tmp_path, ca
     assert (job.prior.enabled, job.prior.class_prompt, job.prior.num_class_images) == (True, "shape", 3)
     assert main(["check", str(job_path)]) == 0
     assert "12 images x 3 repeats" in capsys.readouterr().out
+    trains_two_steps(job_path, tmp_path)
 
 
 AI_TOOLKIT_YAML = """
@@ -454,7 +465,7 @@ meta:
 """
 
 
-def test_ai_toolkit_yaml_imports_and_checks(demo, tmp_path, capsys):
+def test_ai_toolkit_yaml_imports_checks_and_trains(demo, tmp_path, capsys):
     import yaml
 
     text = AI_TOOLKIT_YAML.format(out=tmp_path / "aitk", folder=demo / "train" / "10_sks shape",
@@ -473,6 +484,7 @@ def test_ai_toolkit_yaml_imports_and_checks(demo, tmp_path, capsys):
     [folder] = job.dataset.folders
     assert (folder.instance_prompt, folder.caption_extension) == ("ohwx", ".txt")
     assert main(["check", str(job_path)]) == 0
+    trains_two_steps(job_path, tmp_path)
 
 
 def test_bad_yaml_is_one_line(tmp_path, capsys):
