@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 
 from .run import disk
+from .families.model_files import require_weights
 from .run.checkpoint_files import resume_lines
 from .job import PROVENANCE_KEY, JobError, ModelSpec, RunFailed, load_job, save_job
 from .run.terminal import attached
@@ -35,9 +36,13 @@ def cmd_demo(args) -> int:
     from .demo import build_demo
 
     _quiet_libraries()
-    job_path = build_demo(Path(args.dir).resolve(), steps=args.steps, family=args.family, method=args.method)
+    job_path = build_demo(Path(args.dir).resolve(), steps=args.steps, family=args.family, method=args.method,
+                          real_size=args.real_size or "")
     print(f"wrote the demo model, dataset and job: {job_path}")
-    print(f"train it with: python -m trainer run {job_path}")
+    if args.real_size:
+        print(f"the model has configs but no weights; estimate its memory with: python -m trainer estimate {job_path}")
+    else:
+        print(f"train it with: python -m trainer run {job_path}")
     return EXIT_OK
 
 
@@ -63,6 +68,7 @@ def cmd_run(args) -> int:
 
     job = load_job(args.job, args.set)
     plan = make_plan(job, resume=args.resume)
+    require_weights(job.model)
     if args.events:
         try:
             parse_address(args.events)
@@ -186,6 +192,7 @@ def _provenance() -> dict:
 def _parser() -> argparse.ArgumentParser:
     from .export.command import FORMATS
     from .demo import BUILDERS, METHODS
+    from .real_size import MODELS as REAL_SIZE
 
     p = argparse.ArgumentParser(prog="python -m trainer", description="Train LoRAs for Stable Diffusion models.")
     sub = p.add_subparsers(required=True, metavar="COMMAND")
@@ -197,6 +204,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="which tiny model to build (default sd1)")
     demo.add_argument("--method", choices=tuple(METHODS), default="lora",
                       help="how it trains: " + "; ".join(f"{k}: {v}" for k, v in METHODS.items()))
+    demo.add_argument("--real-size", nargs="?", const="default", metavar="MODEL",
+                      help="write the real model's configs without weights (for estimate and check): "
+                      + "; ".join(f"{f}: {', '.join(n)}" for f, n in REAL_SIZE.items()) + " (the first is the default)")
     demo.set_defaults(func=cmd_demo)
 
     inspect = sub.add_parser("inspect-model", help="print a model's block tree with parameter counts (JSON)")

@@ -1,0 +1,84 @@
+"""Live tensor memory, counted by storage: every storage an op creates is added with the part it belongs to, and
+removed when it is freed; the peak and what was alive at it are kept. Works on fake tensors and on real ones.
+
+torch's own MemTracker refuses frozen parameters (it expects every parameter to train), so this is our own.
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+class LiveBytes(TorchDispatchMode):
+    """Within `with counter:` every op's output storages are counted under the current `part`; tensors that
+    existed before (weights, inputs) are added with `add`. `peak_by_part()` splits the peak."""
+
+    def __init__(self, part: str = "activations"):
+        super().__init__()
+        self.part = part
+        self.live: dict[int, tuple[int, str]] = {}  # storage key -> (bytes, part)
+        self.total = 0
+        self.peak = 0
+        self._at_peak: dict[int, tuple[int, str]] = {}
+        self._rising = False  # the total reached a new peak and nothing was freed since: snapshot at the next free
+
+    def add(self, tensor: torch.Tensor, part: str) -> None:
+        """Count `tensor`'s storage under `part`, once however many tensors view it."""
+        storage = tensor.untyped_storage()
+        key = storage._cdata  # the storage's address: the same for every view of it while it lives
+        if key in self.live:
+            return
+        size = storage.nbytes()
+        self.live[key] = (size, part)
+        self.total += size
+        weakref.finalize(storage, self._free, key)
+        if self.total > self.peak:
+            self.peak, self._rising = self.total, True
+
+    def relabel(self, tensor: torch.Tensor, part: str) -> None:
+        """Count `tensor`'s storage under `part` from now on, and at the peak (a gradient is made by an op in
+        the backward pass and known as one only afterwards)."""
+        key = tensor.untyped_storage()._cdata
+        for table in (self.live, self._at_peak):
+            if key in table:
+                table[key] = (table[key][0], part)
+
+    @contextmanager
+    def counting_as(self, part: str):
+        previous, self.part = self.part, part
+        try:
+            yield
+        finally:
+            self.part = previous
+
+    def peak_by_part(self) -> dict[str, int]:
+        """Bytes alive at the peak, by part."""
+        self._snapshot_if_rising()
+        out: dict[str, int] = {}
+        for size, part in self._at_peak.values():
+            out[part] = out.get(part, 0) + size
+        return out
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self.add(leaf, self.part)
+        return out
+
+    def _free(self, key: int) -> None:
+        self._snapshot_if_rising()
+        size, _ = self.live.pop(key)
+        self.total -= size
+
+    def _snapshot_if_rising(self) -> None:
+        # Copying what is alive at every new high would be quadratic; it is enough to copy it when the total
+        # turns down from one.
+        if self._rising:
+            self._at_peak = dict(self.live)
+            self._rising = False
