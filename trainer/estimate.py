@@ -40,6 +40,8 @@ class Estimate:
     flops: int  # per optimizer step (every micro-batch of gradient accumulation)
     trainable: int  # trained parameters
     params: int  # the denoiser's parameters
+    # Bytes alive between steps, by part (weights and optimizer state: the gradients are set to None).
+    between_steps: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0  # how long the estimate took
 
@@ -64,9 +66,11 @@ class Estimate:
     def lines(self, gpu: Gpu | None = None, memory_gib: float | None = None) -> list[str]:
         out = [self.summary()]
         for part in PARTS:
-            out.append(f"  {part:<18} {self.peak.get(part, 0) / GIB:7.2f} GiB")
-        out.append(f"  {'allowance':<18} {(self.total - self.counted) / GIB:7.2f} GiB (CUDA context "
+            out.append(f"  {part:<18} {_size(self.peak.get(part, 0)):>10}")
+        out.append(f"  {'allowance':<18} {_size(self.total - self.counted):>10} (CUDA context "
                    f"{CONTEXT_BYTES / GIB:.2f} GiB + {FRAGMENTATION:.0%} for the allocator)")
+        out.append(f"between steps: {_size(sum(self.between_steps.values()))} stay allocated (optimizer state "
+                   f"{_size(self.between_steps.get('optimizer state', 0))})")
         out.append(f"trainable: {self.trainable:,} of {self.params:,} denoiser parameters")
         out += [f"note: {note}" for note in self.notes]
         limit = gpu.memory_gib if gpu else memory_gib
@@ -84,6 +88,7 @@ class Estimate:
                "precision": self.precision, "peak_bytes": {p: self.peak.get(p, 0) for p in PARTS},
                "counted_bytes": self.counted, "allowance_bytes": self.total - self.counted,
                "total_bytes": self.total, "total_gib": round(self.total / GIB, 3), "flops_per_step": self.flops,
+               "between_steps_bytes": {p: self.between_steps.get(p, 0) for p in PARTS},
                "trainable_params": self.trainable, "denoiser_params": self.params, "notes": self.notes,
                "utilisation": UTILISATION, "seconds": round(self.seconds, 2)}
         limit = gpu.memory_gib if gpu else memory_gib
@@ -95,12 +100,14 @@ class Estimate:
         return out
 
 
-def estimate(job: Job, plan: Plan) -> Estimate:
-    """Trace one training step of `job` at its largest bucket on fake tensors; a JobError names what failed."""
+def estimate(job: Job, plan: Plan, real: bool = False) -> Estimate:
+    """Trace one training step of `job` at its largest bucket on fake tensors; a JobError names what failed.
+    `real`: run the same step on real CPU tensors, the models built with their constructors' random weights,
+    counted the same way: what the estimate is checked against (tests, bench/estimate_accuracy.py)."""
     started = time.perf_counter()
     spec = job.model.model_copy(update={"path": str(_config_folder(job)), "config": "", "variant": ""})
     try:
-        result = _trace(job, plan, spec)
+        result = _trace(job, plan, spec, real)
     except JobError:
         raise
     except Exception as exc:  # noqa: BLE001 - an op fake tensors cannot run, a model that cannot be built, ...
@@ -133,7 +140,9 @@ def _config_folder(job: Job) -> Path:
     return Path(found).parent
 
 
-def _trace(job: Job, plan: Plan, spec) -> Estimate:
+def _trace(job: Job, plan: Plan, spec, real: bool) -> Estimate:
+    from contextlib import nullcontext
+
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -142,22 +151,23 @@ def _trace(job: Job, plan: Plan, spec) -> Estimate:
     from .methods import trainable
 
     family = family_module(plan.family)
-    with empty_models.from_configs():
-        parts = family.load(spec)  # every model on the meta device
+    device = "cpu" if real else "meta"
+    with empty_models.from_configs(device):
+        parts = family.load(spec)  # every model on the meta device (real: on the CPU)
     family.prepare_noise(parts, job.diffusion)
     held = precision.dtypes(job.precision.mixed_precision)
-    precision.place(parts.denoiser, "meta", held.frozen)
-    precision.place(parts.text_encoder, "meta", held.frozen)
-    precision.place(parts.vae, "meta", held.image_encoder)
+    precision.place(parts.denoiser, device, held.frozen)
+    precision.place(parts.text_encoder, device, held.frozen)
+    precision.place(parts.vae, device, held.image_encoder)
     width, height = max((plan.layout.buckets[i] for i in set(plan.layout.bucket_of)), key=lambda b: b[0] * b[1])
     batch = job.schedule.batch_size
     counter = _step_counter()
-    tr = trainable.setup(family, parts, job, plan.total_steps)  # on the meta device: peft's layers too
+    tr = trainable.setup(family, parts, job, plan.total_steps)  # on the meta device: peft's layers there too
     for p in tr.params.values():
         p.data = p.data.to(held.trained)
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        for module in (parts.denoiser, parts.text_encoder, parts.vae):
-            module.to_empty(device="cpu")
+    with nullcontext() if real else FakeTensorMode(allow_non_fake_inputs=True):
+        if not real:
+            _to_fake((parts.denoiser, parts.text_encoder, parts.vae), tr)
         if job.precision.gradient_checkpointing:
             trainable.gradient_checkpointing(tr)
         for module in tr.modules.values():
@@ -211,10 +221,13 @@ def _trace(job: Job, plan: Plan, spec) -> Estimate:
     notes += [f"{name} cached: off the GPU during training" for name, cached in
               (("latents", plan.caching.latents), ("text", plan.caching.text)) if cached]
     peak = counter.peak_by_part()
+    for p in tr.params.values():
+        p.grad = None  # the run's zero_grad(set_to_none=True)
+    between = counter.live_by_part()
     del state
     params = sum(p.numel() for name, p in parts.denoiser.named_parameters() if "lora_" not in name)
     return Estimate(plan.family, (width, height), batch, job.precision.mixed_precision, peak, step_flops,
-                    tr.count(), params, notes)
+                    tr.count(), params, between, notes)
 
 
 def _step_counter():
@@ -245,6 +258,18 @@ def _step_counter():
             return out
 
     return StepCounter()
+
+
+def _to_fake(modules, tr) -> None:
+    """Meta weights to fake ones. `to_empty` makes new Parameter objects, so the groups that `trainable.setup`
+    made on the meta device are pointed at them (by name within each module)."""
+    before = [dict(module.named_parameters()) for module in modules]
+    for module in modules:
+        module.to_empty(device="cpu")
+    after = [dict(module.named_parameters()) for module in modules]
+    new_of = {id(old): now[name] for named, now in zip(before, after) for name, old in named.items()}
+    for group in tr.groups:
+        group.params = {key: new_of.get(id(p), p) for key, p in group.params.items()}
 
 
 def _add_module(counter, module, tr, part: str = "") -> None:
@@ -280,3 +305,7 @@ def _optimizer_step(job: Job, tr, torch) -> tuple[object, list[str]]:
                                   weight_decay=opt.weight_decay, foreach=True)
     optimizer.step()
     return optimizer, []
+
+
+def _size(size: int) -> str:
+    return f"{size / GIB:.2f} GiB" if size >= GIB / 10 else f"{size / 2**20:.1f} MiB"

@@ -21,10 +21,13 @@ class LiveBytes(TorchDispatchMode):
     def __init__(self, part: str = "activations"):
         super().__init__()
         self.part = part
-        self.live: dict[int, tuple[int, str]] = {}  # storage key -> (bytes, part)
+        # storage address -> (serial, bytes, part); an address is reused once its storage is freed, the serial
+        # never is, so the snapshot at the peak is keyed by serial.
+        self.live: dict[int, tuple[int, int, str]] = {}
         self.total = 0
         self.peak = 0
-        self._at_peak: dict[int, tuple[int, str]] = {}
+        self._serial = 0
+        self._at_peak: dict[int, tuple[int, str]] = {}  # serial -> (bytes, part)
         self._rising = False  # the total reached a new peak and nothing was freed since: snapshot at the next free
 
     def add(self, tensor: torch.Tensor, part: str) -> None:
@@ -34,7 +37,8 @@ class LiveBytes(TorchDispatchMode):
         if key in self.live:
             return
         size = storage.nbytes()
-        self.live[key] = (size, part)
+        self._serial += 1
+        self.live[key] = (self._serial, size, part)
         self.total += size
         weakref.finalize(storage, self._free, key)
         if self.total > self.peak:
@@ -44,9 +48,12 @@ class LiveBytes(TorchDispatchMode):
         """Count `tensor`'s storage under `part` from now on, and at the peak (a gradient is made by an op in
         the backward pass and known as one only afterwards)."""
         key = tensor.untyped_storage()._cdata
-        for table in (self.live, self._at_peak):
-            if key in table:
-                table[key] = (table[key][0], part)
+        if key not in self.live:
+            return
+        serial, size, _ = self.live[key]
+        self.live[key] = (serial, size, part)
+        if serial in self._at_peak:
+            self._at_peak[serial] = (size, part)
 
     @contextmanager
     def counting_as(self, part: str):
@@ -55,6 +62,13 @@ class LiveBytes(TorchDispatchMode):
             yield
         finally:
             self.part = previous
+
+    def live_by_part(self) -> dict[str, int]:
+        """Bytes alive now, by part."""
+        out: dict[str, int] = {}
+        for _, size, part in self.live.values():
+            out[part] = out.get(part, 0) + size
+        return out
 
     def peak_by_part(self) -> dict[str, int]:
         """Bytes alive at the peak, by part."""
@@ -73,12 +87,12 @@ class LiveBytes(TorchDispatchMode):
 
     def _free(self, key: int) -> None:
         self._snapshot_if_rising()
-        size, _ = self.live.pop(key)
+        _, size, _ = self.live.pop(key)
         self.total -= size
 
     def _snapshot_if_rising(self) -> None:
         # Copying what is alive at every new high would be quadratic; it is enough to copy it when the total
         # turns down from one.
         if self._rising:
-            self._at_peak = dict(self.live)
+            self._at_peak = {serial: (size, part) for serial, size, part in self.live.values()}
             self._rising = False

@@ -137,7 +137,7 @@ def load_effnet(spec: ModelSpec) -> EfficientNetEncoder:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise JobError(f"model.path: {config_file}: not an EfficientNet layout ({_first_line(exc)})") from None
     if empty_models.wanted(spec.path):
-        return encoder.to("meta")  # configs only: its shapes, no weights
+        return encoder.to(empty_models.device())  # configs only: its shapes, no weights
     if not weights.is_file():
         weights = _hub_effnet(weights)
     try:

@@ -1,7 +1,8 @@
 """Models built from their configs alone, on the meta device: shapes and dtypes, no weights read or allocated.
 
 Used for a model folder that holds configs but no weights (the real-size demo, or configs downloaded from a hub),
-and by the memory estimate, which never reads weights even when they are there.
+and by the memory estimate, which never reads weights even when they are there (and, to check itself against a
+measurement, builds them on the CPU with their constructors' random weights).
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ from pathlib import Path
 
 from ..job import JobError
 
-_FROM_CONFIGS = ContextVar("from_configs", default=False)
+_FROM_CONFIGS = ContextVar("from_configs", default="")  # the device models are built on; "": not asked
 
 
 @contextmanager
-def from_configs():
-    """Within this, the family loaders build every model from its config on the meta device."""
-    token = _FROM_CONFIGS.set(True)
+def from_configs(device: str = "meta"):
+    """Within this, the family loaders build every model from its config on `device`."""
+    token = _FROM_CONFIGS.set(device)
     try:
         yield
     finally:
@@ -30,7 +31,12 @@ def from_configs():
 def wanted(path: str) -> bool:
     """Whether the model at `path` is built from configs: asked for, or a local folder without any weights."""
     folder = Path(path).expanduser()
-    return _FROM_CONFIGS.get() or (folder.is_dir() and not any(folder.glob("**/*.safetensors")))
+    return bool(_FROM_CONFIGS.get()) or (folder.is_dir() and not any(folder.glob("**/*.safetensors")))
+
+
+def device() -> str:
+    """The device models are built on: "meta" unless `from_configs` names another."""
+    return _FROM_CONFIGS.get() or "meta"
 
 
 def pipeline_models(folder: str, skip: set[str]) -> dict:
@@ -52,8 +58,8 @@ def pipeline_models(folder: str, skip: set[str]) -> dict:
 
 
 def build(folder: str, subfolder: str, library: str, class_name: str):
-    """The `library.class_name` model of `folder/subfolder` from its config.json on the meta device, or None when
-    that class is not a model (a tokenizer or scheduler)."""
+    """The `library.class_name` model of `folder/subfolder` from its config.json on the meta device (or the one
+    `from_configs` names), or None when that class is not a model (a tokenizer or scheduler)."""
     import torch
     from diffusers import ModelMixin
     from transformers import AutoConfig, PreTrainedModel
@@ -65,11 +71,11 @@ def build(folder: str, subfolder: str, library: str, class_name: str):
     path = Path(folder).expanduser() / subfolder
     try:
         if isinstance(cls, type) and issubclass(cls, ModelMixin):
-            with torch.device("meta"):
+            with torch.device(device()):
                 return cls.from_config(cls.load_config(str(path)))
         if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
             config = AutoConfig.from_pretrained(str(path))
-            with torch.device("meta"):
+            with torch.device(device()):
                 return cls(config)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
