@@ -147,3 +147,32 @@ def test_real_size_sd15_estimate_end_to_end(tmp_path, capsys):
     assert data["bucket"] == [512, 512]
     # 0.86 B bf16 weights (1.6 GiB), LoRA at 512 px batch 2: a few GiB with the allowance.
     assert 2 < data["total_gib"] < 12
+
+
+# The denoisers' sizes as their model cards give them, in billions (stored tensors: SD3.5's position embedding
+# counts), and the rounding of each figure. SD1.5's exact count is well known: 859,520,964.
+MODEL_CARDS = {"sd15": (0.86, 0.005), "sd21": (0.87, 0.005), "sdxl-base": (2.6, 0.05), "sd35-large": (8.1, 0.05),
+               "sd35-medium": (2.5, 0.05), "flux1-dev": (12, 0.5), "cascade-c": (3.6, 0.05)}
+
+
+@pytest.mark.slow
+def test_real_size_folders_build_the_published_architectures(tmp_path):
+    """Every real-size model folder (configs and stand-in tokenizers, no weights) loads through its family's own
+    loader, on the meta device, with the published parameter count; `run` would refuse it."""
+    from trainer.families.detect import detect_family, family_module
+    from trainer.families.model_files import require_weights
+    from trainer.job import JobError, ModelSpec
+    from trainer.real_size import MODELS, build_real_size
+
+    for family, names in MODELS.items():
+        for name in names:
+            folder = build_real_size(tmp_path / name, family, name)
+            spec = ModelSpec(path=str(folder))
+            assert detect_family(spec) == family
+            parts = family_module(family).load(spec)
+            assert parts.denoiser.device.type == "meta"
+            stored = sum(t.numel() for t in (*parts.denoiser.parameters(), *parts.denoiser.buffers()))
+            card, rounding = MODEL_CARDS[name]
+            assert abs(stored / 1e9 - card) <= rounding, (name, stored)
+            with pytest.raises(JobError, match="no weights"):
+                require_weights(spec)

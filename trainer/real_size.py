@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+from .families.table import FAMILIES
 from .job import JobError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "resources" / "real_size"
@@ -20,7 +21,6 @@ MODELS = {"sd1": ("sd15",), "sd2": ("sd21",), "sdxl": ("sdxl-base",), "sd3": ("s
 # The families' training resolution (the models' own): the real-size demo job trains at it.
 RESOLUTION = {"sd15": 512, "sd21": 768, "sdxl-base": 1024, "sd35-large": 1024, "sd35-medium": 1024,
               "flux1-dev": 1024, "cascade-c": 1024}
-T5_MAX_LENGTH = {"sd3": 256, "flux": 512}  # the pipelines' default max_sequence_length
 
 
 def model_name(family: str, name: str) -> str:
@@ -40,7 +40,7 @@ def build_real_size(path: Path, family: str, name: str) -> Path:
     index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
     for component, entry in index.items():
         if component.startswith("tokenizer") and isinstance(entry, list):
-            _write_tokenizer(path / component, entry[1], T5_MAX_LENGTH.get(family, 0))
+            _write_tokenizer(path / component, entry[1], FAMILIES[family].t5_tokens)
     return path
 
 
