@@ -50,8 +50,11 @@ def test_fake_step_counts_what_the_real_step_allocates(tiny_job, estimates):
     assert fake.counted == pytest.approx(real.counted, rel=0.02)
     for part in ("frozen weights", "trainable weights", "encoders"):
         assert fake.peak.get(part, 0) == real.peak.get(part, 0), part
-    for part in ("frozen weights", "trainable weights", "optimizer state"):
+    for part in ("frozen weights", "trainable weights"):
         assert fake.between_steps.get(part, 0) == real.between_steps.get(part, 0), part
+    # torch's AdamW really stepped: its moments are what the fake trace allocates, plus a step count per tensor
+    # (a scalar, which CUDA keeps on the host).
+    assert fake.between_steps["optimizer state"] == pytest.approx(real.between_steps["optimizer state"], rel=0.005)
     assert fake.flops == real.flops > 0
     assert fake.trainable == real.trainable > 0
 

@@ -167,7 +167,7 @@ def _trace(job: Job, plan: Plan, spec, real: bool) -> Estimate:
         p.data = p.data.to(held.trained)
     with nullcontext() if real else FakeTensorMode(allow_non_fake_inputs=True):
         if not real:
-            _to_fake((parts.denoiser, parts.text_encoder, parts.vae), tr)
+            _to_fake(torch, (parts.denoiser, parts.text_encoder, parts.vae), tr)
         if job.precision.gradient_checkpointing:
             trainable.gradient_checkpointing(tr)
         for module in tr.modules.values():
@@ -216,7 +216,7 @@ def _trace(job: Job, plan: Plan, spec, real: bool) -> Estimate:
                 if p.grad is not None:
                     counter.relabel(p.grad, "gradients")
             with counter.counting_as("optimizer state"):
-                state, notes = _optimizer_step(job, tr, torch)
+                state, notes = _optimizer_step(job, tr, torch, real)
         step_flops = counter.flops * job.schedule.gradient_accumulation
     notes += [f"{name} cached: off the GPU during training" for name, cached in
               (("latents", plan.caching.latents), ("text", plan.caching.text)) if cached]
@@ -260,14 +260,20 @@ def _step_counter():
     return StepCounter()
 
 
-def _to_fake(modules, tr) -> None:
-    """Meta weights to fake ones. `to_empty` makes new Parameter objects, so the groups that `trainable.setup`
-    made on the meta device are pointed at them (by name within each module)."""
-    before = [dict(module.named_parameters()) for module in modules]
-    for module in modules:
-        module.to_empty(device="cpu")
-    after = [dict(module.named_parameters()) for module in modules]
-    new_of = {id(old): now[name] for named, now in zip(before, after) for name, old in named.items()}
+def _to_fake(torch, modules, tr) -> None:
+    """Meta weights to fake ones (within FakeTensorMode), set directly: three times faster than `to_empty`. The
+    groups that `trainable.setup` made on the meta device are pointed at the new Parameter objects."""
+    new_of = {}
+    for root in modules:
+        for module in root.modules():
+            for name, p in module._parameters.items():
+                if p is not None and id(p) not in new_of:  # a tied weight once, shared as before
+                    new_of[id(p)] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), p.requires_grad)
+                if p is not None:
+                    module._parameters[name] = new_of[id(p)]
+            for name, b in module._buffers.items():
+                if b is not None:
+                    module._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
     for group in tr.groups:
         group.params = {key: new_of.get(id(p), p) for key, p in group.params.items()}
 
@@ -281,16 +287,17 @@ def _add_module(counter, module, tr, part: str = "") -> None:
         counter.add(b, part or "frozen weights")
 
 
-def _optimizer_step(job: Job, tr, torch) -> tuple[object, list[str]]:
-    """One optimizer step as the run makes it: gradient clipping, then AdamW (foreach, CUDA's default), whose
-    first step creates its state; 8-bit AdamW's state is allocated at its documented size. Returns what holds the
-    state (kept alive by the caller, as a run keeps it) and notes."""
+def _optimizer_step(job: Job, tr, torch, real: bool) -> tuple[object, list[str]]:
+    """The optimizer's first step, which creates its state; returns what holds the state (the caller keeps it
+    alive, as a run does) and notes. Real tensors: torch's AdamW as CUDA runs it by default (foreach), after the
+    run's gradient clipping. Fake tensors: AdamW's allocations made directly (two fp32 moments per element, and
+    during the step one more fp32 copy, foreach's square roots of the second moments), since running it on fake
+    tensors takes longer than the forward and backward passes together; the tests check these sizes against the
+    real step. 8-bit AdamW is always counted so: bitsandbytes cannot run on fake tensors."""
     from .methods.trainable import optimizer_groups
 
-    params = list(tr.params.values())
+    params = [p for p in tr.params.values() if p.grad is not None]
     opt = job.optimizer
-    if opt.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, opt.max_grad_norm, foreach=True)
     if opt.name == "adamw8bit":
         state = []
         for p in params:
@@ -301,6 +308,13 @@ def _optimizer_step(job: Job, tr, torch) -> tuple[object, list[str]]:
                 state += [torch.empty(p.numel()) for _ in range(2)]
         return state, ["8-bit AdamW: bitsandbytes cannot run on fake tensors; its state is counted at 1 byte per "
                        "element per moment plus one fp32 scale per 256 elements"]
+    if not real:
+        numel = sum(p.numel() for p in params)
+        state = [torch.empty(numel), torch.empty(numel)]
+        square_roots = torch.empty(numel)  # noqa: F841 - alive during the step only
+        return state, []
+    if opt.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, opt.max_grad_norm, foreach=True)
     optimizer = torch.optim.AdamW(optimizer_groups(tr), lr=opt.learning_rate, betas=tuple(opt.betas), eps=opt.eps,
                                   weight_decay=opt.weight_decay, foreach=True)
     optimizer.step()

@@ -27,6 +27,7 @@ class LiveBytes(TorchDispatchMode):
         self.total = 0
         self.peak = 0
         self._serial = 0
+        self._watch: dict[int, weakref.ref] = {}  # storage address -> the weak reference that reports its end
         self._at_peak: dict[int, tuple[int, str]] = {}  # serial -> (bytes, part)
         self._rising = False  # the total reached a new peak and nothing was freed since: snapshot at the next free
 
@@ -39,8 +40,8 @@ class LiveBytes(TorchDispatchMode):
         size = storage.nbytes()
         self._serial += 1
         self.live[key] = (self._serial, size, part)
+        self._watch[key] = weakref.ref(storage, lambda _, key=key: self._free(key))  # lighter than finalize
         self.total += size
-        weakref.finalize(storage, self._free, key)
         if self.total > self.peak:
             self.peak, self._rising = self.total, True
 
@@ -80,14 +81,18 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor):
-                self.add(leaf, self.part)
+        if isinstance(out, torch.Tensor):  # most ops: no need to walk a tree
+            self.add(out, self.part)
+        else:
+            for leaf in tree_leaves(out):
+                if isinstance(leaf, torch.Tensor):
+                    self.add(leaf, self.part)
         return out
 
     def _free(self, key: int) -> None:
         self._snapshot_if_rising()
         _, size, _ = self.live.pop(key)
+        del self._watch[key]
         self.total -= size
 
     def _snapshot_if_rising(self) -> None:
