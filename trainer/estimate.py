@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,8 +142,6 @@ def _config_folder(job: Job) -> Path:
 
 
 def _trace(job: Job, plan: Plan, spec, real: bool) -> Estimate:
-    from contextlib import nullcontext
-
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
