@@ -30,8 +30,10 @@ def from_configs(device: str = "meta"):
 
 def wanted(path: str) -> bool:
     """Whether the model at `path` is built from configs: asked for, or a local folder without any weights."""
+    from .model_files import has_weights
+
     folder = Path(path).expanduser()
-    return bool(_FROM_CONFIGS.get()) or (folder.is_dir() and not any(folder.glob("**/*.safetensors")))
+    return bool(_FROM_CONFIGS.get()) or (folder.is_dir() and not has_weights(folder))
 
 
 def device() -> str:

@@ -50,13 +50,18 @@ def stored_model(spec: ModelSpec) -> StoredModel:
         return StoredModel("file", stored_dtypes(header),
                            any(k.startswith(TEXT_ENCODER_PREFIXES) for k in header),
                            any(k.startswith(VAE_PREFIXES) for k in header))
-    files = _weight_files(path, spec.variant)
-    if not any(path.glob("*/*.safetensors")):
+    if not has_weights(path):
         return StoredModel("configs", [], None, None)
+    files = _weight_files(path, spec.variant)
     header = {f"{file}:{k}": v for file in files for k, v in safetensors_header(file).items()}
     folders = {f.parent.name for f in files}
     return StoredModel("folder", stored_dtypes(header), any(f.startswith("text_encoder") for f in folders),
                        bool(folders & {"vae", "effnet"}))
+
+
+def has_weights(folder: Path) -> bool:
+    """Whether a diffusers folder holds any component's weights (safetensors, or the older .bin), or only configs."""
+    return any(folder.glob("*/*.safetensors")) or any(folder.glob("*/*.bin"))
 
 
 def require_weights(spec: ModelSpec) -> None:
