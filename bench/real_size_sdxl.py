@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from trainer.demo import _write_clip_tokenizer, build_demo_dataset, demo_job  # noqa: E402
+from trainer.demo import write_clip_tokenizer, build_demo_dataset, demo_job  # noqa: E402
 from trainer.job import save_job  # noqa: E402
 
 
@@ -45,8 +45,8 @@ def build(folder: Path, file: Path) -> None:
                       sample_size=1024, scaling_factor=0.13025, force_upcast=True)
     # The real widths and depths; the vocabulary is our offline byte-level tokenizer's 514 tokens, not CLIP's 49408
     # (the writer cuts the embedding to the tokenizer's size, as it does for added tokens).
-    tokenizer = CLIPTokenizer.from_pretrained(_write_clip_tokenizer(folder / "tokenizer"))
-    _write_clip_tokenizer(folder / "tokenizer_2")
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "tokenizer"))
+    write_clip_tokenizer(folder / "tokenizer_2")
     ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
     clip_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,

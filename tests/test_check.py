@@ -94,7 +94,8 @@ def test_missing_job_file(capsys, tmp_path):
 
 
 def test_check_needs_no_torch(demo_job):
-    code = ("import sys; from trainer.cli import main; rc = main(['check', sys.argv[1]]); "
+    """Without its memory-estimate line (which traces a step with torch), check imports no torch."""
+    code = ("import sys; from trainer.cli import main; rc = main(['check', sys.argv[1], '--no-estimate']); "
             "assert 'torch' not in sys.modules, 'check imported torch'; sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code, str(demo_job)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -11,6 +11,7 @@ from trainer.demo import BUILDERS, MID_WIDTHS
 from trainer.families.contract import FamilyModule
 from trainer.families.detect import detect_family, family_module
 from trainer.families.table import FAMILIES
+from trainer.real_size import MODELS as REAL_SIZE
 from trainer.job import JobError, ModelSpec
 
 
@@ -50,5 +51,5 @@ def test_a_model_of_the_family_has_what_the_table_says(models, name):
 
 
 def test_every_list_of_families_is_the_table():
-    assert list(BUILDERS) == list(MID_WIDTHS) == list(FAMILIES)
+    assert list(BUILDERS) == list(MID_WIDTHS) == list(REAL_SIZE) == list(FAMILIES)
     assert get_args(ModelSpec.model_fields["family"].annotation) == ("auto", *FAMILIES)

@@ -208,7 +208,7 @@ def test_bad_block_names_are_one_line_errors(header):
 
 
 def test_check_prints_the_trainable_count_without_torch(demo_job):
-    code = ("import sys; from trainer.cli import main; rc = main(['check', sys.argv[1]]); "
+    code = ("import sys; from trainer.cli import main; rc = main(['check', sys.argv[1], '--no-estimate']); "
             "assert 'torch' not in sys.modules, 'check imported torch'; sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code, str(demo_job)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -203,7 +203,7 @@ def test_check_reports_prior_without_torch(demo_job):
     job = load_job(demo_job)
     job.prior.enabled, job.prior.class_prompt, job.prior.images_per_instance = True, PROMPT, 2
     save_job(job, demo_job)
-    code = ("import sys; from trainer.cli import main; rc = main(['check', sys.argv[1]]); "
+    code = ("import sys; from trainer.cli import main; rc = main(['check', sys.argv[1], '--no-estimate']); "
             "assert 'torch' not in sys.modules, 'check imported torch'; sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code, str(demo_job)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

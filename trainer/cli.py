@@ -1,7 +1,9 @@
-"""The command line: `python -m trainer demo|check|run|export|import|...`. Exit codes are a contract with the window.
+"""The command line: `python -m trainer demo|check|estimate|run|export|import|...`. Exit codes are a contract
+with the window and scripts.
 
 0 completed, 1 training failed, 2 invalid job or data (one line naming the field or file), 3 stopped on request.
-Torch is imported only by the commands that train, so `check` answers at once.
+Torch is imported only by the commands that need it: `check --no-estimate` answers at once without it; its
+memory-estimate line and `estimate` trace one step on fake tensors (seconds).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from .job import PROVENANCE_KEY, JobError, ModelSpec, RunFailed, load_job, save_job
 from .run import disk
+from .families.model_files import require_weights
 from .run.checkpoint_files import resume_lines
 from .run.terminal import attached
 
@@ -35,9 +38,13 @@ def cmd_demo(args) -> int:
     from .demo import build_demo
 
     _quiet_libraries()
-    job_path = build_demo(Path(args.dir).resolve(), steps=args.steps, family=args.family, method=args.method)
+    job_path = build_demo(Path(args.dir).resolve(), steps=args.steps, family=args.family, method=args.method,
+                          real_size=args.real_size or "")
     print(f"wrote the demo model, dataset and job: {job_path}")
-    print(f"train it with: python -m trainer run {job_path}")
+    if args.real_size:
+        print(f"the model has configs but no weights; estimate its memory with: python -m trainer estimate {job_path}")
+    else:
+        print(f"train it with: python -m trainer run {job_path}")
     return EXIT_OK
 
 
@@ -54,6 +61,43 @@ def cmd_check(args) -> int:
     if args.resume:
         for line in resume_lines(plan.output_dir / "checkpoints"):
             print(line)
+    if not args.no_estimate:
+        print(_memory_line(job, plan))
+    return EXIT_OK
+
+
+def _memory_line(job, plan) -> str:
+    """`check`'s line from the memory estimate. The job is valid whatever happens here, so a step the estimate
+    cannot trace is reported in the line, and check still passes."""
+    try:
+        _quiet_libraries()
+        from .estimate import estimate
+
+        return estimate(job, plan).summary()
+    except Exception as exc:  # noqa: BLE001 - said in one line; `estimate` itself exits 2 on it
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"memory estimate: not available ({text})"
+
+
+def cmd_estimate(args) -> int:
+    import json
+
+    from .gpus import find_gpu
+    from .plan import make_plan
+
+    job = load_job(args.job, args.set)
+    gpu = find_gpu(args.gpu) if args.gpu else None  # a wrong name answers before anything slow
+    if args.memory is not None and not 0 < args.memory < 10_000:
+        raise JobError(f"--memory: {args.memory:g} GiB is not a GPU's memory (0 to 10000)")
+    plan = make_plan(job, resume=True)  # writes nothing: a run folder already in use is no reason to refuse
+    _quiet_libraries()
+    from .estimate import estimate
+
+    result = estimate(job, plan)
+    if args.json:
+        print(json.dumps(result.as_json(gpu, args.memory)))
+    else:
+        print("\n".join(result.lines(gpu, args.memory)))
     return EXIT_OK
 
 
@@ -63,6 +107,7 @@ def cmd_run(args) -> int:
 
     job = load_job(args.job, args.set)
     plan = make_plan(job, resume=args.resume)
+    require_weights(job.model)
     if args.events:
         try:
             parse_address(args.events)
@@ -200,6 +245,7 @@ def _provenance() -> dict:
 def _parser() -> argparse.ArgumentParser:
     from .export.command import FORMATS
     from .demo import BUILDERS, METHODS
+    from .real_size import MODELS as REAL_SIZE
 
     p = argparse.ArgumentParser(prog="python -m trainer", description="Train LoRAs for Stable Diffusion models.")
     sub = p.add_subparsers(required=True, metavar="COMMAND")
@@ -211,6 +257,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="which tiny model to build (default sd1)")
     demo.add_argument("--method", choices=tuple(METHODS), default="lora",
                       help="how it trains: " + "; ".join(f"{k}: {v}" for k, v in METHODS.items()))
+    demo.add_argument("--real-size", nargs="?", const="default", metavar="MODEL",
+                      help="write the real model's configs without weights (for estimate and check): "
+                      + "; ".join(f"{f}: {', '.join(n)}" for f, n in REAL_SIZE.items()) + " (the first is the default)")
     demo.set_defaults(func=cmd_demo)
 
     imp = sub.add_parser("import", help="turn other trainers' configs (kohya_ss GUI JSON, sd-scripts dataset "
@@ -263,6 +312,18 @@ def _parser() -> argparse.ArgumentParser:
     cascade.add_argument("--seed", type=int, default=0)
     cascade.set_defaults(func=cmd_sample_cascade)
 
+    estimate = sub.add_parser("estimate", help="the GPU memory and time of one training step, from the model's "
+                              "configs on fake tensors (no weights read, no GPU needed)")
+    estimate.add_argument("job", help="job file (JSON)")
+    estimate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a job field by its dotted path, e.g. network.rank=16")
+    card = estimate.add_mutually_exclusive_group()
+    card.add_argument("--gpu", metavar="NAME", help="a GPU of the table (e.g. 'RTX 4090', h100): its time per step "
+                      "and whether the run fits its memory")
+    card.add_argument("--memory", type=float, metavar="GIB", help="whether the run fits in this much GPU memory")
+    estimate.add_argument("--json", action="store_true", help="print one JSON object")
+    estimate.set_defaults(func=cmd_estimate)
+
     for name, func, text in (("check", cmd_check, "validate a job and its data and print the plan"),
                              ("run", cmd_run, "train")):
         cmd = sub.add_parser(name, help=text)
@@ -271,6 +332,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="override a job field by its dotted path, e.g. optimizer.learning_rate=3e-4")
         cmd.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
         cmd.set_defaults(func=func)
+        if name == "check":
+            cmd.add_argument("--no-estimate", action="store_true", help="leave out the memory estimate (which "
+                             "imports torch and traces one step: seconds, not a moment)")
         if name == "run":
             cmd.add_argument("--events", metavar="tcp://127.0.0.1:PORT",
                              help="also stream events to this loopback address (the window listens there)")

@@ -52,7 +52,7 @@ def _build_tiny_sd(path: Path, seed: int, text_width: int, scheduler, vae_factor
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = Path(path)
-    tokenizer = CLIPTokenizer.from_pretrained(_write_clip_tokenizer(path / "tokenizer"))
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(path / "tokenizer"))
     # fork_rng: seeding here must not change the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -80,8 +80,8 @@ def build_tiny_sdxl(path: Path, seed: int = 0, widths: tuple[int, ...] = (32, 32
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     path = Path(path)
-    tokenizer = CLIPTokenizer.from_pretrained(_write_clip_tokenizer(path / "tokenizer"))
-    tokenizer_2 = CLIPTokenizer.from_pretrained(_write_clip_tokenizer(path / "tokenizer_2"))
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(path / "tokenizer"))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(path / "tokenizer_2"))
     (width_l, width_g), time_dim = widths, 8  # the encoders' widths; the size embedding's width per number
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -118,9 +118,9 @@ def build_tiny_sd3(path: Path, seed: int = 0, widths: tuple[int, ...] = (32, 48,
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
     path = Path(path)
-    tokenizer = CLIPTokenizer.from_pretrained(_write_clip_tokenizer(path / "tokenizer"))
-    tokenizer_2 = CLIPTokenizer.from_pretrained(_write_clip_tokenizer(path / "tokenizer_2"))
-    tokenizer_3 = _t5_tokenizer()
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(path / "tokenizer"))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(path / "tokenizer_2"))
+    tokenizer_3 = t5_tokenizer()
     # Unequal widths, as in SD3 (768, 1280, 4096), so a slip between the encoders' slices of the prompt shows.
     width_l, width_g, width_t5 = widths
 
@@ -159,8 +159,8 @@ def build_tiny_flux(path: Path, seed: int = 0, widths: tuple[int, ...] = (32, 48
     from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
     path = Path(path)
-    tokenizer = CLIPTokenizer.from_pretrained(_write_clip_tokenizer(path / "tokenizer"))
-    tokenizer_2 = _t5_tokenizer()
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(path / "tokenizer"))
+    tokenizer_2 = t5_tokenizer()
     width_clip, width_t5 = widths  # unequal (768 and 4096 in Flux), so a slip between the two shows
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -201,7 +201,7 @@ def build_tiny_cascade(path: Path, seed: int = 0, widths: tuple[int, ...] = (32,
     from trainer.families.cascade import EfficientNetEncoder, save_effnet
 
     path = Path(path)
-    tokenizer = CLIPTokenizer.from_pretrained(_write_clip_tokenizer(path / "tokenizer"))
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(path / "tokenizer"))
     # The text encoder's hidden and pooled widths: unequal in the tiny model (both 1280 in Stable Cascade), so a
     # slip between the two shows.
     hidden, pooled = widths
@@ -302,9 +302,10 @@ def build_demo_dataset(path: Path, count: int = 12, seed: int = 0) -> Path:
     return path
 
 
-def build_demo(dir: Path, steps: int = 40, family: str = "sd1", method: str = "lora") -> Path:
+def build_demo(dir: Path, steps: int = 40, family: str = "sd1", method: str = "lora", real_size: str = "") -> Path:
     """Build model (of `family`), dataset and job.json (training by `method`, see METHODS) in an empty or new
-    `dir`; return the job.json path."""
+    `dir`; return the job.json path. With `real_size` (a name of real_size.MODELS, or "default") the model is
+    the real one's configs without weights, and the job trains at its resolution: for `estimate` and `check`."""
     dir = Path(dir).resolve()
     if family not in BUILDERS:
         raise JobError(f"family: {family!r}: the demo builds {', '.join(BUILDERS)}")
@@ -312,9 +313,20 @@ def build_demo(dir: Path, steps: int = 40, family: str = "sd1", method: str = "l
         raise JobError(f"method: {method!r}: the demo trains by {', '.join(METHODS)}")
     if dir.exists() and (not dir.is_dir() or any(dir.iterdir())):
         raise JobError(f"{dir}: not empty; choose a new folder")
-    BUILDERS[family](dir / "model")
+    job = demo_job(dir, family, steps, method)
+    if real_size:
+        from .real_size import RESOLUTION, build_real_size, model_name
+
+        name = model_name(family, real_size)
+        build_real_size(dir / "model", family, name)
+        # The demo's small images fill the real resolution's buckets: enlargement allowed, for the estimate. No
+        # stage B decoder is written beside a real-size Stable Cascade.
+        job = validate(merge(job.model_dump(mode="json"), {
+            "dataset": {"resolution": RESOLUTION[name], "max_upscale": 16}, "model": {"decoder": ""}}), "demo job")
+    else:
+        BUILDERS[family](dir / "model")
     build_demo_dataset(dir / "dataset")
-    save_job(demo_job(dir, family, steps, method), dir / "job.json")
+    save_job(job, dir / "job.json")
     return dir / "job.json"
 
 
@@ -378,7 +390,7 @@ def _tiny_clip(model_class, tokenizer, width: int, projection: int = 0):
         pad_token_id=tokenizer.pad_token_id))
 
 
-def _write_clip_tokenizer(path: Path) -> Path:
+def write_clip_tokenizer(path: Path) -> Path:
     # No merges: a byte-level BPE of ~514 tokens tokenizes any text, which is all a random model needs.
     symbols = list(_bytes_to_unicode().values())
     vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
@@ -392,7 +404,7 @@ def _write_clip_tokenizer(path: Path) -> Path:
     return path
 
 
-def _t5_tokenizer():
+def t5_tokenizer():
     # A Unigram vocabulary of single characters, with and without the word-start mark: spells any caption made
     # of them (anything else is <unk>), which is all a random model needs.
     from transformers import T5Tokenizer

@@ -181,7 +181,7 @@ def _trainables(run: _Run) -> None:
         run.reporter.log(f"training {tr.count():,} parameters: " + ", ".join(
             f"{g.name} {sum(p.numel() for p in g.params.values()):,}" for g in tr.groups))
     if job.precision.gradient_checkpointing:
-        _gradient_checkpointing(tr)
+        trainable.gradient_checkpointing(tr)
     for module in tr.modules.values():
         module.train()
     for p in tr.params.values():
@@ -349,16 +349,6 @@ def _sync_unprepared_grads(accelerator: Accelerator, tr: trainable.Trainable) ->
         for p in group.params.values():
             if p.grad is not None:
                 p.grad = accelerator.reduce(p.grad, "mean")
-
-
-def _gradient_checkpointing(tr: trainable.Trainable) -> None:
-    for module in tr.modules.values():
-        if hasattr(module, "enable_gradient_checkpointing"):  # diffusers models
-            module.enable_gradient_checkpointing()
-        elif hasattr(module, "activation_checkpointing_enable"):  # transformers 5 models
-            module.activation_checkpointing_enable()
-        elif hasattr(module, "gradient_checkpointing_enable"):  # older transformers
-            module.gradient_checkpointing_enable()
 
 
 def _prepare_data(run: _Run, dataset: TrainDataset, quiet: bool = False) -> set[str]:

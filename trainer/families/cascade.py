@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..job import DiffusionSpec, JobError, ModelSpec
-from . import noise
+from . import empty_models, noise
 from .noise import draw_noise
 from .sd import drop_rows
 from .table import FAMILIES
@@ -136,6 +136,8 @@ def load_effnet(spec: ModelSpec) -> EfficientNetEncoder:
                                       if config_file.is_file() else EFFICIENTNET_V2_S)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise JobError(f"model.path: {config_file}: not an EfficientNet layout ({_first_line(exc)})") from None
+    if empty_models.wanted(spec.path):
+        return encoder.to(empty_models.device())  # configs only: its shapes, no weights
     if not weights.is_file():
         weights = _hub_effnet(weights)
     try:
@@ -367,12 +369,19 @@ def _load_stage_c(path: str, prefix: str, revision: str, variant: str):
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     hub = {"revision": revision or None}
+    if empty_models.wanted(path):  # configs only: the models on the meta device, nothing read
+        models = {name: empty_models.build(path, f"{prefix}{name}", library, cls.__name__) for name, library, cls in
+                  (("prior", "diffusers", StableCascadeUNet), ("text_encoder", "transformers",
+                                                                 CLIPTextModelWithProjection))}
+    else:
+        models = {}
     try:
         config = StableCascadePriorPipeline.load_config(path, **hub)
         return StableCascadePriorPipeline(
-            prior=StableCascadeUNet.from_pretrained(path, subfolder=f"{prefix}prior", variant=variant or None, **hub),
-            text_encoder=CLIPTextModelWithProjection.from_pretrained(path, subfolder=f"{prefix}text_encoder",
-                                                                     variant=variant or None, **hub),
+            prior=models.get("prior") or StableCascadeUNet.from_pretrained(
+                path, subfolder=f"{prefix}prior", variant=variant or None, **hub),
+            text_encoder=models.get("text_encoder") or CLIPTextModelWithProjection.from_pretrained(
+                path, subfolder=f"{prefix}text_encoder", variant=variant or None, **hub),
             tokenizer=CLIPTokenizer.from_pretrained(path, subfolder=f"{prefix}tokenizer", **hub),
             scheduler=DDPMWuerstchenScheduler.from_pretrained(path, subfolder=f"{prefix}scheduler", **hub),
             resolution_multiple=config.get("resolution_multiple", 42.67))

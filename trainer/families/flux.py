@@ -24,7 +24,7 @@ from .text_encoders import TextEncoders
 
 DENOISER = FAMILIES["flux"].denoiser
 IMAGE_ENCODER = FAMILIES["flux"].image_encoder
-T5_TOKENS = 512  # FluxPipeline's default max_sequence_length (dev's): training sees prompts as validation renders them
+T5_TOKENS = FAMILIES["flux"].t5_tokens
 
 
 @dataclass

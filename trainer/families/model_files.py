@@ -19,7 +19,7 @@ DENOISER_PREFIXES = ("model.diffusion_model.", "double_blocks.", "single_blocks.
 
 @dataclass
 class StoredModel:
-    form: str  # "folder", "file" or "hub"
+    form: str  # "folder", "file", "hub", or "configs" (a folder without weights)
     dtypes: list[str]  # floating-point dtypes stored, the most used first (F32, F16, BF16, F8_E4M3, ...)
     text_encoders: bool | None  # bundled (a file) or present (a folder); None: not known before download
     vae: bool | None
@@ -31,6 +31,9 @@ class StoredModel:
         def has(present: bool | None) -> str:
             return "present" if present else "missing"
 
+        if self.form == "configs":
+            return ("model files: a diffusers folder of configs without weights (its memory can be estimated; "
+                    "training needs the weights)")
         stored = " + ".join(self.dtypes) or "no floating-point tensors"
         return (f"model files: {'single file' if self.form == 'file' else 'diffusers folder'}, stored {stored}; "
                 f"text encoders {has(self.text_encoders)}, VAE {has(self.vae)}; loaded in the run's precision")
@@ -47,11 +50,25 @@ def stored_model(spec: ModelSpec) -> StoredModel:
         return StoredModel("file", stored_dtypes(header),
                            any(k.startswith(TEXT_ENCODER_PREFIXES) for k in header),
                            any(k.startswith(VAE_PREFIXES) for k in header))
+    if not has_weights(path):
+        return StoredModel("configs", [], None, None)
     files = _weight_files(path, spec.variant)
     header = {f"{file}:{k}": v for file in files for k, v in safetensors_header(file).items()}
     folders = {f.parent.name for f in files}
     return StoredModel("folder", stored_dtypes(header), any(f.startswith("text_encoder") for f in folders),
                        bool(folders & {"vae", "effnet"}))
+
+
+def has_weights(folder: Path) -> bool:
+    """Whether a diffusers folder holds any component's weights (safetensors, or the older .bin), or only configs."""
+    return any(folder.glob("*/*.safetensors")) or any(folder.glob("*/*.bin"))
+
+
+def require_weights(spec: ModelSpec) -> None:
+    """Training needs weights: a folder of configs alone (the real-size demo) is refused in one line."""
+    if stored_model(spec).form == "configs":
+        raise JobError(f"model.path: {Path(spec.path).expanduser()}: holds configs but no weights (no .safetensors "
+                       "files); `python -m trainer estimate` works on it, training needs the model's weights")
 
 
 def check_bundled_parts(spec: ModelSpec) -> None:

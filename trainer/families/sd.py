@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..job import DiffusionSpec, JobError, ModelSpec
+from . import empty_models
 from .noise import draw_noise, draw_timesteps, min_snr_weights, timestep_weights, zero_terminal_snr_schedulers
 from .table import FAMILIES
 
@@ -254,6 +255,8 @@ def _load_pipeline(pipeline_cls, spec: ModelSpec, **common):
             local = bool(config) and Path(config).is_dir()
             common = {**_unbundled_parts(spec, local, skip=set(common)), **common}
             return pipeline_cls.from_single_file(path, config=config, local_files_only=local, **common)
+        if empty_models.wanted(path):  # configs only: every model on the meta device, nothing read
+            common = {**empty_models.pipeline_models(path, skip=set(common)), **common}
         return pipeline_cls.from_pretrained(path, revision=spec.revision or None, variant=spec.variant or None,
                                             **common)
     except JobError:

@@ -22,7 +22,7 @@ from .text_encoders import TextEncoders
 
 DENOISER = FAMILIES["sd3"].denoiser
 IMAGE_ENCODER = FAMILIES["sd3"].image_encoder
-T5_TOKENS = 256  # the pipeline's default max_sequence_length: training sees prompts as validation renders them
+T5_TOKENS = FAMILIES["sd3"].t5_tokens
 
 
 @dataclass

@@ -26,6 +26,9 @@ class Family:
     class_images: bool = True  # DreamBooth class images can be generated and trained
     # The denoiser's top-level blocks in the block notation (`down_blocks.1`, `transformer_blocks.12-23`).
     block_roots: tuple[str, ...] = ("down_blocks", "mid_block", "up_blocks")
+    # T5's prompt length: the pipeline's default max_sequence_length, so training sees prompts as validation
+    # renders them (0: no T5).
+    t5_tokens: int = 0
 
 
 _ONE = ("text_encoder",)
@@ -37,9 +40,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("sd2", "Stable Diffusion 2.x", "sd", "StableDiffusionPipeline", "unet", _ONE, _ONE_CACHE),
     Family("sdxl", "Stable Diffusion XL", "sdxl", "StableDiffusionXLPipeline", "unet", _TWO, _TWO_CACHE),
     Family("sd3", "Stable Diffusion 3/3.5", "sd3", "StableDiffusion3Pipeline", "transformer", _TWO, _TWO_CACHE,
-           t5_folders=("text_encoder_3", "tokenizer_3"), size_multiple=16, block_roots=("transformer_blocks",)),
+           t5_folders=("text_encoder_3", "tokenizer_3"), size_multiple=16, block_roots=("transformer_blocks",),
+           t5_tokens=256),
     Family("flux", "Flux.1", "flux", "FluxPipeline", "transformer", _ONE, _TWO_CACHE, size_multiple=16,
-           block_roots=("transformer_blocks", "single_transformer_blocks")),
+           block_roots=("transformer_blocks", "single_transformer_blocks"), t5_tokens=512),  # FLUX.1-dev's
     Family("cascade", "Stable Cascade stage C", "cascade", "StableCascadePriorPipeline", "prior", _ONE,
            _ONE_CACHE, image_encoder="effnet", size_multiple=32, kohya=False, class_images=False,
            block_roots=("down_blocks", "up_blocks")),

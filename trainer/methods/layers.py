@@ -141,7 +141,8 @@ def describe_trainable(job: Job, family_name: str) -> list[str]:
     if root is None:
         return ["trainable parameters: shown once the model is local (it is downloaded when the run starts)"]
     if not _weight_files(root / component, job.model.variant):
-        return [f"trainable parameters: not counted ({root / component} holds no .safetensors weights)"]
+        return [f"trainable parameters: not counted here ({root / component} holds no .safetensors weights); "
+                "`trainer estimate` counts them from the configs"]
     table = table_from_folder(root, component, job.model.variant)
     names = select(table, job)
     if not names:

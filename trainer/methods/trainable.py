@@ -88,6 +88,17 @@ def setup(family, parts, job: Job, total_steps: int) -> Trainable:
     return tr
 
 
+def gradient_checkpointing(tr: Trainable) -> None:
+    """Recompute activations in the backward pass, in every module that trains."""
+    for module in tr.modules.values():
+        if hasattr(module, "enable_gradient_checkpointing"):  # diffusers models
+            module.enable_gradient_checkpointing()
+        elif hasattr(module, "activation_checkpointing_enable"):  # transformers 5 models
+            module.activation_checkpointing_enable()
+        elif hasattr(module, "gradient_checkpointing_enable"):  # older transformers
+            module.gradient_checkpointing_enable()
+
+
 def optimizer_groups(tr: Trainable) -> list[dict]:
     return [{"params": list(g.params.values()), "lr": g.lr, "name": g.name} for g in tr.groups]
 
