@@ -46,6 +46,7 @@ class MainWindow(QMainWindow):
         self.start_reasons: list[str] = []
         self.live_run_dir: Path | None = None
         self.paused = False  # the trainer said `paused` and not yet `continued`
+        self._demo: QProcess | None = None  # `trainer demo` building in the background
 
         self.runner = TrainerProcess(self, trainer_command)
         self.follower = RunFolder(self)
@@ -542,6 +543,10 @@ class MainWindow(QMainWindow):
                 return
         self._save_settings()
         self.follower.close()
+        if self._demo is not None:  # a demo still building: its end must not reach a closed window
+            self._demo.finished.disconnect()
+            self._demo.kill()
+            self._demo.waitForFinished(2000)
         event.accept()
 
     def _save_settings(self) -> None:

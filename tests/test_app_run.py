@@ -231,7 +231,7 @@ def test_demo_dialog_builds_the_chosen_method(app_window, qtbot, tmp_path, monke
     monkeypatch.setattr(window_module.QFileDialog, "getExistingDirectory", lambda *a, **k: str(tmp_path))
     monkeypatch.setattr(app_window.runner, "command_prefix", [sys.executable, "-m", "trainer"])  # the real demo
     app_window.answers.append("DreamBooth")
-    with qtbot.waitSignal(app_window.demoReady, timeout=30000):
+    with qtbot.waitSignal(app_window.demoReady, timeout=120000):  # importing torch on a busy machine
         app_window.create_demo_dialog()
     assert "DreamBooth" in app_window.questions[-1][1]
     job = app_window.form.job_or_none()
@@ -274,3 +274,16 @@ def test_pause_then_continue_from_the_window(app_window, qtbot, tmp_path, monkey
     window.stop()
     qtbot.waitUntil(lambda: window.runner.state == "idle", timeout=10000)
     assert not window.paused and not window.act_pause.isEnabled()
+
+
+def test_closing_while_a_demo_builds_ends_the_build_quietly(app_window, qtbot, tmp_path, monkeypatch):
+    import sys
+
+    slow = [sys.executable, "-c", "import time; time.sleep(30)"]  # stands in for a `trainer demo` still importing
+    monkeypatch.setattr(app_window.runner, "command_prefix", slow)
+    app_window.create_demo(tmp_path / "demo")
+    qtbot.waitUntil(lambda: app_window._demo.state() == app_window._demo.ProcessState.Running, timeout=5000)
+    app_window.close()
+    assert app_window._demo.state() == app_window._demo.ProcessState.NotRunning
+    qtbot.wait(300)  # a finished signal reaching the closed window would raise here
+    assert not app_window.messages
