@@ -29,11 +29,12 @@ def from_configs(device: str = "meta"):
 
 
 def wanted(path: str) -> bool:
-    """Whether the model at `path` is built from configs: asked for, or a local folder without any weights."""
+    """Whether the model at `path` is built from configs: asked for, or a local pipeline folder (its
+    model_index.json there) without any weights. An empty folder is no model: its loaders say what is missing."""
     from .model_files import has_weights
 
     folder = Path(path).expanduser()
-    return bool(_FROM_CONFIGS.get()) or (folder.is_dir() and not has_weights(folder))
+    return bool(_FROM_CONFIGS.get()) or ((folder / "model_index.json").is_file() and not has_weights(folder))
 
 
 def device() -> str:
