@@ -18,7 +18,8 @@ QUIET = ["--set", "validation.prompts=[]", "--set", "output.checkpoint_every=0"]
 # What makes an imported job a 2-step run of the tiny demo model: one image at a time at 64 px, in fp32 without
 # accumulation or checkpointing (bf16 autocast on a CPU, accumulation and checkpointing would triple the time).
 TINY_RUN = ["--set", "dataset.resolution=64", "--set", "dataset.bucket_min_side=0",
-            "--set", "dataset.bucket_max_side=0", "--set", "schedule.max_steps=2", "--set", "schedule.warmup_steps=0", "--set", "schedule.batch_size=1",
+            "--set", "dataset.bucket_max_side=0", "--set", "schedule.max_steps=2", "--set", "schedule.warmup_steps=0",
+            "--set", "schedule.batch_size=1",
             "--set", "precision.mixed_precision=no", "--set", "schedule.gradient_accumulation=1",
             "--set", "precision.gradient_checkpointing=false", "--set", "ema.enabled=false", *QUIET]
 
