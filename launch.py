@@ -7,7 +7,7 @@
     python3 launch.py --demo DIR [--steps N]   build a tiny model and dataset in DIR, train a LoRA on it (CPU, about a
                                                minute), and print where the LoRA is and how to load it in diffusers
     python3 launch.py --setup                  only install, then exit
-    python3 launch.py --test [PYTEST ARGS]     install with the test tools, then run `python -m pytest -q` here
+    python3 launch.py --test [PYTEST ARGS]     install with the test tools, then run the suite on two cores here
     python3 launch.py --update-lock            resolve the newest allowed releases, test them in .venv-update, and
                                                rewrite requirements*.lock only when the whole suite passes
 
@@ -418,7 +418,7 @@ def update_lock(repo: Path, env: dict, runner=None) -> int:
         installed = run_steps(install_steps(python, repo, work / TEST_LOCK, torch_spec, torch_index), log,
                               log_path, runner) == 0
     junit = work / "junit.xml"
-    rc = call([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"], repo) if installed \
+    rc = call([*pytest_command(python), "-p", "no:cacheprovider", f"--junitxml={junit}"], repo) if installed \
         else 1
     if rc == 0:
         for name in (LOCK, TEST_LOCK):
@@ -520,8 +520,16 @@ def child_commands(args: argparse.Namespace, python: str, repo: Path, cwd: Path)
         return [([python, "-m", "trainer", "demo", str(folder), *steps], cwd),
                 ([python, "-m", "trainer", "run", str(folder / "job.json")], cwd)]
     if args.mode == "test":
-        return [([python, "-m", "pytest", "-q", *args.test], repo)]
+        return [([*pytest_command(python), *args.test], repo)]
     return []
+
+
+def pytest_command(python: str) -> list[str]:
+    """The suite on up to two worker processes (pytest-xdist): the runs it trains keep one core busy each, so the
+    suite takes about half as long on the 2-core machines CI and most laptops have. Each module stays on one worker
+    (tests/conftest.py gives it an xdist group), so what its fixtures build is built once."""
+    workers = min(2, os.cpu_count() or 1)
+    return [python, "-m", "pytest", "-q", *(["-n", str(workers), "--dist", "loadgroup"] if workers > 1 else [])]
 
 
 def demo_folder(args: argparse.Namespace, cwd: Path) -> Path:

@@ -73,8 +73,15 @@ def demo_job(demo_template, tmp_path):
     return root / "job.json"
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` need CUDA; on a machine without it they are skipped, saying why."""
+    """Tests marked `gpu` need CUDA; on a machine without it they are skipped, saying why. Under pytest-xdist
+    (`--dist loadgroup`) a test without a group of its own runs on its module's worker, so the models and runs a
+    module's fixtures build once are built once; a module may split itself into groups (the stored-model matrix
+    gives each family one)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     import torch
 
     if torch.cuda.is_available():

@@ -74,8 +74,15 @@ def test_demo_without_steps_leaves_the_trainer_default(tmp_path):
 
 def test_test_mode_runs_pytest_in_the_repo_with_its_arguments(tmp_path):
     args = launch.parse_args(["--test", "-k", "launch", "-x"])
-    assert launch.child_commands(args, PY, REPO, tmp_path) == [([PY, "-m", "pytest", "-q", "-k", "launch", "-x"],
+    assert launch.child_commands(args, PY, REPO, tmp_path) == [([*launch.pytest_command(PY), "-k", "launch", "-x"],
                                                                  REPO)]
+
+
+def test_the_suite_runs_on_two_workers_grouped_by_module(monkeypatch):
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 16)
+    assert launch.pytest_command(PY) == [PY, "-m", "pytest", "-q", "-n", "2", "--dist", "loadgroup"]
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 1)  # one core: no workers to start
+    assert launch.pytest_command(PY) == [PY, "-m", "pytest", "-q"]
 
 
 def test_setup_mode_runs_nothing_after_installing(tmp_path):

@@ -39,7 +39,9 @@ FAST = {("sd1", "fp32", "folder", "no"), ("sd1", "fp16", "variant", "bf16"), ("s
 
 
 def _cells() -> list:
-    return [pytest.param(*stored, precision, marks=() if (*stored, precision) in FAST else pytest.mark.slow,
+    # One xdist group per family: its stored models are built once, by the worker that trains them.
+    return [pytest.param(*stored, precision, marks=(pytest.mark.xdist_group(stored[0]),
+                                                    *(() if (*stored, precision) in FAST else (pytest.mark.slow,))),
                          id="-".join((*stored, precision))) for stored in STORED for precision in PRECISIONS]
 
 
