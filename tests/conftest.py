@@ -73,15 +73,8 @@ def demo_job(demo_template, tmp_path):
     return root / "job.json"
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` need CUDA; on a machine without it they are skipped, saying why. Under pytest-xdist
-    (`--dist loadgroup`) a test without a group of its own runs on its module's worker, so the models and runs a
-    module's fixtures build once are built once; a module may split itself into groups (the stored-model matrix
-    gives each family one)."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    """Tests marked `gpu` need CUDA; on a machine without it they are skipped, saying why."""
     import torch
 
     if torch.cuda.is_available():
@@ -148,3 +141,19 @@ def stored_model(tmp_path_factory):
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def matrix_dataset(tmp_path_factory):
+    """The stored-model matrix's dataset: one demo image (tests/stored_matrix.py)."""
+    from trainer.demo import build_demo_dataset
+
+    return build_demo_dataset(tmp_path_factory.mktemp("matrix-data") / "dataset", count=1)
+
+
+@pytest.fixture(scope="module")
+def matrix_pipelines():
+    """The stored-model matrix's fp32 pipeline of each family (Stable Cascade: its prior), loaded once a module:
+    each exported LoRA goes on and off."""
+    return {}
+

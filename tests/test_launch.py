@@ -80,7 +80,7 @@ def test_test_mode_runs_pytest_in_the_repo_with_its_arguments(tmp_path):
 
 def test_the_suite_runs_on_two_workers_grouped_by_module(monkeypatch):
     monkeypatch.setattr(launch.os, "cpu_count", lambda: 16)
-    assert launch.pytest_command(PY) == [PY, "-m", "pytest", "-q", "-n", "2", "--dist", "loadgroup"]
+    assert launch.pytest_command(PY) == [PY, "-m", "pytest", "-q", "-n", "2", "--dist", "loadfile"]
     monkeypatch.setattr(launch.os, "cpu_count", lambda: 1)  # one core: no workers to start
     assert launch.pytest_command(PY) == [PY, "-m", "pytest", "-q"]
 
