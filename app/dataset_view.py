@@ -12,6 +12,7 @@ from PySide6.QtCore import QAbstractListModel, QModelIndex, QObject, QRunnable, 
 from PySide6.QtGui import QBrush, QColor, QImage, QPixmap
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QListView, QPushButton, QVBoxLayout, QWidget
 
+import trainer.data.masks as masks
 from trainer.data.files import ImageItem, Scan, scan_dataset
 from trainer.job import DatasetSpec, JobError
 
@@ -25,7 +26,7 @@ MISSING_BACKGROUND = QColor(255, 228, 220)
 
 
 class _ScanSignals(QObject):
-    done = Signal(int, object, str)  # generation, Scan or None, error line
+    done = Signal(int, object, object, str)  # generation, Scan or None, (with a mask, without), error line
 
 
 class _ScanJob(QRunnable):
@@ -37,9 +38,9 @@ class _ScanJob(QRunnable):
         try:
             scan = scan_dataset(self.spec)
         except (JobError, OSError) as exc:
-            self.signals.done.emit(self.generation, None, str(exc))
+            self.signals.done.emit(self.generation, None, (0, 0), str(exc))
             return
-        self.signals.done.emit(self.generation, scan, "")
+        self.signals.done.emit(self.generation, scan, masks.count(scan.items), "")
 
 
 class ImageListModel(QAbstractListModel):
@@ -75,13 +76,17 @@ class ImageListModel(QAbstractListModel):
             key = str(item.path)
             thumb = self._thumbs.get(key)
             if thumb is None:
-                self._loader.request(key)  # only rows that are painted ask for a thumbnail
+                self._loader.request(key, item)  # only rows that are painted ask for a thumbnail
                 return self._placeholder
             return thumb
         if role == Qt.ItemDataRole.ToolTipRole:
             source = f"caption file: {item.caption_path}" if not missing else \
                 "no caption file: the folder's instance prompt is used"
-            return f"{item.path}\n{source}\ncaption: {item.caption}\nrepeats: {item.repeats}"
+            mask = masks.mask_source(item) if item.mask_mode != "none" else None
+            mask_line = "" if item.mask_mode == "none" else "\nmask: " + (
+                "none found: trains everywhere" if mask is None else
+                "its alpha channel" if mask == "alpha" else str(mask)) + " (red: left out of the loss)"
+            return f"{item.path}\n{source}\ncaption: {item.caption}\nrepeats: {item.repeats}{mask_line}"
         if role == Qt.ItemDataRole.BackgroundRole and missing:
             return QBrush(MISSING_BACKGROUND)
         if role == MISSING_ROLE:
@@ -106,6 +111,7 @@ class DatasetView(QWidget):
         super().__init__(parent)
         self.scan: Scan | None = None
         self.error = ""
+        self.mask_counts = (0, 0)
         self._generation = 0
         self._pool = QThreadPool(self)
         self._pool.setMaxThreadCount(1)
@@ -154,7 +160,7 @@ class DatasetView(QWidget):
         self._spec = spec
         self._generation += 1
         if spec is None or not spec.folders:
-            self._on_scanned(self._generation, None, "")
+            self._on_scanned(self._generation, None, (0, 0), "")
             return
         self.counts.setText("Scanning…")
         self._pool.start(_ScanJob(self._generation, spec.model_copy(deep=True), self._signals))
@@ -163,22 +169,24 @@ class DatasetView(QWidget):
         """For tests and the Start check: let a scan in flight finish."""
         self._pool.waitForDone()
 
-    def _on_scanned(self, generation: int, scan: Scan | None, error: str) -> None:
+    def _on_scanned(self, generation: int, scan: Scan | None, mask_counts: tuple, error: str) -> None:
         if generation != self._generation:
             return  # a newer scan is on its way
-        self.scan, self.error = scan, error
+        self.scan, self.error, self.mask_counts = scan, error, mask_counts
         self.model.set_items(scan.items if scan else [])
         if scan is None:
             self.counts.setText(f"<b style='color:#b00000'>{error}</b>" if error else
                                 "No dataset folder yet: add one under Dataset, or drop a folder on the window.")
         else:
-            self.counts.setText(self.summary(scan))
+            self.counts.setText(self.summary(scan, mask_counts))
         self.scanned.emit(scan)
 
     @staticmethod
-    def summary(scan: Scan) -> str:
+    def summary(scan: Scan, mask_counts: tuple = (0, 0)) -> str:
         text = (f"<b>{scan.num_images}</b> images · <b>{scan.captions_found}</b> captions found · "
                 f"{scan.num_samples} samples per epoch with repeats")
+        if any(mask_counts):
+            text += f" · {mask_counts[0]} masks ({mask_counts[1]} images without: they train everywhere)"
         if scan.captions_missing:
             text += (f" · <b style='color:#b00000'>{scan.captions_missing} missing captions</b> "
                      "(those images train with the folder's instance prompt)")

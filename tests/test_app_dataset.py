@@ -84,3 +84,35 @@ def test_imagefolder_captions_are_shown(qtbot, tmp_path):
     first = view.model.index(0)
     assert view.model.data(first).startswith("from the metadata")
     assert "caption file: " + str(folder / "metadata.jsonl") in view.model.data(first, Qt.ItemDataRole.ToolTipRole)
+
+
+def test_masks_are_counted_and_overlaid_on_the_thumbnails(qtbot, tmp_path):
+    """Left half white in masks/00000.png: the thumbnail's right half is tinted red, its left half untouched;
+    the image without a mask file keeps its colours; an alpha-channel mask shows the same way."""
+    make_images(tmp_path / "data", 2)
+    (tmp_path / "data" / "masks").mkdir()
+    mask = Image.new("L", (40, 30), 0)
+    mask.paste(255, (0, 0, 20, 30))
+    mask.save(tmp_path / "data" / "masks" / "00000.png")
+    alpha = Image.new("RGBA", (40, 30), (200, 100, 50, 0))
+    alpha.paste((200, 100, 50, 255), (0, 0, 20, 30))
+    (tmp_path / "alpha").mkdir()
+    alpha.save(tmp_path / "alpha" / "a.png")
+    view = DatasetView()
+    qtbot.addWidget(view)
+    with qtbot.waitSignal(view.scanned, timeout=5000):
+        view.set_spec(DatasetSpec(folders=[{"path": str(tmp_path / "data"), "mask": "folder"},
+                                           {"path": str(tmp_path / "alpha"), "mask": "alpha"}]))
+    assert view.mask_counts == (2, 1)
+    assert "2 masks (1 images without" in view.counts.text()
+    assert "masks/00000.png" in view.model.data(view.model.index(0), Qt.ItemDataRole.ToolTipRole)
+    for row in range(3):
+        with qtbot.waitSignal(view.model.dataChanged, timeout=5000):
+            view.model.data(view.model.index(row), Qt.ItemDataRole.DecorationRole)
+    thumbs = [view.model.data(view.model.index(row), Qt.ItemDataRole.DecorationRole).toImage() for row in range(3)]
+    for row in (0, 2):
+        left, right = thumbs[row].pixelColor(5, 15), thumbs[row].pixelColor(35, 15)
+        assert (left.red(), left.green(), left.blue()) == (200, 100, 50), row
+        assert right.red() > 2 * right.green() and right.green() < 110, (row, right.getRgb())  # tinted red
+    plain = thumbs[1].pixelColor(35, 15)
+    assert (plain.red(), plain.green(), plain.blue()) == (200, 100, 50)
