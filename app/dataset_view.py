@@ -10,12 +10,14 @@ from __future__ import annotations
 from PySide6.QtCore import QAbstractListModel, QModelIndex, QObject, QRunnable, QSize, QSortFilterProxyModel, \
     Qt, QThreadPool, Signal
 from PySide6.QtGui import QBrush, QColor, QImage, QPixmap
-from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QListView, QPushButton, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QCheckBox, QDialog, QHBoxLayout, QLabel, QListView, QProgressBar, QPushButton, \
+    QVBoxLayout, QWidget
 
 import trainer.data.masks as masks
 from trainer.data.files import ImageItem, Scan, scan_dataset
 from trainer.job import DatasetSpec, JobError
 
+from .captioner import CaptionDialog, CaptionProcess
 from .image_dialog import ImageDialog
 from .thumbnails import ThumbnailLoader
 
@@ -107,7 +109,7 @@ class ImageListModel(QAbstractListModel):
 class DatasetView(QWidget):
     scanned = Signal(object)  # the Scan, or None when the dataset cannot be read
 
-    def __init__(self, parent: QWidget | None = None):
+    def __init__(self, parent: QWidget | None = None, trainer_command: list[str] | None = None):
         super().__init__(parent)
         self.scan: Scan | None = None
         self.error = ""
@@ -144,13 +146,30 @@ class DatasetView(QWidget):
         self.refresh = QPushButton("Rescan")
         self.refresh.setToolTip("Read the dataset folders again")
         self.refresh.clicked.connect(lambda: self.set_spec(self._spec, force=True))
+        self.captioner = CaptionProcess(trainer_command, self)
+        self.captioner.progress.connect(self._on_caption_progress)
+        self.captioner.finished.connect(self._on_captioned)
+        self.caption_button = QPushButton("Caption missing…")
+        self.caption_button.setToolTip("Write captions for the images that have none, with an image-to-text "
+                                       "model (python -m trainer caption)")
+        self.caption_button.setEnabled(False)
+        self.caption_button.clicked.connect(self.caption_missing)
+        self.caption_progress = QProgressBar()
+        self.caption_progress.setVisible(False)
+        self.caption_status = QLabel()
+        self.caption_status.setWordWrap(True)
+        self.caption_status.setVisible(False)
+        self._caption_model, self._caption_prefix = "", ""
         top = QHBoxLayout()
         top.addWidget(self.counts, 1)
         top.addWidget(self.only_missing)
+        top.addWidget(self.caption_button)
         top.addWidget(self.refresh)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addLayout(top)
+        layout.addWidget(self.caption_progress)
+        layout.addWidget(self.caption_status)
         layout.addWidget(self.list, 1)
 
     def set_spec(self, spec: DatasetSpec | None, force: bool = False) -> None:
@@ -179,6 +198,7 @@ class DatasetView(QWidget):
                                 "No dataset folder yet: add one under Dataset, or drop a folder on the window.")
         else:
             self.counts.setText(self.summary(scan, mask_counts))
+        self.caption_button.setEnabled(bool(scan and scan.captions_missing) and not self.captioner.running)
         self.scanned.emit(scan)
 
     @staticmethod
@@ -193,6 +213,47 @@ class DatasetView(QWidget):
         if scan.warnings:
             text += "<br><span style='color:#b00000'>" + "<br>".join(scan.warnings[:3]) + "</span>"
         return text
+
+    # ---- captioning the images that have no caption ------------------------------------------------------
+
+    def ask_caption(self) -> tuple[str, str, str, bool] | None:
+        """(model, prefix, suffix, overwrite), or None when cancelled; tests replace this."""
+        folders = self._spec.folders if self._spec else []
+        dialog = CaptionDialog(self._caption_model, self._caption_prefix or
+                               (folders[0].instance_prompt if folders else ""), self)
+        return dialog.choice() if dialog.exec() == QDialog.DialogCode.Accepted else None
+
+    def caption_missing(self) -> None:
+        """Run `trainer caption` over the dataset's folders; the list is read again when it is done."""
+        if self._spec is None or self.captioner.running:
+            return
+        choice = self.ask_caption()
+        if not choice or not choice[0]:
+            return
+        model, prefix, suffix, overwrite = choice
+        self._caption_model, self._caption_prefix = model, prefix
+        self.caption_button.setEnabled(False)
+        self.caption_progress.setRange(0, 0)  # busy until the model has loaded and the first batch is done
+        self.caption_progress.setVisible(True)
+        self.caption_status.setText(f"Captioning with {model}…")
+        self.caption_status.setStyleSheet("")
+        self.caption_status.setVisible(True)
+        self.captioner.start(self._spec, model, prefix, suffix, overwrite)
+
+    def _on_caption_progress(self, done: int, total: int) -> None:
+        self.caption_progress.setRange(0, max(total, 1))
+        self.caption_progress.setValue(done)
+        self.caption_progress.setFormat("captioned %v of %m")
+
+    def _on_captioned(self, ok: bool, message: str) -> None:
+        self.caption_progress.setVisible(False)
+        self.caption_status.setText(message if ok else f"Captioning failed: {message}")
+        self.caption_status.setStyleSheet("" if ok else "color: #b00000;")
+        self.set_spec(self._spec, force=True)  # the red missing-caption marks follow the files
+
+    def close_captioner(self) -> None:
+        """The window is closing."""
+        self.captioner.kill()
 
     def _open(self, index: QModelIndex) -> None:
         path = index.data(PATH_ROLE)
