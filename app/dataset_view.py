@@ -257,5 +257,5 @@ class DatasetView(QWidget):
 
     def _open(self, index: QModelIndex) -> None:
         path = index.data(PATH_ROLE)
-        caption = self.model.items[self.proxy.mapToSource(index).row()].caption
-        ImageDialog(path, caption, self).show()
+        item = self.model.items[self.proxy.mapToSource(index).row()]
+        ImageDialog(path, item.caption, self, mask=masks.mask_source(item)).show()

@@ -117,6 +117,19 @@ def test_masks_are_counted_and_overlaid_on_the_thumbnails(qtbot, tmp_path):
     plain = thumbs[1].pixelColor(35, 15)
     assert (plain.red(), plain.green(), plain.blue()) == (200, 100, 50)
 
+    from PySide6.QtWidgets import QLabel
+
+    from app.image_dialog import ImageDialog
+
+    view._open(view.proxy.index(0, 0))  # the large preview shows the mask too
+    dialog = view.findChildren(ImageDialog)[0]
+    shown = next(label.pixmap() for label in dialog.findChildren(QLabel) if not label.pixmap().isNull()).toImage()
+    left, right = shown.pixelColor(shown.width() // 8, shown.height() // 2), \
+        shown.pixelColor(shown.width() * 7 // 8, shown.height() // 2)
+    assert (left.red(), left.green(), left.blue()) == (200, 100, 50)
+    assert right.red() > 2 * right.green(), right.getRgb()
+    dialog.close()
+
 
 # Stands in for `python -m trainer caption … --json` (the real one loads transformers: seconds): captions each image
 # that has none as "PREFIX fake caption of NAME", one progress event per image; model "bad" fails as the real one.
