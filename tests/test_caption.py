@@ -97,6 +97,8 @@ def test_a_bad_model_is_one_line_and_exit_2(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith(f"error: --model: {empty}: not a captioning model"), err
     assert main(["caption", str(tmp_path / "nowhere"), "--model", str(empty)]) == 2
     assert "DATASET" in capsys.readouterr().err
+    assert main(["caption", str(empty), "--model", str(empty)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: DATASET: no images (png, jpg, jpeg, webp) found in {empty}")
     assert not list(data.glob("img1.txt"))
 
 

@@ -31,8 +31,11 @@ def to_caption(dataset: list[Path], extension: str, overwrite: bool) -> list[Ima
         if not folder.is_dir():
             raise JobError(f"DATASET: {folder}: folder not found")
     spec = DatasetSpec(folders=[DatasetFolder(path=str(f), caption_extension=extension) for f in dataset])
+    scan = scan_dataset(spec)
+    if not scan.items:
+        raise JobError(f"DATASET: no images (png, jpg, jpeg, webp) found in {', '.join(map(str, dataset))}")
     items = []
-    for item in scan_dataset(spec).items:
+    for item in scan.items:
         sidecar = item.path.with_suffix(extension)
         if item.archive is not None or (item.caption_path is not None and item.caption_path != sidecar):
             continue
