@@ -15,6 +15,8 @@ from PySide6.QtWidgets import QCheckBox, QDialog, QDialogButtonBox, QFormLayout,
 from trainer.events import LineBuffer, decode
 from trainer.job import DatasetSpec
 
+from .settings import REPO_ROOT
+
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
 MAX_LINE = 1 << 16
 
@@ -63,6 +65,7 @@ class CaptionProcess(QObject):
         args = self._queue.pop(0)
         self._lines, self._stderr = LineBuffer(MAX_LINE), b""
         self.process = QProcess(self)
+        self.process.setWorkingDirectory(str(REPO_ROOT))  # where `-m trainer` is found
         self.process.readyReadStandardOutput.connect(self._read)
         self.process.readyReadStandardError.connect(self._read_errors)
         self.process.finished.connect(self._done)
