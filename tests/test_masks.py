@@ -205,3 +205,16 @@ def test_a_masked_demo_trains_and_resumes_exactly(demo_job, tmp_path):
     for step, loss in _losses(run).items():
         assert loss == pytest.approx(before[step], rel=1e-4)
     assert (run / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_the_mask_follows_any_family_latent_grid():
+    """The loss grid is the target's: 8x for the VAE families, Stable Cascade's EfficientNet grid is coarser and
+    need not divide the image; each latent pixel gets its share of the mask."""
+    mask = torch.zeros(1, 1, 96, 96)
+    mask[..., :, :48] = 1.0  # the left half trains
+    torch.testing.assert_close(cache.latent_grid(mask, (3, 2)), torch.tensor([[[[1.0, 0.0]] * 3]]))
+    grid = cache.latent_grid(mask, (5, 5))
+    assert bool((grid[..., :2] == 1).all()) and bool((grid[..., 3:] == 0).all()) and bool((grid[..., 2] == 0.5).all())
+    pred, target = torch.zeros(1, 16, 3, 2), torch.ones(1, 16, 3, 2)
+    target[..., 1] = 5.0  # a larger error outside the mask, which does not count
+    assert _loss(pred, target, torch.ones(1), mask, 0.0).item() == pytest.approx(1.0)
