@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 from PySide6.QtCore import Qt
-from PySide6.QtGui import QPixmap
+from PySide6.QtGui import QImage, QPixmap
 from PySide6.QtWidgets import QDialog, QLabel, QScrollArea, QVBoxLayout, QWidget
 
 MIN_SIDE = 512  # tiny images (demo samples are 64 px) are blown up with nearest-neighbour to this size
 
 
 class ImageDialog(QDialog):
-    def __init__(self, path: str, caption: str = "", parent: QWidget | None = None):
+    def __init__(self, path: str, caption: str = "", parent: QWidget | None = None, mask=None):
+        """`mask`: a dataset image's mask (its file, or 'alpha'), shown as on the thumbnails."""
         super().__init__(parent)
         self.setWindowTitle(caption or path)
         self.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
         pixmap = QPixmap(path)
+        if mask is not None and not pixmap.isNull():
+            from .thumbnails import with_mask
+
+            pixmap = QPixmap.fromImage(with_mask(QImage(path), None if mask == "alpha" else str(mask)))
         image = QLabel()
         image.setAlignment(Qt.AlignmentFlag.AlignCenter)
         if pixmap.isNull():

@@ -1,12 +1,18 @@
 """Thumbnails decoded off the UI thread: QImageReader in a QThreadPool, results delivered by a signal.
 
-QImage (unlike QPixmap) is safe to build in a worker thread; the UI turns it into a pixmap when it arrives.
+QImage (unlike QPixmap) is safe to build in a worker thread; the UI turns it into a pixmap when it arrives. A
+dataset image with a mask (trainer/data/masks.py decides which) is shown with what does not train tinted red.
 """
 
 from __future__ import annotations
 
 from PySide6.QtCore import QObject, QRunnable, QSize, Qt, QThreadPool, Signal
-from PySide6.QtGui import QImage, QImageReader
+from PySide6.QtGui import QColor, QImage, QImageReader, QPainter
+
+from trainer.data.files import ImageItem
+from trainer.data.masks import mask_source
+
+OUTSIDE_TINT = QColor(200, 0, 0, 150)  # over the pixels a mask leaves out of the loss
 
 
 class _Signals(QObject):
@@ -14,9 +20,9 @@ class _Signals(QObject):
 
 
 class _Job(QRunnable):
-    def __init__(self, path: str, size: int, signals: _Signals):
+    def __init__(self, path: str, size: int, signals: _Signals, item: ImageItem | None = None):
         super().__init__()
-        self.path, self.size, self.signals = path, size, signals
+        self.path, self.size, self.signals, self.item = path, size, signals, item
 
     def run(self) -> None:
         reader = QImageReader(self.path)
@@ -26,7 +32,40 @@ class _Job(QRunnable):
             # Decoding straight to the small size is much cheaper than decoding and then scaling (JPEG).
             reader.setScaledSize(full.scaled(QSize(self.size, self.size), Qt.AspectRatioMode.KeepAspectRatio))
         image = reader.read()
+        if self.item is not None and not image.isNull():
+            source = mask_source(self.item)  # here, off the UI thread: 'alpha' reads the image's header
+            if source is not None:
+                image = with_mask(image, None if source == "alpha" else str(source))
         self.signals.loaded.emit(self.path, image)
+
+
+def with_mask(image: QImage, mask_path: str | None) -> QImage:
+    """The image on white with the pixels outside its mask tinted: the mask file at `mask_path` (stretched onto
+    the image, as training does), or the image's own alpha channel when None."""
+    size = image.size()
+    if mask_path is None:
+        keep = image.convertToFormat(QImage.Format.Format_ARGB32_Premultiplied)
+    else:
+        gray = QImage(mask_path).convertToFormat(QImage.Format.Format_Grayscale8)
+        if gray.isNull():
+            return image
+        keep = QImage(size, QImage.Format.Format_ARGB32_Premultiplied)
+        keep.fill(QColor(0, 0, 0))
+        keep.setAlphaChannel(gray.scaled(size, Qt.AspectRatioMode.IgnoreAspectRatio,
+                                         Qt.TransformationMode.SmoothTransformation))
+    tint = QImage(size, QImage.Format.Format_ARGB32_Premultiplied)
+    tint.fill(OUTSIDE_TINT)
+    painter = QPainter(tint)
+    painter.setCompositionMode(QPainter.CompositionMode.CompositionMode_DestinationOut)  # the mask cuts it away
+    painter.drawImage(0, 0, keep)
+    painter.end()
+    out = QImage(size, QImage.Format.Format_ARGB32_Premultiplied)
+    out.fill(QColor(255, 255, 255))  # transparency trains as white
+    painter = QPainter(out)
+    painter.drawImage(0, 0, image)
+    painter.drawImage(0, 0, tint)
+    painter.end()
+    return out
 
 
 class ThumbnailLoader(QObject):
@@ -43,11 +82,12 @@ class ThumbnailLoader(QObject):
         self._signals.loaded.connect(self._on_loaded)
         self._pending: set[str] = set()
 
-    def request(self, path: str) -> None:
+    def request(self, path: str, item: ImageItem | None = None) -> None:
+        """`item`: a dataset image, shown with its mask."""
         if path in self._pending:
             return
         self._pending.add(path)
-        self._pool.start(_Job(path, self.size, self._signals))
+        self._pool.start(_Job(path, self.size, self._signals, item))
 
     def clear(self) -> None:
         """Forget queued work (a new folder was chosen); running decodes finish and are ignored."""

@@ -51,7 +51,7 @@ class MainWindow(QMainWindow):
         self.runner = TrainerProcess(self, trainer_command)
         self.follower = RunFolder(self)
         self.form = JobForm()
-        self.dataset = DatasetView()
+        self.dataset = DatasetView(trainer_command=self.runner.command_prefix)
         self.run_panel = RunPanel()
         self.tabs = QTabWidget()
         self.tabs.addTab(self.dataset, "Dataset")
@@ -543,6 +543,7 @@ class MainWindow(QMainWindow):
                 return
         self._save_settings()
         self.follower.close()
+        self.dataset.close_captioner()
         if self._demo is not None:  # a demo still building: its end must not reach a closed window
             self._demo.finished.disconnect()
             self._demo.kill()

@@ -35,7 +35,7 @@ def _spec(**settings) -> DatasetSpec:
 def _window(path: Path, crop: str) -> tuple[int, int, int, int]:
     """The crop window of a 256x256 bucket, in the original image's pixels."""
     item = ImageItem(path, "", None, 1, path.parent)
-    _, (oh, ow), (top, left) = render(item, (256, 256), _spec(crop=crop), False, (0.5,) * 6, {})
+    _, (oh, ow), (top, left), _ = render(item, (256, 256), _spec(crop=crop), False, (0.5,) * 6, {})
     scale = ow / fit((ow, oh), (256, 256))[0]
     return round(left * scale), round(top * scale), round((left + 256) * scale), round((top + 256) * scale)
 

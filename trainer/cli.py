@@ -1,4 +1,4 @@
-"""The command line: `python -m trainer demo|check|estimate|run|export|import|...`. Exit codes are a contract
+"""The command line: `python -m trainer demo|check|estimate|run|export|import|caption|...`. Exit codes are a contract
 with the window and scripts.
 
 0 completed, 1 training failed, 2 invalid job or data (one line naming the field or file), 3 stopped on request.
@@ -98,6 +98,17 @@ def cmd_estimate(args) -> int:
         print(json.dumps(result.as_json(gpu, args.memory)))
     else:
         print("\n".join(result.lines(gpu, args.memory)))
+    return EXIT_OK
+
+
+def cmd_caption(args) -> int:
+    if not 1 <= args.max_tokens <= 1000:
+        raise JobError(f"--max-tokens: {args.max_tokens} is not between 1 and 1000")
+    _quiet_libraries()
+    from .caption import run_captioning
+
+    run_captioning([Path(d).expanduser() for d in args.dataset], args.model, args.extension, args.overwrite,
+                   args.prefix, args.suffix, args.prompt, args.json, args.max_tokens)
     return EXIT_OK
 
 
@@ -311,6 +322,24 @@ def _parser() -> argparse.ArgumentParser:
     cascade.add_argument("--width", type=int, default=1024, help="image width in pixels (default 1024)")
     cascade.add_argument("--seed", type=int, default=0)
     cascade.set_defaults(func=cmd_sample_cascade)
+
+    caption = sub.add_parser("caption", help="write captions for the images that have none, with an image-to-text "
+                             "model through transformers (BLIP-style: BLIP, BLIP-2, GIT; not Florence-2 or chat "
+                             "models)")
+    caption.add_argument("dataset", nargs="+", metavar="DATASET", help="image folders (their N_name subfolders too)")
+    caption.add_argument("--model", required=True, metavar="ID_OR_FOLDER", help="a hub id such as "
+                         "Salesforce/blip-image-captioning-large, or a local folder")
+    caption.add_argument("--overwrite", action="store_true", help="rewrite existing caption files too")
+    caption.add_argument("--prefix", default="", help="put before every caption, e.g. the instance token")
+    caption.add_argument("--suffix", default="", help="put after every caption")
+    caption.add_argument("--prompt", default="", help="text the model continues or answers (not written into the "
+                         "caption; use --prefix for that)")
+    caption.add_argument("--extension", default=".txt", help="the caption file extension the dataset uses "
+                         "(default .txt)")
+    caption.add_argument("--max-tokens", type=int, default=60, help="longest caption in tokens (default 60)")
+    caption.add_argument("--json", action="store_true", help="print a progress event per batch on stdout instead of "
+                         "the progress bar (the window reads these)")
+    caption.set_defaults(func=cmd_caption)
 
     estimate = sub.add_parser("estimate", help="the GPU memory and time of one training step, from the model's "
                               "configs on fake tensors (no weights read, no GPU needed)")

@@ -30,6 +30,7 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "log": ("level", "message"),
     "error": ("message", "traceback"),
     "run_finished": ("status", "outputs"),
+    "progress": ("task", "done", "total"),  # a tool's progress (`trainer caption --json`): done of total
 }
 # What a field must hold for the window to show it; an event that breaks this is dropped like a torn line.
 _NUMBER = (int, float, type(None))  # None: a NaN or infinite value (see `nonfinite`)
@@ -37,7 +38,7 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "step": (int,), "epoch": (int,), "total_steps": (int,), "start_step": (int,), "seed": (int,),
     "loss": _NUMBER, "lr": _NUMBER, "its": _NUMBER, "eta": _NUMBER,
     "prompt": (str,), "path": (str,), "level": (str,), "message": (str,), "traceback": (str,), "status": (str,),
-    "output_dir": (str,), "job": (dict,), "outputs": (dict,),
+    "output_dir": (str,), "job": (dict,), "outputs": (dict,), "task": (str,), "done": (int,), "total": (int,),
 }
 MAX_EVENT_BYTES = 1 << 20  # a run_started event carries the job; no event comes near this
 MAX_COMMAND_BYTES = 4096

@@ -111,6 +111,10 @@ class DatasetFolder(_Section):
                                  "replaces the instance token (dataset.instance_token) inside captions.")
     weight: float = Field(1.0, gt=0, le=100, description="Loss weight of this folder's images: 2 pulls twice "
                           "as hard as the other folders, 0.5 half as hard.")
+    mask: Literal["none", "folder", "alpha"] = Field(
+        "none", description="Masked loss: train only where a mask is white. folder: a same-stem image in a "
+        "'masks' folder beside the images (masks/foo.png for foo.jpg); alpha: the image's own alpha channel. "
+        "An image without a mask trains everywhere.")
     filters: list[MetadataFilter] = Field(default_factory=list, description="Keep only images whose .json "
                                           "metadata (NAME.json in a shard, or beside the image) passes every "
                                           "filter; an image without the key is left out.")
@@ -137,6 +141,9 @@ class DatasetSpec(_Section):
     random_flip: bool = Field(False, description="Flip each image horizontally with probability 0.5.")
     color_jitter: float = Field(0.0, ge=0, le=0.5, description="Random brightness, contrast and saturation "
                                 "change of up to this fraction (0: off; on turns latent caching off).")
+    mask_outside_weight: float = Field(0.0, ge=0, le=1, description="Masked loss: the weight of the pixels "
+                                       "outside a mask (0: they do not train; a small weight such as 0.1 keeps "
+                                       "some of the background).")
     caption_dropout: float = Field(0.0, ge=0, le=1, description="Probability of training a sample with an "
                                    "empty caption (helps classifier-free guidance).")
     shuffle_tags: bool = Field(False, description="Shuffle the comma-separated tags of each caption every epoch "

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import images
+from .data import images, masks
 from .data.buckets import Layout, batches_per_epoch, layout
 from .data.cache import CachePlan, decide
 from .data.files import Scan, scan_dataset
@@ -51,6 +51,10 @@ class Plan:
         multi = sum(1 for i in s.items if len(i.captions) > 1)
         if multi:
             lines.append(f"captions: {multi} images have several captions (one is picked each epoch)")
+        with_mask, without = masks.count(s.items)
+        if with_mask or without:
+            lines.append(f"masks: {with_mask} images with a mask, {without} without (those train everywhere); "
+                         f"weight outside a mask: {spec.mask_outside_weight:g}")
         if s.filter_reasons:
             lines.append(f"filters left out {s.filtered_out} images:")
             lines += [f"  {n} x {why}" for why, n in s.filter_reasons.most_common()]

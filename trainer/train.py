@@ -311,7 +311,8 @@ def _batch_loss(run: _Run, batch: dict, gen: torch.Generator, with_grad: bool) -
     noisy, timesteps, target, weight = family.noisy_input_and_target(parts, latents, gen, job.diffusion)
     with run.accelerator.autocast():
         pred = family.predict(parts, run.denoiser, noisy, timesteps, cond)
-    return _loss(pred, target, batch["weight"].to(weight.device) * weight)
+    return _loss(pred, target, batch["weight"].to(weight.device) * weight, batch.get("mask"),
+                 job.dataset.mask_outside_weight)
 
 
 def _class_images(run: _Run):
@@ -433,8 +434,22 @@ def _expand(run: _Run, text: str) -> str:
     return expand_prompt(text, run.tr.tokens)
 
 
-def _loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """MSE; a folder's loss weight scales its samples' share."""
+def _loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | None = None,
+          outside: float = 0.0) -> torch.Tensor:
+    """MSE; a folder's loss weight scales its samples' share.
+
+    With a mask (B, 1, H, W) in [0, 1] (pixels, or already on the latent grid when cached), every family's
+    prediction and target are (B, C, h, w) on its latent grid, so the mask is averaged down to (h, w) and each
+    latent pixel's squared error weighted by outside + (1 - outside) * mask. A sample's loss is the weighted mean
+    (divided by its total weight, not by its pixel count), so a small mask trains as hard as a large one; a
+    sample with no weight at all adds zero."""
+    if mask is not None:
+        error = (pred.float() - target.float()) ** 2  # (B, C, h, w)
+        grid = cache.latent_grid(mask.to(error.device), error.shape[-2:])  # (B, 1, h, w)
+        pixel_weight = outside + (1.0 - outside) * grid
+        total = (pixel_weight.sum(dim=(1, 2, 3)) * error.shape[1]).clamp_min(1e-12)
+        per_sample = (error * pixel_weight).sum(dim=(1, 2, 3)) / total
+        return (per_sample * weight.to(per_sample.device)).mean()
     if bool((weight == 1).all()):
         return F.mse_loss(pred.float(), target.float())
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))

@@ -1,7 +1,8 @@
 """Latent and text-encoder caches on disk (safetensors), shared by every run of the same model and data.
 
-A latent entry is keyed by the VAE's identity, the image file's content hash, the bucket, the crop mode and the
-flip; a text entry by the text encoder's identity and the caption. Changing any of those misses exactly the
+A latent entry is keyed by the VAE's identity, the image file's content hash, the bucket, the crop mode, the
+flip and its mask (the mask file's content hash, or 'alpha'; the entry then holds the mask on the latent grid); a
+text entry by the text encoder's identity and the caption. Changing any of those misses exactly the
 entries it affects. What can be cached is decided here without torch, so `trainer check` can say it.
 """
 
@@ -117,13 +118,13 @@ def _prepare_latents(job: Job, root: Path, layout, spec, family, parts, reporter
     store = Store(root, "latents", model_identity(job.model, encoder, str(parts.vae.dtype)))
     index = HashIndex(root)
     flips = (False, True) if spec.random_flip else (False,)
-    contents: dict[int, str] = {}
+    contents: dict[int, str] = {}  # id(item) -> the image's content hash, with its mask's identity
     broken: dict[int, tuple] = {}  # id(item) -> (item, why)
     todo: dict[tuple[int, int], list] = {}  # bucket -> items to encode
     for item, b in _unique(layout):
         bucket = layout.buckets[b]
         try:
-            contents[id(item)] = index.content_hash(item)
+            contents[id(item)] = index.content_hash(item) + _mask_identity(item, index)
         except OSError as exc:
             broken[id(item)] = (item, f"unreadable ({exc.strerror or exc})")
             continue
@@ -187,13 +188,37 @@ def _encode(store: Store, contents: dict, items: list, bucket, spec, flips, fami
     pixels = torch.stack([r[1] for r in rendered])  # (B, 3, H, W)
     for flip in flips:
         mean, std = family.encode_image_dists(parts, pixels.flip(-1) if flip else pixels)
-        for i, (item, _, original, (top, left)) in enumerate(rendered):
+        for i, (item, _, original, (top, left), mask) in enumerate(rendered):
             if flip:  # the crop as seen in the mirrored image
                 left = _resized_width(original, bucket) - left - bucket[0]
-            store.put(latent_key(store.folder.name, contents[id(item)], bucket, spec.crop, flip), {
-                "latent_mean": mean[i], "latent_std": std[i], "original_size": torch.tensor(original),
-                "crop_top_left": torch.tensor((top, left)), "target_size": torch.tensor((bucket[1], bucket[0]))})
+            entry = {"latent_mean": mean[i], "latent_std": std[i], "original_size": torch.tensor(original),
+                     "crop_top_left": torch.tensor((top, left)), "target_size": torch.tensor((bucket[1], bucket[0]))}
+            if mask is not None:
+                entry["mask"] = latent_grid(mask.flip(-1) if flip else mask, mean.shape[-2:])
+            store.put(latent_key(store.folder.name, contents[id(item)], bucket, spec.crop, flip), entry)
     return failed
+
+
+def latent_grid(mask, size):
+    """A mask (..., H, W) averaged down to the latent grid `size` (h, w): each latent pixel's share of the mask.
+    The family's latents (VAE or Cascade's EfficientNet) set the grid; the loss's target has the same."""
+    import torch.nn.functional as F
+
+    batched = mask if mask.ndim == 4 else mask[None]
+    out = F.adaptive_avg_pool2d(batched.float(), tuple(size))
+    return out if mask.ndim == 4 else out[0]
+
+
+def _mask_identity(item: ImageItem, index: HashIndex) -> str:
+    """'' without a mask (the entry's key stays what it was before masks), else what changes with the mask."""
+    from .masks import mask_source
+
+    source = mask_source(item)
+    if source is None:
+        return ""
+    if source == "alpha":
+        return ":alpha"  # the image's content hash covers its alpha channel
+    return ":mask:" + index.content_hash(ImageItem(source, "", None, 1, source.parent))
 
 
 def _replacement(layout, bucket: int, broken: dict):

@@ -54,9 +54,11 @@ class TrainDataset(torch.utils.data.Dataset):
         if self.index.latent_files is not None:
             out = load_entry(self.index.latent_files[index][flip])  # latent_mean, latent_std and the SDXL sizes
         else:
-            pixels, original, top_left = render(item, bucket, self.spec, flip, u, self.index.focus)
+            pixels, original, top_left, mask = render(item, bucket, self.spec, flip, u, self.index.focus)
             out = {"pixels": pixels, "original_size": torch.tensor(original),
                    "crop_top_left": torch.tensor(top_left), "target_size": torch.tensor((bucket[1], bucket[0]))}
+            if mask is not None:
+                out["mask"] = mask  # (1, H, W); pooled to the latent grid at the loss
         if self.index.text_files is not None:
             out["cond"] = load_entry(self.index.text_files[caption])
         else:
@@ -80,6 +82,10 @@ def collate(batch: list[dict]) -> dict:
     for name in ("pixels", "latent_mean", "latent_std", "original_size", "crop_top_left", "target_size"):
         if name in batch[0]:
             out[name] = torch.stack([b[name] for b in batch])
+    masks = [b.get("mask") for b in batch]
+    if any(m is not None for m in masks):  # an image without a mask trains everywhere: all ones
+        shape = next(m for m in masks if m is not None).shape
+        out["mask"] = torch.stack([m if m is not None else torch.ones(shape) for m in masks])  # (B, 1, h, w)
     if "cond" in batch[0]:
         out["cond"] = {k: torch.stack([b["cond"][k] for b in batch]) for k in batch[0]["cond"]}
     else:

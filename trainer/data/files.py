@@ -35,6 +35,7 @@ class ImageItem:
     weight: float = 1.0
     archive: Path | None = None  # the .tar shard holding this sample
     span: tuple[int, int] | None = None  # (offset, size) of the image bytes inside the shard
+    mask_mode: str = "none"  # the folder's dataset.folders.N.mask; trainer/data/masks.py finds the mask
 
 
 @dataclass
@@ -295,8 +296,8 @@ def _scan_folder(scan: Scan, folder: Path, repeats: int, folder_spec: DatasetFol
                 scan.warnings.append(warning)
         else:
             caption_path = None
-        _add(scan, subset, ImageItem(path, "", caption_path, repeats, folder, weight=folder_spec.weight),
-             lines, folder_spec, spec)
+        _add(scan, subset, ImageItem(path, "", caption_path, repeats, folder, weight=folder_spec.weight,
+                                     mask_mode=folder_spec.mask), lines, folder_spec, spec)
     if subset.images or subset.filtered_out:
         scan.subsets.append(subset)
 
@@ -341,7 +342,7 @@ def _scan_shard(scan: Scan, shard: Path, repeats: int, folder_spec: DatasetFolde
         caption_member = group.get(folder_spec.caption_extension.lower())
         item = ImageItem(path, "", shard / caption_member.name if has_caption else None,
                          repeats, shard, weight=folder_spec.weight, archive=shard,
-                         span=(member.offset_data, member.size))
+                         span=(member.offset_data, member.size), mask_mode=folder_spec.mask)
         _add(scan, subset, item, caption_text or [], folder_spec, spec)
     if subset.images or subset.filtered_out:
         scan.subsets.append(subset)

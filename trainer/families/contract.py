@@ -46,7 +46,8 @@ class FamilyModule(Protocol):
         """Pixels straight to scaled latents (no cache)."""
 
     def noisy_input_and_target(self, parts: Any, latents: Any, generator: Any, diffusion: Any) -> tuple:
-        """(noisy input, timesteps, target, per-sample loss weight (B,))."""
+        """(noisy input, timesteps, target, per-sample loss weight (B,)). The target is (B, C, h, w) on the
+        latents' grid, as the prediction: the loop averages a loss mask down to (h, w) (trainer/train.py _loss)."""
 
     def conditioning_extras(self, batch: dict) -> dict:
         """Conditioning read from the batch rather than the caption (SDXL: sizes and crops)."""
