@@ -45,6 +45,18 @@ def cells(families: tuple[str, ...]) -> list:
             for stored in STORED if stored[0] in families for precision in PRECISIONS]
 
 
+def matrix_test(families: tuple[str, ...]):
+    """The matrix's test over these families' cells, for a test module to hold as
+    `test_stored_model_trains_a_lora_that_loads`."""
+    @pytest.mark.usefixtures("one_torch_thread", "any_precision")
+    @pytest.mark.parametrize("family,dtype,form,precision", cells(families))
+    def test(stored_model, matrix_dataset, matrix_pipelines, family, dtype, form, precision, tmp_path):
+        trains_a_lora_that_loads(stored_model, matrix_dataset, matrix_pipelines, family, dtype, form, precision,
+                                 tmp_path)
+
+    return test
+
+
 def trains_a_lora_that_loads(stored_model, dataset: Path, base: dict, family: str, dtype: str, form: str,
                              precision: str, tmp_path: Path) -> None:
     """One cell: the stored files hold what the cell says, 2 LoRA steps train with finite losses, the LoRA loads.
