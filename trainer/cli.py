@@ -13,6 +13,7 @@ import gc
 import os
 import sys
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
 from .job import PROVENANCE_KEY, JobError, ModelSpec, RunFailed, load_job, save_job
@@ -118,7 +119,8 @@ def cmd_run(args) -> int:
 
     job = load_job(args.job, args.set)
     plan = make_plan(job, resume=args.resume)
-    require_weights(job.model)
+    if not args.random_weights:
+        require_weights(job.model)
     if args.events:
         try:
             parse_address(args.events)
@@ -137,7 +139,8 @@ def cmd_run(args) -> int:
         _quiet_libraries(need_bitsandbytes=job.optimizer.name == "adamw8bit")
         from .train import train
 
-        status = train(job, plan, reporter, args.resume)
+        with _random_weights(job) if args.random_weights else nullcontext():
+            status = train(job, plan, reporter, args.resume)
         return EXIT_OK if status == "completed" else EXIT_STOPPED
     except JobError as exc:
         reporter.emit("error", message=str(exc), traceback="")
@@ -155,6 +158,17 @@ def cmd_run(args) -> int:
     finally:
         gc.enable()  # also when loading failed
         reporter.close()
+
+
+def _random_weights(job):
+    """Models of a configs-only folder built with their constructors' random weights on the GPU (the CPU without
+    one), in the dtype frozen weights are held in: a real-size Flux never exists in fp32 on the way."""
+    import torch
+
+    from .families import empty_models, precision
+
+    return empty_models.from_configs("cuda" if torch.cuda.is_available() else "cpu",
+                                     precision.dtypes(job.precision.mixed_precision).frozen)
 
 
 def _one_line_reason(exc: BaseException) -> str | None:
@@ -369,6 +383,9 @@ def _parser() -> argparse.ArgumentParser:
                              help="also stream events to this loopback address (the window listens there)")
             cmd.add_argument("--log", metavar="FILE", help="also write the terminal output to FILE (appended); "
                              "the run goes on if the terminal closes")
+            cmd.add_argument("--random-weights", action="store_true", help="a model folder of configs alone "
+                             "trains with random weights, built on the training device in the frozen dtype: the "
+                             "memory and speed of a real-size model without its weights (bench/gpu_check.py)")
     return p
 
 

@@ -16,16 +16,19 @@ from pathlib import Path
 from ..job import JobError
 
 _FROM_CONFIGS = ContextVar("from_configs", default="")  # the device models are built on; "": not asked
+_DTYPE = ContextVar("from_configs_dtype", default=None)  # the dtype they are built in; None: the default's
 
 
 @contextmanager
-def from_configs(device: str = "meta"):
-    """Within this, the family loaders build every model from its config on `device`."""
-    token = _FROM_CONFIGS.set(device)
+def from_configs(device: str = "meta", dtype=None):
+    """Within this, the family loaders build every model from its config on `device` (in `dtype`, a torch
+    floating-point dtype, when given)."""
+    tokens = _FROM_CONFIGS.set(device), _DTYPE.set(dtype)
     try:
         yield
     finally:
-        _FROM_CONFIGS.reset(token)
+        _FROM_CONFIGS.reset(tokens[0])
+        _DTYPE.reset(tokens[1])
 
 
 def wanted(path: str) -> bool:
@@ -74,13 +77,26 @@ def build(folder: str, subfolder: str, library: str, class_name: str):
     path = Path(folder).expanduser() / subfolder
     try:
         if isinstance(cls, type) and issubclass(cls, ModelMixin):
-            with torch.device(device()):
+            with torch.device(device()), _default_dtype(torch):
                 return cls.from_config(cls.load_config(str(path)))
         if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
             config = AutoConfig.from_pretrained(str(path))
-            with torch.device(device()):
+            with torch.device(device()), _default_dtype(torch):
                 return cls(config)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise JobError(f"model.path: {path}: cannot build the model from its config ({first})") from None
     return None
+
+
+@contextmanager
+def _default_dtype(torch):
+    """The dtype `from_configs` names as torch's default while a constructor runs (its weights are made in it)."""
+    wanted, before = _DTYPE.get(), torch.get_default_dtype()
+    if wanted is not None:
+        torch.set_default_dtype(wanted)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
