@@ -55,6 +55,10 @@ def cmd_check(args) -> int:
     plan = make_plan(job, resume=args.resume)
     lines = plan.describe()  # reads the model's layer table too: a bad block name fails here
     print(f"job: {args.job} is valid")
+    from .run.logbook import wandb_problem
+
+    if wandb_problem(job):
+        print(f"warning: {wandb_problem(job)}")
     for line in lines:
         print(line)
     print(disk.estimate(plan).describe(disk.free_bytes(plan.output_dir)))

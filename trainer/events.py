@@ -22,7 +22,10 @@ COMMANDS = ("stop", "save", "sample", "pause", "continue")
 # Every event has `type` and `time`; these are the other fields each type carries.
 EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "run_started": ("job", "total_steps", "start_step", "output_dir"),
+    # A step may also carry lrs (learning rate per parameter group), samples_s, peak_mem (bytes), grad_norm,
+    # and on a GPU tflops and mfu (trainer/run/throughput.py).
     "step": ("step", "epoch", "loss", "lr", "its", "eta"),
+    "val_loss": ("step", "loss", "images"),  # the held-out images' loss (trainer/run/val_loss.py)
     "sample": ("step", "prompt", "seed", "path"),
     "checkpoint": ("step", "path"),
     "paused": ("step",),
@@ -36,7 +39,7 @@ _NUMBER = (int, float, type(None))  # None: a NaN or infinite value (see `nonfin
 FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "step": (int,), "epoch": (int,), "total_steps": (int,), "start_step": (int,), "seed": (int,),
     "loss": _NUMBER, "lr": _NUMBER, "its": _NUMBER, "eta": _NUMBER,
-    "prompt": (str,), "path": (str,), "level": (str,), "message": (str,), "traceback": (str,), "status": (str,),
+    "images": (int,), "prompt": (str,), "path": (str,), "level": (str,), "message": (str,), "traceback": (str,), "status": (str,),
     "output_dir": (str,), "job": (dict,), "outputs": (dict,),
 }
 MAX_EVENT_BYTES = 1 << 20  # a run_started event carries the job; no event comes near this
@@ -161,6 +164,7 @@ class Reporter:
         self._bar = None
         self._total = total_steps
         self._last_line = 0.0
+        self._listeners: list = []
         if address:
             self._connect(address)
 
@@ -182,7 +186,14 @@ class Reporter:
             except OSError as exc:
                 self._drop(f"event socket closed ({exc}); training goes on, events.jsonl still has everything")
         self._show(event)
+        for listener in self._listeners:
+            listener(event)
         return event
+
+    def add_listener(self, listener) -> None:
+        """`listener(event)` after each event is written (TensorBoard, W&B: trainer/run/logbook.py); its
+        `close()` runs when the reporter closes."""
+        self._listeners.append(listener)
 
     def log(self, message: str, level: str = "info") -> None:
         self.emit("log", level=level, message=message)
@@ -223,6 +234,9 @@ class Reporter:
                              dynamic_ncols=True)
 
     def close(self) -> None:
+        for listener in self._listeners:
+            listener.close()
+        self._listeners = []
         if self._bar is not None:
             self._bar.close()
         if self._sock is not None:
@@ -268,6 +282,9 @@ class Reporter:
             self._say(f"[{event['level']}] {event['message']}")
         elif kind == "error":
             self._say(f"error: {event['message']}")
+        elif kind == "val_loss":
+            self._say(f"validation loss at step {event['step']}: "
+                      + ("nan" if event["loss"] is None else f"{event['loss']:.4f}"))
         elif kind in ("checkpoint", "sample"):
             self._say(f"{kind} at step {event['step']}: {event['path']}")
         elif kind == "run_finished":
