@@ -35,7 +35,8 @@ def guided(denoiser, validation, cfg_halves: tuple[str, ...]):
     cond_first = cfg_halves[0] == "cond"
 
     def hook(module, args, output):
-        pred = output[0] if isinstance(output, tuple) else output.sample
+        pred = output if isinstance(output, torch.Tensor) else output[0] if isinstance(output, tuple) \
+            else output.sample
         if pred.shape[0] % 2:  # not a CFG batch
             return output
         first, second = pred.chunk(2)
@@ -43,6 +44,8 @@ def guided(denoiser, validation, cfg_halves: tuple[str, ...]):
         g = apg(cond, uncond, validation.guidance_scale, validation.apg_eta, validation.apg_norm_threshold,
                 momentum)
         both = torch.cat([g, g])
+        if isinstance(output, torch.Tensor):
+            return both
         if isinstance(output, tuple):
             return (both, *output[1:])
         output.sample = both
