@@ -111,7 +111,8 @@ def test_the_window_plots_val_loss_beside_the_training_loss(two_runs, qtbot):
     qtbot.addWidget(panel)
     panel.add_events(read_events(two_runs[0] / "events.jsonl")[0])
     plot = panel.plot
-    qtbot.waitUntil(lambda: len(plot.val_curve.getData()[0] or []) == 3, timeout=2000)
+    qtbot.waitUntil(lambda: plot.val_curve.getData()[0] is not None and len(plot.val_curve.getData()[0]) == 3,
+                    timeout=2000)  # drawn at the next redraw
     x, y = plot.val_curve.getData()
     assert list(x) == [0, 2, 3]
     assert list(y) == pytest.approx([e["loss"] for e in _events(two_runs[0], "val_loss")])
