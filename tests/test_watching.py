@@ -184,3 +184,29 @@ def test_the_flop_count_of_a_step_and_what_it_gives():
     assert throughput.achieved(10**12, 2.0, h100) == (2.0, round(2.0 / h100.tflops, 4))
     assert throughput.achieved(10**12, 2.0, None) == (2.0, None)
     assert throughput.peak_memory(torch.device("cpu")) > 0
+
+
+def test_apg_in_the_sd_pipeline_with_eta_1_is_cfg(demo_template):
+    """APG with eta 1, no norm cap and no momentum is CFG: the SD pipeline's image is then CFG's, which holds only
+    if the hook reads the pipeline's halves the right way round (uncond first); the defaults change the image."""
+    import numpy as np
+
+    from trainer.families import sd
+    from trainer.families.table import FAMILIES
+    from trainer.job import ValidationSpec
+
+    parts = sd.load(load_job(demo_template / "job.json").model)
+    pipe = sd.validation_pipeline(parts, parts.denoiser)
+
+    def render(spec):
+        with guidance.guided(parts.denoiser, spec, FAMILIES["sd1"].cfg_halves):
+            image = pipe("a red circle", num_inference_steps=2, guidance_scale=spec.guidance_scale, height=64,
+                         width=64, generator=torch.Generator().manual_seed(0)).images[0]
+        return np.asarray(image, dtype=int)
+
+    cfg = render(ValidationSpec(guidance_scale=9.0))
+    as_cfg = render(ValidationSpec(guidance="apg", guidance_scale=9.0, apg_eta=1.0, apg_norm_threshold=0.0,
+                                   apg_momentum=0.0))
+    apg = render(ValidationSpec(guidance="apg", guidance_scale=9.0))
+    assert np.abs(as_cfg - cfg).max() <= 1
+    assert np.abs(apg - cfg).mean() > 1

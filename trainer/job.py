@@ -351,7 +351,7 @@ class ValidationSpec(_Section):
         "guidance (Sadat et al. 2024), which keeps high guidance scales from oversaturating. Families whose "
         "pipeline does no CFG (Flux) ignore it.")
     apg_eta: float = Field(0.0, ge=0, le=1, description="APG: weight of the guidance update's component "
-                           "parallel to the conditional prediction (0 drops it, 1 keeps it: plain CFG).")
+                           "parallel to the conditional prediction (0 drops it, 1 keeps it).")
     apg_norm_threshold: float = Field(15.0, ge=0, le=1000, description="APG: the guidance update is scaled "
                                       "down to at most this norm (0: no limit).")
     apg_momentum: float = Field(-0.5, ge=-1, le=1, description="APG: momentum of the running guidance update "

@@ -71,6 +71,7 @@ class Logbook:
         self._scalars(event["step"], values)
 
     def _scalars(self, step: int, values: dict) -> None:
+        values = {tag: value for tag, value in values.items() if value is not None}  # NaN arrives as None
         if self._writer is not None:
             for tag, value in values.items():
                 self._writer.add_scalar(tag, value, step)
