@@ -25,7 +25,7 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     # A step may also carry lrs (learning rate per parameter group), samples_s, peak_mem (bytes), grad_norm,
     # and on a GPU tflops and mfu (trainer/run/throughput.py).
     "step": ("step", "epoch", "loss", "lr", "its", "eta"),
-    "val_loss": ("step", "loss", "images"),  # the held-out images' loss (trainer/run/val_loss.py)
+    "val_loss": ("step", "loss", "images"),  # the loss on the held-out images (train.py: _val_loss)
     "sample": ("step", "prompt", "seed", "path"),
     "checkpoint": ("step", "path"),
     "paused": ("step",),
