@@ -100,8 +100,8 @@ def test_a_held_out_folder_and_its_refusals(demo_job, tmp_path):
         make_plan(load_job(demo_job, ["validation.holdout_images=99"]))
     with pytest.raises(JobError, match="validation.holdout_folder: .* is also a training folder"):
         make_plan(load_job(demo_job, [f"validation.holdout_folder={demo_job.parent / 'dataset'}"]))
-    with pytest.raises(JobError, match="not both"):
-        load_job(demo_job, [f"validation.holdout_folder={folder}", "validation.holdout_images=1"])
+    both = make_plan(load_job(demo_job, [f"validation.holdout_folder={folder}", "validation.holdout_images=1"]))
+    assert len(both.holdout.samples) == 3 and len(both.layout.samples) == len(plan.layout.samples) - 1
 
 
 def test_the_window_plots_val_loss_beside_the_training_loss(two_runs, qtbot):
@@ -120,11 +120,11 @@ def test_the_window_plots_val_loss_beside_the_training_loss(two_runs, qtbot):
 
 
 def test_wandb_without_the_package_is_one_line(demo_job, capsys):
-    job = load_job(demo_job, ["logging.wandb.project=demo"])
+    job = load_job(demo_job, ["logging.wandb_project=demo"])
     assert "wandb package is not installed" in wandb_problem(job)
-    assert main(["check", str(demo_job), "--no-estimate", "--set", "logging.wandb.project=demo"]) == 0
+    assert main(["check", str(demo_job), "--no-estimate", "--set", "logging.wandb_project=demo"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "not installed" in line]
-    assert len(lines) == 1 and lines[0].startswith("warning: logging.wandb.project")
+    assert len(lines) == 1 and lines[0].startswith("warning: logging.wandb_project")
 
 
 def test_one_apg_step_matches_the_hand_computation():

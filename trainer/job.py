@@ -357,7 +357,7 @@ class ValidationSpec(_Section):
     apg_momentum: float = Field(-0.5, ge=-1, le=1, description="APG: momentum of the running guidance update "
                                 "(the paper's beta; negative pushes away from the previous step's).")
     holdout_folder: str = Field("", description="Validation loss: a folder of images with captions, never "
-                                "trained on (empty: none).")
+                                "trained on (empty: none; with holdout_images, both are held out).")
     holdout_images: int = Field(0, ge=0, le=10000, description="Validation loss: set aside this many images "
                                 "of the training folders (chosen by validation.seed) and train without them.")
     loss_every_n_steps: int = Field(50, ge=1, description="Validation loss on the held-out images every N "
@@ -365,12 +365,6 @@ class ValidationSpec(_Section):
     loss_draws: int = Field(4, ge=1, le=64, description="Validation loss: (timestep, noise) draws per "
                             "held-out image, the same seeded draws at every evaluation, so the curve is "
                             "smooth and runs compare.")
-
-    @model_validator(mode="after")
-    def _one_holdout(self) -> "ValidationSpec":
-        if self.holdout_folder and self.holdout_images:
-            raise ValueError("validation: set holdout_folder or holdout_images, not both")
-        return self
 
 
 class OutputSpec(_Section):
@@ -384,17 +378,14 @@ class OutputSpec(_Section):
                                    "in the original Stable Diffusion layout that ComfyUI and A1111 load.")
 
 
-class WandbSpec(_Section):
-    project: str = Field("", max_length=128, description="Weights & Biases project; empty: no W&B logging.")
-    run_name: str = Field("", max_length=128, description="W&B run name (empty: the output folder's name).")
-
-
 class LoggingSpec(_Section):
     tensorboard: bool = Field(True, description="Write TensorBoard logs to OUTPUT_DIR/tensorboard: loss, "
                               "learning rates, gradient norm, validation loss, speed, memory and the "
                               "validation images.")
-    wandb: WandbSpec = Field(default_factory=WandbSpec, description="Also log to Weights & Biases when the "
-                             "wandb package is installed and a project is set; the run's config is the job.")
+    wandb_project: str = Field("", max_length=128, description="Also log to this Weights & Biases project "
+                               "(needs the wandb package); the run's config is the job. Empty: no W&B.")
+    wandb_run_name: str = Field("", max_length=128, description="The W&B run's name (empty: the output "
+                                "folder's name).")
 
 
 class Job(_Section):

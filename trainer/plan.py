@@ -81,7 +81,9 @@ class Plan:
                          f"{prior.class_dir(self.job)} ({prior.missing_count(self.job, s.num_images)} to generate)")
         if self.holdout is not None:
             val = self.job.validation
-            source = val.holdout_folder or f"set aside from the training folders by validation.seed {val.seed}"
+            source = " and ".join(
+                ([f"{val.holdout_images} set aside from the training folders by validation.seed {val.seed}"]
+                 if val.holdout_images else []) + ([val.holdout_folder] if val.holdout_folder else []))
             lines.append(f"validation loss: {len(self.holdout.samples)} held-out images ({source}), every "
                          f"{val.loss_every_n_steps} steps, {val.loss_draws} seeded draws each")
         lines += [f"samples per epoch (with repeats): {len(self.layout.samples)}",
@@ -115,8 +117,6 @@ def holdout_spec(job: Job):
     caption dropout, tag shuffling), each image once."""
     spec = job.dataset.model_copy(deep=True)
     spec.random_flip, spec.color_jitter, spec.caption_dropout, spec.shuffle_tags = False, 0.0, 0.0, False
-    if job.validation.holdout_folder:
-        spec.folders = [DatasetFolder(path=job.validation.holdout_folder, repeats=1)]
     return spec
 
 
@@ -142,22 +142,23 @@ def _set_aside(job: Job, scan: Scan) -> list:
 
 
 def _holdout_layout(job: Job, set_aside: list) -> Layout | None:
-    """The held-out images in buckets: those set aside, or validation.holdout_folder's."""
+    """The held-out images in buckets: those set aside and validation.holdout_folder's."""
     val = job.validation
     if not (val.holdout_folder or set_aside):
         return None
     spec = holdout_spec(job)
-    scan = Scan(items=set_aside)
+    scan = Scan(items=list(set_aside))
     if val.holdout_folder:
-        scan = scan_dataset(spec)
-        if not scan.num_images:
-            raise JobError(f"validation.holdout_folder: no images (png, jpg, jpeg, webp) found in "
-                           f"{val.holdout_folder}")
         train_roots = {Path(f.path).expanduser().resolve() for f in job.dataset.folders}
         if Path(val.holdout_folder).expanduser().resolve() in train_roots:
             raise JobError(f"validation.holdout_folder: {val.holdout_folder} is also a training folder; its "
                            "images would not be held out")
-        scan.items = [replace(item, repeats=1) for item in scan.items]
+        found = scan_dataset(spec.model_copy(update={"folders": [DatasetFolder(path=val.holdout_folder,
+                                                                              repeats=1)]}))
+        if not found.num_images:
+            raise JobError(f"validation.holdout_folder: no images (png, jpg, jpeg, webp) found in "
+                           f"{val.holdout_folder}")
+        scan.items += [replace(item, repeats=1) for item in found.items]
     sizes = _probe(scan)
     held, _ = layout(scan.items, sizes, spec)
     if not held.samples:

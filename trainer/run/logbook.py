@@ -22,8 +22,8 @@ STEP_SCALARS = {"loss": "loss/train", "grad_norm": "train/grad_norm", "its": "sp
 
 def wandb_problem(job: Job) -> str:
     """The one line `check` and `run` say when W&B is asked for but cannot log; '' when it can or is not asked."""
-    if job.logging.wandb.project and importlib.util.find_spec("wandb") is None:
-        return ("logging.wandb.project is set but the wandb package is not installed (pip install wandb); this run "
+    if job.logging.wandb_project and importlib.util.find_spec("wandb") is None:
+        return ("logging.wandb_project is set but the wandb package is not installed (pip install wandb); this run "
                 "logs to TensorBoard only")
     return ""
 
@@ -38,11 +38,11 @@ class Logbook:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(str(output_dir / "tensorboard"), flush_secs=10)
-        if job.logging.wandb.project and not wandb_problem(job):
+        if job.logging.wandb_project and not wandb_problem(job):
             import wandb
 
-            self._wandb = wandb.init(project=job.logging.wandb.project,
-                                     name=job.logging.wandb.run_name or output_dir.name,
+            self._wandb = wandb.init(project=job.logging.wandb_project,
+                                     name=job.logging.wandb_run_name or output_dir.name,
                                      config=job.model_dump(mode="json"), dir=str(output_dir))
 
     def __call__(self, event: dict) -> None:
