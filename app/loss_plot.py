@@ -12,7 +12,8 @@ import pyqtgraph as pg
 from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
-SMOOTHING = 0.97  # EMA weight; debiased, so the first points are not pulled towards 0
+from trainer.events import LOSS_SMOOTHING
+
 REDRAW_MS = 100
 pg.setConfigOptions(antialias=False, background="w", foreground="k")
 
@@ -112,8 +113,8 @@ class LossPlot(QWidget):
         for i in range(self._n, end):  # plain loop: a few µs per point, batches are rare
             value = self._loss[i]
             if np.isfinite(value):
-                ema = SMOOTHING * ema + (1 - SMOOTHING) * value
-            self._smooth[i] = ema / (1 - SMOOTHING ** (i + 1))
+                ema = LOSS_SMOOTHING * ema + (1 - LOSS_SMOOTHING) * value
+            self._smooth[i] = ema / (1 - LOSS_SMOOTHING ** (i + 1))
         self._ema = ema
         self._n = end
         self._dirty = True
@@ -135,7 +136,7 @@ class LossPlot(QWidget):
 
     def _ema_at(self, n: int) -> float:
         # Undo the debiasing of the last kept point to continue the EMA from there.
-        return float(self._smooth[n - 1] * (1 - SMOOTHING ** n)) if n else 0.0
+        return float(self._smooth[n - 1] * (1 - LOSS_SMOOTHING ** n)) if n else 0.0
 
     def _reserve(self, size: int) -> None:
         if size <= len(self._steps):

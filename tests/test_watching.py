@@ -55,6 +55,9 @@ def test_tensorboard_logs_load_in_tensorboards_reader(two_runs):
     assert [s.step for s in logs.Scalars("loss/validation")] == [0, 2, 3]
     losses = {e["step"]: e["loss"] for e in _events(two_runs[0], "step")}
     assert [s.value for s in logs.Scalars("loss/train")] == pytest.approx([losses[1], losses[2], losses[3]])
+    smoothed = [s.value for s in logs.Scalars("loss/smoothed")]  # the window's debiased EMA: first point = loss
+    assert smoothed[0] == pytest.approx(losses[1]) and smoothed[2] == pytest.approx(
+        sum(w * losses[s] for w, s in zip((0.97**2 * 0.03, 0.97 * 0.03, 0.03), (1, 2, 3))) / (1 - 0.97**3))
     (image_tag,) = tags["images"]
     assert [i.step for i in logs.Images(image_tag)] == [0, 3]  # the baseline and the end
     assert not (two_runs[1] / "tensorboard").exists()  # logging.tensorboard=false

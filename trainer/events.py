@@ -42,6 +42,9 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "images": (int,), "prompt": (str,), "path": (str,), "level": (str,), "message": (str,), "traceback": (str,), "status": (str,),
     "output_dir": (str,), "job": (dict,), "outputs": (dict,),
 }
+# How the loss curve is smoothed wherever it is shown (the window's plot, TensorBoard's loss/smoothed): an EMA
+# with this weight, debiased, so the first points are not pulled towards 0.
+LOSS_SMOOTHING = 0.97
 MAX_EVENT_BYTES = 1 << 20  # a run_started event carries the job; no event comes near this
 MAX_COMMAND_BYTES = 4096
 MAX_READ_BYTES = 1 << 20  # read from the socket per step at most: a flood cannot hold training up

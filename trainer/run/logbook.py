@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..events import LOSS_SMOOTHING
 from ..job import Job
 
-SMOOTHING = 0.97  # the window's loss plot smooths the same way (app/loss_plot.py), debiased
 STEP_SCALARS = {"loss": "loss/train", "grad_norm": "train/grad_norm", "its": "speed/it_per_s",
                 "samples_s": "speed/samples_per_s", "peak_mem": "memory/peak_bytes", "tflops": "speed/tflops",
                 "mfu": "speed/mfu"}
@@ -64,8 +64,8 @@ class Logbook:
         values = {tag: event[name] for name, tag in STEP_SCALARS.items() if event.get(name) is not None}
         if event["loss"] is not None:
             self._n += 1
-            self._ema = SMOOTHING * self._ema + (1 - SMOOTHING) * event["loss"]
-            values["loss/smoothed"] = self._ema / (1 - SMOOTHING ** self._n)
+            self._ema = LOSS_SMOOTHING * self._ema + (1 - LOSS_SMOOTHING) * event["loss"]
+            values["loss/smoothed"] = self._ema / (1 - LOSS_SMOOTHING ** self._n)
         for group, lr in (event.get("lrs") or {"all": event["lr"]}).items():
             values[f"lr/{group}"] = lr
         self._scalars(event["step"], values)
