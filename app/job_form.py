@@ -42,6 +42,7 @@ SECTION_TITLES = {
     "precision": "Precision and memory",
     "validation": "Validation",
     "output": "Output",
+    "logging": "Logging (TensorBoard, Weights & Biases)",
 }
 # Block lists that get a "Pick blocks…" button (app/block_picker.py reads the model's block tree).
 BLOCK_FIELDS = {("layers", "train_blocks"), ("layers", "freeze_blocks")}

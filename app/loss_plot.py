@@ -1,4 +1,5 @@
-"""The live loss plot: raw and smoothed loss, the learning rate on a second axis, a log-scale toggle.
+"""The live loss plot: raw and smoothed loss, the held-out validation loss, the learning rate on a second axis,
+a log-scale toggle.
 
 Points go into preallocated numpy arrays (grown by doubling) and the curves are redrawn at most 10 times
 a second, with pyqtgraph's clip-to-view and peak downsampling, so 100,000 points stay smooth.
@@ -11,7 +12,8 @@ import pyqtgraph as pg
 from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
-SMOOTHING = 0.97  # EMA weight; debiased, so the first points are not pulled towards 0
+from trainer.events import LOSS_SMOOTHING
+
 REDRAW_MS = 100
 pg.setConfigOptions(antialias=False, background="w", foreground="k")
 
@@ -24,6 +26,8 @@ class LossPlot(QWidget):
         self._smooth = np.zeros(1024, dtype=np.float64)
         self._lr = np.zeros(1024, dtype=np.float64)
         self._n = 0
+        self._val_steps: list[float] = []  # a point every validation.loss_every_n_steps: few, a list will do
+        self._val_loss: list[float] = []
         self._ema = 0.0
         self._dirty = False
 
@@ -39,6 +43,8 @@ class LossPlot(QWidget):
         for curve in (self.raw_curve, self.smooth_curve):
             curve.setClipToView(True)
             curve.setDownsampling(auto=True, method="peak")
+        self.val_curve = plot.plot(pen=pg.mkPen((200, 30, 30), width=2), symbol="o", symbolSize=5,
+                                   symbolBrush=(200, 30, 30), name="validation (held out)", connect="finite")
         # The learning rate has its own scale: a second ViewBox on the right axis, sharing x.
         self.lr_box = pg.ViewBox()
         plot.showAxis("right")
@@ -74,8 +80,13 @@ class LossPlot(QWidget):
     def point_count(self) -> int:
         return self._n
 
+    @property
+    def val_point_count(self) -> int:
+        return len(self._val_steps)
+
     def clear(self) -> None:
         self._n = 0
+        self._val_steps, self._val_loss = [], []
         self._ema = 0.0
         self._dirty = True
         self._redraw()
@@ -102,10 +113,20 @@ class LossPlot(QWidget):
         for i in range(self._n, end):  # plain loop: a few µs per point, batches are rare
             value = self._loss[i]
             if np.isfinite(value):
-                ema = SMOOTHING * ema + (1 - SMOOTHING) * value
-            self._smooth[i] = ema / (1 - SMOOTHING ** (i + 1))
+                ema = LOSS_SMOOTHING * ema + (1 - LOSS_SMOOTHING) * value
+            self._smooth[i] = ema / (1 - LOSS_SMOOTHING ** (i + 1))
         self._ema = ema
         self._n = end
+        self._dirty = True
+
+    def add_val_points(self, steps, losses) -> None:
+        """Validation losses (the `val_loss` events); a resumed run's evaluations replace those after its step."""
+        for step, loss in zip(steps, losses):
+            while self._val_steps and self._val_steps[-1] >= step:
+                self._val_steps.pop()
+                self._val_loss.pop()
+            self._val_steps.append(float(step))
+            self._val_loss.append(float("nan") if loss is None else float(loss))
         self._dirty = True
 
     def set_log_scale(self, on: bool) -> None:
@@ -115,7 +136,7 @@ class LossPlot(QWidget):
 
     def _ema_at(self, n: int) -> float:
         # Undo the debiasing of the last kept point to continue the EMA from there.
-        return float(self._smooth[n - 1] * (1 - SMOOTHING ** n)) if n else 0.0
+        return float(self._smooth[n - 1] * (1 - LOSS_SMOOTHING ** n)) if n else 0.0
 
     def _reserve(self, size: int) -> None:
         if size <= len(self._steps):
@@ -136,12 +157,14 @@ class LossPlot(QWidget):
         self.raw_curve.setData(x, self._loss[:n])
         self.smooth_curve.setData(x, self._smooth[:n])
         self.lr_curve.setData(x, self._lr[:n])
+        self.val_curve.setData(np.array(self._val_steps), np.array(self._val_loss))
         if n:
             # The learning rate is never negative; autorange on a constant rate would centre it on a flat line.
             top = float(self._lr[:n].max())
             self.lr_box.setYRange(0.0, top * 1.05 if top > 0 else 1.0, padding=0)
+            val = f" · validation {self._val_loss[-1]:.4g}" if self._val_loss else ""
             self.summary.setText(f"{n:,} steps · last loss {self._loss[n - 1]:.4g} · "
-                                 f"smoothed {self._smooth[n - 1]:.4g} · lr {self._lr[n - 1]:.3g}")
+                                 f"smoothed {self._smooth[n - 1]:.4g}{val} · lr {self._lr[n - 1]:.3g}")
         else:
             self.summary.setText("No steps yet")
 

@@ -126,6 +126,9 @@ class RunPanel(QWidget):
         if steps:
             self.plot.add_points([e["step"] for e in steps], [e["loss"] for e in steps], [e["lr"] for e in steps])
             self._show_step(steps[-1])
+        validations = [e for e in events if e["type"] == "val_loss"]
+        if validations:
+            self.plot.add_val_points([e["step"] for e in validations], [e["loss"] for e in validations])
         if samples:
             self.gallery.add_samples(samples)
 

@@ -169,6 +169,21 @@ def test_sample_cascade_renders_the_runs_last_validation_image(cascade_run, tmp_
     assert len(np.unique(np.asarray(latents).reshape(-1, 3), axis=0)) <= 16
 
 
+def test_sample_cascade_with_apg(cascade_run, tmp_path):
+    """APG with eta 1, no norm cap and no momentum is CFG, which holds only if the hook reads stage C's halves the
+    right way round (the prior pipeline puts the conditional one first); the default APG changes the latents."""
+    common = ["sample-cascade", "--model", str(cascade_run / "model"), "--prompt", "a red circle", "--steps", "2",
+              "--guidance-scale", "6.0", "--height", "170", "--width", "170"]
+    runs = {"cfg": [], "as_cfg": ["--guidance", "apg", "--apg-eta", "1", "--apg-norm-threshold", "0",
+                                  "--apg-momentum", "0"], "apg": ["--guidance", "apg"]}
+    images = {}
+    for name, extra in runs.items():
+        assert main([*common, *extra, "--out", str(tmp_path / f"{name}.png")]) == 0
+        images[name] = np.asarray(Image.open(tmp_path / f"{name}.png"), dtype=int)
+    assert np.abs(images["as_cfg"] - images["cfg"]).max() <= 1
+    assert np.abs(images["apg"] - images["cfg"]).max() > 1
+
+
 def test_text_encoder_lora_travels_in_the_same_file(cascade_run, tmp_path):
     out = tmp_path / "run"
     assert main(["run", str(cascade_run / "job.json"), "--set", "text_encoder.mode=lora", "--set",

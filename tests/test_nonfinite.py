@@ -59,7 +59,7 @@ def test_skip_policy_skips_warns_and_stops_after_n_in_a_row(demo_job, monkeypatc
     events, _ = read_events(demo_job.parent / "run" / "events.jsonl")
     steps = {e["step"]: e for e in events if e["type"] == "step"}
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]  # step 7 was the second NaN in a row: stop before it counts
-    assert steps[3]["loss"] is None and steps[3]["nonfinite"] == ["loss"]
+    assert steps[3]["loss"] is None and steps[3]["nonfinite"] == ["loss", "grad_norm"]  # NaN in, NaN gradients
     assert steps[6]["loss"] is None and all(math.isfinite(steps[s]["loss"]) for s in (1, 2, 4, 5))
     warnings = [e["message"] for e in events if e["type"] == "log" and e["level"] == "warning"]
     assert any(m.startswith("step 3: the loss not finite") and "step skipped" in m for m in warnings)

@@ -56,6 +56,10 @@ def cmd_check(args) -> int:
     plan = make_plan(job, resume=args.resume)
     lines = plan.describe()  # reads the model's layer table too: a bad block name fails here
     print(f"job: {args.job} is valid")
+    from .run.logbook import wandb_problem
+
+    if wandb_problem(job):
+        print(f"warning: {wandb_problem(job)}")
     for line in lines:
         print(line)
     print(disk.estimate(plan).describe(disk.free_bytes(plan.output_dir)))
@@ -218,10 +222,20 @@ def cmd_export(args) -> int:
 def cmd_sample_cascade(args) -> int:
     from .export.cascade_lora import sample
 
+    from pydantic import ValidationError
+
+    from .job import ValidationSpec, first_error
+
+    try:  # the job's own bounds for the APG settings
+        guidance = ValidationSpec(guidance=args.guidance, apg_eta=args.apg_eta,
+                                  apg_norm_threshold=args.apg_norm_threshold, apg_momentum=args.apg_momentum)
+    except ValidationError as exc:
+        raise JobError(f"--{first_error(exc).replace('_', '-')}") from None
     _quiet_libraries()
     path = sample(args.model, args.prompt, Path(args.out), lora=args.lora or "", decoder=args.decoder or "",
                   scale=args.lora_scale, negative_prompt=args.negative_prompt, steps=args.steps,
-                  guidance_scale=args.guidance_scale, height=args.height, width=args.width, seed=args.seed)
+                  guidance_scale=args.guidance_scale, height=args.height, width=args.width, seed=args.seed,
+                  guidance=guidance)
     print(f"wrote {path}")
     return EXIT_OK
 
@@ -269,6 +283,7 @@ def _provenance() -> dict:
 
 def _parser() -> argparse.ArgumentParser:
     from .export.command import FORMATS
+    from .job import ValidationSpec
     from .demo import BUILDERS, METHODS
     from .real_size import MODELS as REAL_SIZE
 
@@ -332,6 +347,12 @@ def _parser() -> argparse.ArgumentParser:
     cascade.add_argument("--negative-prompt", default="")
     cascade.add_argument("--steps", type=int, default=20, help="stage C sampling steps (default 20)")
     cascade.add_argument("--guidance-scale", type=float, default=4.0, help="stage C guidance (default 4)")
+    apg = ValidationSpec.model_fields
+    cascade.add_argument("--guidance", choices=("cfg", "apg"), default="cfg", help="classifier-free guidance, or "
+                         "adaptive projected guidance (as validation.guidance)")
+    for name in ("apg_eta", "apg_norm_threshold", "apg_momentum"):
+        cascade.add_argument(f"--{name.replace('_', '-')}", type=float, default=apg[name].default,
+                             help=f"{apg[name].description} (default {apg[name].default:g})")
     cascade.add_argument("--height", type=int, default=1024, help="image height in pixels (default 1024)")
     cascade.add_argument("--width", type=int, default=1024, help="image width in pixels (default 1024)")
     cascade.add_argument("--seed", type=int, default=0)

@@ -22,7 +22,10 @@ COMMANDS = ("stop", "save", "sample", "pause", "continue")
 # Every event has `type` and `time`; these are the other fields each type carries.
 EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "run_started": ("job", "total_steps", "start_step", "output_dir"),
+    # A step may also carry lrs (learning rate per parameter group), samples_s, peak_mem (bytes), grad_norm,
+    # and on a GPU tflops and mfu (trainer/run/throughput.py).
     "step": ("step", "epoch", "loss", "lr", "its", "eta"),
+    "val_loss": ("step", "loss", "images"),  # the loss on the held-out images (train.py: _val_loss)
     "sample": ("step", "prompt", "seed", "path"),
     "checkpoint": ("step", "path"),
     "paused": ("step",),
@@ -37,9 +40,13 @@ _NUMBER = (int, float, type(None))  # None: a NaN or infinite value (see `nonfin
 FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "step": (int,), "epoch": (int,), "total_steps": (int,), "start_step": (int,), "seed": (int,),
     "loss": _NUMBER, "lr": _NUMBER, "its": _NUMBER, "eta": _NUMBER,
-    "prompt": (str,), "path": (str,), "level": (str,), "message": (str,), "traceback": (str,), "status": (str,),
-    "output_dir": (str,), "job": (dict,), "outputs": (dict,), "task": (str,), "done": (int,), "total": (int,),
+    "images": (int,), "prompt": (str,), "path": (str,), "level": (str,), "message": (str,), "traceback": (str,),
+    "status": (str,), "output_dir": (str,), "job": (dict,), "outputs": (dict,), "task": (str,), "done": (int,),
+    "total": (int,),
 }
+# How the loss curve is smoothed wherever it is shown (the window's plot, TensorBoard's loss/smoothed): an EMA
+# with this weight, debiased, so the first points are not pulled towards 0.
+LOSS_SMOOTHING = 0.97
 MAX_EVENT_BYTES = 1 << 20  # a run_started event carries the job; no event comes near this
 MAX_COMMAND_BYTES = 4096
 MAX_READ_BYTES = 1 << 20  # read from the socket per step at most: a flood cannot hold training up
@@ -162,6 +169,7 @@ class Reporter:
         self._bar = None
         self._total = total_steps
         self._last_line = 0.0
+        self._listeners: list = []
         if address:
             self._connect(address)
 
@@ -183,7 +191,14 @@ class Reporter:
             except OSError as exc:
                 self._drop(f"event socket closed ({exc}); training goes on, events.jsonl still has everything")
         self._show(event)
+        for listener in self._listeners:
+            listener(event)
         return event
+
+    def add_listener(self, listener) -> None:
+        """`listener(event)` after each event is written (TensorBoard, W&B: trainer/run/logbook.py); its
+        `close()` runs when the reporter closes."""
+        self._listeners.append(listener)
 
     def log(self, message: str, level: str = "info") -> None:
         self.emit("log", level=level, message=message)
@@ -224,6 +239,9 @@ class Reporter:
                              dynamic_ncols=True)
 
     def close(self) -> None:
+        for listener in self._listeners:
+            listener.close()
+        self._listeners = []
         if self._bar is not None:
             self._bar.close()
         if self._sock is not None:
@@ -269,6 +287,9 @@ class Reporter:
             self._say(f"[{event['level']}] {event['message']}")
         elif kind == "error":
             self._say(f"error: {event['message']}")
+        elif kind == "val_loss":
+            self._say(f"validation loss at step {event['step']}: "
+                      + ("nan" if event["loss"] is None else f"{event['loss']:.4f}"))
         elif kind in ("checkpoint", "sample"):
             self._say(f"{kind} at step {event['step']}: {event['path']}")
         elif kind == "run_finished":

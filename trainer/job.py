@@ -353,6 +353,25 @@ class ValidationSpec(_Section):
     seed: int = Field(0, ge=0, description="Seed for validation images, so steps compare like for like.")
     steps: int = Field(25, ge=1, le=500, description="Sampling steps per validation image.")
     guidance_scale: float = Field(7.5, ge=0, le=50, description="Classifier-free guidance scale.")
+    guidance: Literal["cfg", "apg"] = Field(
+        "cfg", description="How validation images are guided: classifier-free guidance, or adaptive projected "
+        "guidance (Sadat et al. 2024), which keeps high guidance scales from oversaturating. Families whose "
+        "pipeline does no CFG (Flux) ignore it.")
+    apg_eta: float = Field(0.0, ge=0, le=1, description="APG: weight of the guidance update's component "
+                           "parallel to the conditional prediction (0 drops it, 1 keeps it).")
+    apg_norm_threshold: float = Field(15.0, ge=0, le=1000, description="APG: the guidance update is scaled "
+                                      "down to at most this norm (0: no limit).")
+    apg_momentum: float = Field(-0.5, ge=-1, le=1, description="APG: momentum of the running guidance update "
+                                "(the paper's beta; negative pushes away from the previous step's).")
+    holdout_folder: str = Field("", description="Validation loss: a folder of images with captions, never "
+                                "trained on (empty: none; with holdout_images, both are held out).")
+    holdout_images: int = Field(0, ge=0, le=10000, description="Validation loss: set aside this many images "
+                                "of the training folders (chosen by validation.seed) and train without them.")
+    loss_every_n_steps: int = Field(50, ge=1, description="Validation loss on the held-out images every N "
+                                    "steps (and at the start and the end).")
+    loss_draws: int = Field(4, ge=1, le=64, description="Validation loss: (timestep, noise) draws per "
+                            "held-out image, the same seeded draws at every evaluation, so the curve is "
+                            "smooth and runs compare.")
 
 
 class OutputSpec(_Section):
@@ -364,6 +383,16 @@ class OutputSpec(_Section):
     save_kohya: bool = Field(True, description="Also write the LoRA in kohya format for ComfyUI and A1111.")
     save_single_file: bool = Field(True, description="Full fine-tuning: also write NAME.safetensors, one file "
                                    "in the original Stable Diffusion layout that ComfyUI and A1111 load.")
+
+
+class LoggingSpec(_Section):
+    tensorboard: bool = Field(True, description="Write TensorBoard logs to OUTPUT_DIR/tensorboard: loss, "
+                              "learning rates, gradient norm, validation loss, speed, memory and the "
+                              "validation images.")
+    wandb_project: str = Field("", max_length=128, description="Also log to this Weights & Biases project "
+                               "(needs the wandb package); the run's config is the job. Empty: no W&B.")
+    wandb_run_name: str = Field("", max_length=128, description="The W&B run's name (empty: the output "
+                                "folder's name).")
 
 
 class Job(_Section):
@@ -390,6 +419,7 @@ class Job(_Section):
     precision: PrecisionSpec = Field(default_factory=PrecisionSpec)
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
 
 
 # A migration takes a job dict of version N and returns it as version N+1. Each one stays forever, so a job

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import numpy as np
 
 from .data import images, masks
 from .data.buckets import Layout, batches_per_epoch, layout
@@ -17,7 +19,7 @@ from .data.files import Scan, scan_dataset
 from .families.detect import detect_family
 from .families.model_files import check_bundled_parts, stored_model
 from .families.table import FAMILIES
-from .job import Job, JobError, run_leftovers
+from .job import DatasetFolder, Job, JobError, run_leftovers
 from .methods import prior
 from .methods.layers import describe_trainable
 
@@ -36,6 +38,7 @@ class Plan:
     layout: Layout  # the samples of an epoch and their buckets
     caching: CachePlan
     job: Job
+    holdout: Layout | None = None  # the held-out images of the validation loss, never trained on
 
     def describe(self) -> list[str]:
         s, spec = self.scan, self.job.dataset
@@ -80,6 +83,13 @@ class Plan:
         if self.job.prior.enabled:
             lines.append(f"prior preservation: {prior.class_image_count(self.job, s.num_images)} class images in "
                          f"{prior.class_dir(self.job)} ({prior.missing_count(self.job, s.num_images)} to generate)")
+        if self.holdout is not None:
+            val = self.job.validation
+            source = " and ".join(
+                ([f"{val.holdout_images} set aside from the training folders by validation.seed {val.seed}"]
+                 if val.holdout_images else []) + ([val.holdout_folder] if val.holdout_folder else []))
+            lines.append(f"validation loss: {len(self.holdout.samples)} held-out images ({source}), every "
+                         f"{val.loss_every_n_steps} steps, {val.loss_draws} seeded draws each")
         lines += [f"samples per epoch (with repeats): {len(self.layout.samples)}",
                   f"processes: {self.world_size}",
                   f"batches per epoch: {self.batches_per_epoch}",
@@ -95,12 +105,69 @@ def make_plan(job: Job, resume: bool = False) -> Plan:
     _check_family_rules(job, family)
     scan = scan_dataset(job.dataset)
     scan.require_images(job.dataset)
+    set_aside = _set_aside(job, scan)
     sizes = _probe(scan)
     epoch, too_small = layout(scan.items, sizes, job.dataset)
     scan.drop(too_small)
     scan.require_images(job.dataset)  # every image found may have been broken or too small
     output_dir = _check_output_dir(job, resume)
-    return _counted(job, family, scan, epoch, output_dir)
+    plan = _counted(job, family, scan, epoch, output_dir)
+    plan.holdout = _holdout_layout(job, set_aside)
+    return plan
+
+
+def holdout_spec(job: Job):
+    """How held-out images are rendered: the job's dataset without its random changes (flip, colour jitter,
+    caption dropout, tag shuffling), each image once."""
+    spec = job.dataset.model_copy(deep=True)
+    spec.random_flip, spec.color_jitter, spec.caption_dropout, spec.shuffle_tags = False, 0.0, 0.0, False
+    return spec
+
+
+def _set_aside(job: Job, scan: Scan) -> list:
+    """validation.holdout_images: that many images taken out of the scan (chosen by validation.seed, so the
+    same job always holds out the same ones); they are never trained on."""
+    count = job.validation.holdout_images
+    if not count:
+        return []
+    if count >= scan.num_images:
+        raise JobError(f"validation.holdout_images: {count} would leave none of the {scan.num_images} images "
+                       "to train on")
+    chosen = set(np.random.default_rng([job.validation.seed, 0x401D]).choice(scan.num_images, count,
+                                                                            replace=False).tolist())
+    held = [item for i, item in enumerate(scan.items) if i in chosen]
+    scan.items = [item for i, item in enumerate(scan.items) if i not in chosen]
+    for item in held:
+        for sub in scan.subsets:
+            if sub.folder == item.folder:
+                sub.images -= 1
+                sub.captions_found -= item.caption_path is not None
+    return [replace(item, repeats=1) for item in held]
+
+
+def _holdout_layout(job: Job, set_aside: list) -> Layout | None:
+    """The held-out images in buckets: those set aside and validation.holdout_folder's."""
+    val = job.validation
+    if not (val.holdout_folder or set_aside):
+        return None
+    spec = holdout_spec(job)
+    scan = Scan(items=list(set_aside))
+    if val.holdout_folder:
+        train_roots = {Path(f.path).expanduser().resolve() for f in job.dataset.folders}
+        if Path(val.holdout_folder).expanduser().resolve() in train_roots:
+            raise JobError(f"validation.holdout_folder: {val.holdout_folder} is also a training folder; its "
+                           "images would not be held out")
+        found = scan_dataset(spec.model_copy(update={"folders": [DatasetFolder(path=val.holdout_folder,
+                                                                              repeats=1)]}))
+        if not found.num_images:
+            raise JobError(f"validation.holdout_folder: no images (png, jpg, jpeg, webp) found in "
+                           f"{val.holdout_folder}")
+        scan.items += [replace(item, repeats=1) for item in found.items]
+    sizes = _probe(scan)
+    held, _ = layout(scan.items, sizes, spec)
+    if not held.samples:
+        raise JobError(f"validation: none of the held-out images can be used ({scan.skipped_summary()})")
+    return held
 
 
 def class_layout(job: Job, images: list[Path]) -> Layout:

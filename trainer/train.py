@@ -27,10 +27,11 @@ from .events import Reporter
 from .export import lora_files
 from .families import precision
 from .families.detect import family_module
+from .families.table import FAMILIES
 from .job import Job, JobError
 from .methods import ema, prior, trainable
-from .plan import Plan, class_layout
-from .run import checkpoint, nonfinite, speed
+from .plan import Plan, class_layout, holdout_spec
+from .run import checkpoint, guidance, nonfinite, speed, throughput
 from .run.checkpoint_files import newest_good
 
 
@@ -87,6 +88,7 @@ class _Run:
     start_step: int = 0
     found: Path | None = None  # the checkpoint resumed from
     class_dataset: TrainDataset | None = None
+    holdout: TrainDataset | None = None  # the validation loss's held-out images
     warned: set[str] = field(default_factory=set)  # files already named in a warning
     released: list[str] = field(default_factory=list)  # frozen parts off the accelerator, their outputs cached
     denoiser: Any = None  # as accelerate prepared it
@@ -122,6 +124,9 @@ def _setup(job: Job, plan: Plan, reporter: Reporter, resume: bool) -> _Run:
     if class_samples is not None:
         run.class_dataset = TrainDataset(class_samples, prior.class_dataset_spec(job), job.schedule.seed + 1)
         _prepare_data(run, run.class_dataset, quiet=True)
+    if plan.holdout is not None:
+        run.holdout = TrainDataset(plan.holdout, holdout_spec(job), job.schedule.seed)
+        _prepare_data(run, run.holdout, quiet=True)
     whole_model_export = "full" in (job.network.kind, job.text_encoder.mode)
     run.released = _release_frozen(run.parts, plan.caching,
                                    needed_again=bool(job.validation.prompts or whole_model_export))
@@ -130,6 +135,8 @@ def _setup(job: Job, plan: Plan, reporter: Reporter, resume: bool) -> _Run:
         _resume(run)
     if job.validation.prompts and job.validation.at_start and run.start_step == 0:
         _validate(run, 0)
+    if run.holdout is not None and run.start_step == 0:
+        _val_loss(run, 0)
     return run
 
 
@@ -168,6 +175,11 @@ def _announce(run: _Run) -> None:
                           start_step=run.start_step, output_dir=str(run.out))
         for note in run.noise_notes:
             run.reporter.log(note, "warning")
+        from .run.logbook import Logbook, wandb_problem
+
+        if wandb_problem(run.job):
+            run.reporter.log(wandb_problem(run.job), "warning")
+        run.reporter.add_listener(Logbook(run.job, run.out))
 
 
 def _trainables(run: _Run) -> None:
@@ -220,6 +232,7 @@ def _loop(run: _Run, requests: Requests) -> str:
     losses: list[torch.Tensor] = []
     timer = _StepTimer(plan.total_steps)
     guard = nonfinite.Guard(job.optimizer, run.reporter, run.out / "checkpoints")
+    meter = _Meter(run)
     while step < plan.total_steps:
         epoch, offset = divmod(micro, plan.batches_per_epoch)
         run.epoch = epoch
@@ -233,18 +246,20 @@ def _loop(run: _Run, requests: Requests) -> str:
             gen = _generator(sched.seed, micro, accelerator)
             with accelerator.accumulate(run.denoiser):
                 with_grad = trainable.text_trains(tr, step)
-                loss = _batch_loss(run, batch, gen, with_grad)
-                if run.class_dataset is not None:
-                    class_batch = _class_batch(run.class_dataset, sched, micro, accelerator)
-                    loss = loss + job.prior.loss_weight * _batch_loss(run, class_batch, gen, with_grad)
-                accelerator.backward(loss)
+                with meter.counting():  # the first step on a GPU: its FLOPs, for TFLOPS and MFU
+                    loss = _batch_loss(run, batch, gen, with_grad)
+                    if run.class_dataset is not None:
+                        class_batch = _class_batch(run.class_dataset, sched, micro, accelerator)
+                        loss = loss + job.prior.loss_weight * _batch_loss(run, class_batch, gen, with_grad)
+                    accelerator.backward(loss)
                 losses.append(loss.detach())
                 skip = False
                 if accelerator.sync_gradients:
                     _sync_unprepared_grads(accelerator, tr)
-                    skip, step_loss = guard.skip(accelerator, losses, tr.groups, step + 1)  # may raise RunFailed
+                    norm = _grad_norm(run)
+                    skip, step_loss = guard.skip(accelerator, losses, tr.groups, step + 1, norm)  # may raise
                     if job.optimizer.max_grad_norm > 0 and not skip:
-                        accelerator.clip_grad_norm_(list(tr.params.values()), job.optimizer.max_grad_norm)
+                        _clip(run, norm)
                 if not skip:
                     run.optimizer.step()
                 run.optimizer.zero_grad(set_to_none=True)
@@ -252,7 +267,8 @@ def _loop(run: _Run, requests: Requests) -> str:
             if not accelerator.sync_gradients:
                 continue
             trainable.after_optimizer_step(tr)
-            lr = run.lr_scheduler.get_last_lr()[0]
+            lrs = run.lr_scheduler.get_last_lr()
+            lr = lrs[0]
             run.lr_scheduler.step()
             step += 1
             run.step = step
@@ -262,7 +278,9 @@ def _loop(run: _Run, requests: Requests) -> str:
             losses.clear()
             its, eta = timer.tick(step)
             if run.main:
-                run.reporter.emit("step", step=step, epoch=epoch, loss=step_loss, lr=lr, its=its, eta=eta)
+                run.reporter.emit("step", step=step, epoch=epoch, loss=step_loss, lr=lr, its=its, eta=eta,
+                                  lrs=dict(zip((g.name for g in tr.groups), lrs)),
+                                  grad_norm=guard.grad_norm if norm is not None else None, **meter.read(its))
             wants = _gather_requests(accelerator, run.reporter, requests)
             if wants.pause or wants.toggle or wants.held:
                 wants = _paused(run, requests, wants.held)
@@ -278,6 +296,10 @@ def _loop(run: _Run, requests: Requests) -> str:
                                                             and step < plan.total_steps)):
                 _validate(run, step)
                 timer.pause_excluded()
+            if run.holdout is not None and step % job.validation.loss_every_n_steps == 0 \
+                    and step < plan.total_steps:
+                _val_loss(run, step)
+                timer.pause_excluded()
             if step >= plan.total_steps:
                 break
     return "completed"
@@ -291,6 +313,8 @@ def _finish(run: _Run, status: str) -> str:
             _save_checkpoint(run)
         if run.job.validation.prompts:
             _validate(run, run.step)
+        if run.holdout is not None:
+            _val_loss(run, run.step)
         if run.main:
             outputs = _export(run)
     if run.main:
@@ -300,19 +324,68 @@ def _finish(run: _Run, status: str) -> str:
     return status
 
 
-def _batch_loss(run: _Run, batch: dict, gen: torch.Generator, with_grad: bool) -> torch.Tensor:
-    """The weighted denoising loss of one batch (instance or class images)."""
+def _batch_loss(run: _Run, batch: dict, gen: torch.Generator, with_grad: bool, denoiser=None,
+                dropout: bool = True) -> torch.Tensor:
+    """The weighted denoising loss of one batch (instance, class or held-out images)."""
     device = run.accelerator.device
     family, parts, job = run.family, run.parts, run.job
     latents = _latents(family, parts, batch, gen, device)
     with torch.set_grad_enabled(with_grad):
         cond = _conditioning(run, batch, device)
-    cond = family.drop_conditioning(parts, cond, gen, job.diffusion)
+    if dropout:
+        cond = family.drop_conditioning(parts, cond, gen, job.diffusion)
     noisy, timesteps, target, weight = family.noisy_input_and_target(parts, latents, gen, job.diffusion)
     with run.accelerator.autocast():
-        pred = family.predict(parts, run.denoiser, noisy, timesteps, cond)
+        pred = family.predict(parts, denoiser or run.denoiser, noisy, timesteps, cond)
     return _loss(pred, target, batch["weight"].to(weight.device) * weight, batch.get("mask"),
                  job.dataset.mask_outside_weight)
+
+
+@torch.no_grad()
+def _val_loss(run: _Run, step: int) -> None:
+    """The loss of the weights that would be exported now on the held-out images: each image at
+    validation.loss_draws (timestep, noise) draws, each from its own generator seeded by (validation.seed,
+    image, draw), so every evaluation, in this run or another, sees the same timesteps and noise."""
+    accelerator, val = run.accelerator, run.job.validation
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(run.denoiser)
+        modules = list(run.tr.modules.values()) or [model]
+        for module in modules:
+            module.eval()  # no LoRA dropout
+        losses = []
+        with _exported_weights(run):
+            for index in range(len(run.holdout)):
+                batch = collate([run.holdout[(index, 0)]])
+                for draw in range(val.loss_draws):
+                    seed = (val.seed * 1_000_003 + index * 7919 + draw) % (2**63)
+                    gen = torch.Generator(device=accelerator.device).manual_seed(seed)
+                    losses.append(_batch_loss(run, batch, gen, False, denoiser=model, dropout=False))
+        for module in modules:
+            module.train()
+        value = torch.stack(losses).mean().item()  # one read per evaluation, not per step
+        run.reporter.emit("val_loss", step=step, loss=value, images=len(run.holdout))
+    accelerator.wait_for_everyone()
+
+
+def _grad_norm(run: _Run) -> torch.Tensor | None:
+    """The total gradient norm, on the device (the guard reads it with the loss). None under fp16's loss
+    scaler, whose gradients are scaled until the clip unscales them."""
+    if getattr(run.accelerator, "scaler", None) is not None:
+        return None
+    return torch.nn.utils.get_total_norm([p.grad for p in run.tr.params.values() if p.grad is not None])
+
+
+def _clip(run: _Run, norm: torch.Tensor | None) -> None:
+    """Clip to optimizer.max_grad_norm, with the norm already computed where accelerate would compute the same."""
+    from accelerate.utils import DistributedType
+
+    params, limit = list(run.tr.params.values()), run.job.optimizer.max_grad_norm
+    plain = run.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU,
+                                                 DistributedType.MULTI_CPU)
+    if norm is not None and plain:
+        torch.nn.utils.clip_grads_with_norm_(params, limit, norm)
+    else:
+        run.accelerator.clip_grad_norm_(params, limit)
 
 
 def _class_images(run: _Run):
@@ -588,7 +661,7 @@ def _validate(run: _Run, step: int) -> None:
         with _exported_weights(run):
             for i, prompt in enumerate(val.prompts):
                 seed = val.seed + i
-                with accelerator.autocast():
+                with accelerator.autocast(), guidance.guided(model, val, FAMILIES[run.plan.family].cfg_halves):
                     image = pipe(_expand(run, prompt), negative_prompt=val.negative_prompt or None,
                                  num_inference_steps=val.steps, guidance_scale=val.guidance_scale, height=res,
                                  width=res, generator=torch.Generator().manual_seed(seed)).images[0]
@@ -634,6 +707,37 @@ def _export(run: _Run) -> dict:
         for i, path in enumerate(save_embeddings(tr.tokens, final / "embeddings", metadata)):
             outputs[f"embedding_{i}"] = path
     return outputs
+
+
+class _Meter:
+    """What a step event adds about throughput: samples/s, peak memory, and on a GPU TFLOPS and MFU (per
+    device) from the FLOPs of the run's first step, counted while it runs."""
+
+    def __init__(self, run: _Run):
+        self.run = run
+        device = run.accelerator.device
+        self.samples_per_step = (run.job.schedule.batch_size * run.job.schedule.gradient_accumulation
+                                 * run.accelerator.num_processes)
+        self.gpu = throughput.gpu_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        self.flops = throughput.FlopCount() if device.type == "cuda" else None
+        self._counted = False
+
+    def counting(self):
+        """The FLOP counter around the first micro-step on a GPU; nothing otherwise."""
+        from contextlib import nullcontext
+
+        if self.flops is None or self._counted:
+            return nullcontext()
+        self._counted = True
+        return self.flops
+
+    def read(self, its: float) -> dict:
+        out = {"samples_s": round(its * self.samples_per_step, 3),
+               "peak_mem": throughput.peak_memory(self.run.accelerator.device)}
+        if self.flops is not None and self.flops.total:
+            step_flops = self.flops.total * self.run.job.schedule.gradient_accumulation
+            out["tflops"], out["mfu"] = throughput.achieved(step_flops, its, self.gpu)
+        return out
 
 
 class _StepTimer:

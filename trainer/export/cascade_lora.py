@@ -66,15 +66,19 @@ def lora_components(path: str | Path) -> list[str]:
 
 def sample(model: str, prompt: str, out: Path, lora: str = "", decoder: str = "", scale: float = 1.0,
            negative_prompt: str = "", steps: int = 20, guidance_scale: float = 4.0, height: int = 1024,
-           width: int = 1024, seed: int = 0) -> Path:
+           width: int = 1024, seed: int = 0, guidance=None) -> Path:
     """`trainer sample-cascade`: render one prompt with stage C (with the LoRA file applied) and, given a stage B
     decoder (or a combined model), decode it to an image of about height x width; without one, write the picture
-    of the latents that validation shows. The latents are ceil(side / 42.67) a side, as diffusers computes them."""
+    of the latents that validation shows. The latents are ceil(side / 42.67) a side, as diffusers computes them.
+    `guidance`: a ValidationSpec whose guidance, apg_* fields say how stage C is guided (None: CFG)."""
     import math
 
     import torch
 
     from ..families.cascade import load_decoder, load_pipelines, render
+    from ..families.table import FAMILIES
+    from ..job import ValidationSpec
+    from ..run.guidance import guided
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -92,8 +96,10 @@ def sample(model: str, prompt: str, out: Path, lora: str = "", decoder: str = ""
         stage_b.set_progress_bar_config(disable=True)
     multiple = prior_pipe.config.resolution_multiple
     size = (math.ceil(height / multiple), math.ceil(width / multiple))
-    image = render(prior_pipe, stage_b, prompt, size, negative_prompt or None, steps, guidance_scale,
-                   torch.Generator().manual_seed(seed))
+    spec = (guidance or ValidationSpec()).model_copy(update={"guidance_scale": guidance_scale})
+    with guided(prior_pipe.prior, spec, FAMILIES["cascade"].cfg_halves):
+        image = render(prior_pipe, stage_b, prompt, size, negative_prompt or None, steps, guidance_scale,
+                       torch.Generator().manual_seed(seed))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)

@@ -29,6 +29,9 @@ class Family:
     # T5's prompt length: the pipeline's default max_sequence_length, so training sees prompts as validation
     # renders them (0: no T5).
     t5_tokens: int = 0
+    # Which half of the pipeline's classifier-free-guidance batch holds which prediction, for APG at validation
+    # (trainer/run/guidance.py); empty: the pipeline batches no CFG (Flux is guidance-distilled).
+    cfg_halves: tuple[str, ...] = ("uncond", "cond")
 
 
 _ONE = ("text_encoder",)
@@ -43,10 +46,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            t5_folders=("text_encoder_3", "tokenizer_3"), size_multiple=16, block_roots=("transformer_blocks",),
            t5_tokens=256),
     Family("flux", "Flux.1", "flux", "FluxPipeline", "transformer", _ONE, _TWO_CACHE, size_multiple=16,
-           block_roots=("transformer_blocks", "single_transformer_blocks"), t5_tokens=512),  # FLUX.1-dev's
+           block_roots=("transformer_blocks", "single_transformer_blocks"), t5_tokens=512,  # FLUX.1-dev's
+           cfg_halves=()),
     Family("cascade", "Stable Cascade stage C", "cascade", "StableCascadePriorPipeline", "prior", _ONE,
            _ONE_CACHE, image_encoder="effnet", size_multiple=32, kohya=False, class_images=False,
-           block_roots=("down_blocks", "up_blocks")),
+           block_roots=("down_blocks", "up_blocks"), cfg_halves=("cond", "uncond")),  # StableCascadePriorPipeline
 )}
 
 

@@ -28,22 +28,31 @@ class Guard:
     reporter: Reporter
     checkpoints: Path
     in_a_row: int = 0
+    grad_norm: float | None = None  # this process's value of `grad_norm` at the last step, read with the loss
 
-    def skip(self, accelerator, losses: list[torch.Tensor], groups, step: int) -> tuple[bool, float]:
+    def skip(self, accelerator, losses: list[torch.Tensor], groups, step: int,
+             grad_norm: torch.Tensor | None = None) -> tuple[bool, float]:
         """Whether step `step` must leave the weights alone, and its loss (the mean over micro-batches and
-        processes). Raises RunFailed when the run must stop. The one read from the device a step makes."""
+        processes). Raises RunFailed when the run must stop. The one read from the device a step makes: the
+        gradient norm, when given, rides along in it (kept in `self.grad_norm`)."""
         if getattr(accelerator, "scaler", None) is not None:
             groups = ()  # fp16: overflowing gradients are the loss scaler's business (it skips and rescales)
         readings = _readings(losses, groups)
+        if grad_norm is not None:
+            readings = torch.cat([readings, grad_norm.detach().float().reshape(1).to(readings.device)])
         count, processes = len(readings), accelerator.num_processes
         if processes > 1:  # every process must take the same branch, and print the same loss
             values = torch.cat([readings, accelerator.reduce(readings.clone(), "sum")]).tolist()
             mine, total = values[:count], values[count:]
+            if grad_norm is not None:
+                self.grad_norm, _ = mine.pop(), total.pop()
             loss = total[0] / processes
             what = _named(mine[1:], groups) or (
-                None if total[1:] == [processes] * (count - 1) else "the loss or gradients of another process")
+                None if total[1:] == [processes] * (len(total) - 1) else "the loss or gradients of another process")
         else:
             mine = readings.tolist()
+            if grad_norm is not None:
+                self.grad_norm = mine.pop()
             loss, what = mine[0], _named(mine[1:], groups)
         if what is None:
             self.in_a_row = 0
