@@ -137,6 +137,7 @@ def _setup(job: Job, plan: Plan, reporter: Reporter, resume: bool) -> _Run:
         _validate(run, 0)
     if run.holdout is not None and run.start_step == 0:
         _val_loss(run, 0)
+    throughput.training_starts(run.accelerator.device)
     return run
 
 

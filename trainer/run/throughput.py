@@ -32,8 +32,16 @@ class FlopCount:
         self.total = int(self._mode.get_total_flops())
 
 
+def training_starts(device: torch.device) -> None:
+    """On a GPU, forget the memory peak of loading and caching (every encoder on the device, which the training
+    step no longer holds): the step events then report the peak of training, what `trainer estimate` predicts."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory(device: torch.device) -> int:
-    """Bytes: the most the CUDA allocator has held since the run started, or the process's peak RSS on a CPU."""
+    """Bytes: the most the CUDA allocator has held since training started (`training_starts`), or the process's
+    peak RSS on a CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     try:
