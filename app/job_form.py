@@ -39,7 +39,8 @@ SECTION_TITLES = {
     "diffusion": "Noise and loss",
     "optimizer": "Optimizer",
     "schedule": "Schedule",
-    "precision": "Precision and memory",
+    "precision": "Precision",
+    "memory": "Memory (fitting bigger models)",
     "validation": "Validation",
     "output": "Output",
 }

@@ -209,13 +209,20 @@ def _trace(job: Job, plan: Plan, spec, real: bool) -> Estimate:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # fp16 has the same sizes
                 pred = family.predict(parts, tr.modules.get(family.DENOISER, parts.denoiser), noisy, timesteps, cond)
             loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+            fused = _fused_backward(job, tr, torch, real, counter) if job.memory.fused_backward else None
             del pred, noisy, target, latents, cond
             loss.backward()
             for p in tr.params.values():
                 if p.grad is not None:
                     counter.relabel(p.grad, "gradients")
-            with counter.counting_as("optimizer state"):
-                state, notes = _optimizer_step(job, tr, torch, real)
+            if fused is not None:
+                hooks, state = fused
+                hooks.remove()
+                notes = ["fused backward: each weight is stepped in its gradient hook and its gradient freed"] + \
+                    ([ADAMW8BIT_NOTE] if job.optimizer.name == "adamw8bit" else [])
+            else:
+                with counter.counting_as("optimizer state"):
+                    state, notes = _optimizer_step(job, tr, torch, real)
         step_flops = counter.flops * job.schedule.gradient_accumulation
     notes += [f"{name} cached: off the GPU during training" for name, cached in
               (("latents", plan.caching.latents), ("text", plan.caching.text)) if cached]
@@ -293,20 +300,10 @@ def _optimizer_step(job: Job, tr, torch, real: bool) -> tuple[object, list[str]]
     during the step one more fp32 copy, foreach's square roots of the second moments), since running it on fake
     tensors takes longer than the forward and backward passes together; the tests check these sizes against the
     real step. 8-bit AdamW is always counted so: bitsandbytes cannot run on fake tensors."""
-    from .methods.trainable import optimizer_groups
-
     params = [p for p in tr.params.values() if p.grad is not None]
     opt = job.optimizer
     if opt.name == "adamw8bit":
-        state = []
-        for p in params:
-            if p.numel() >= BNB_MIN_SIZE:
-                state += [torch.empty(p.numel(), dtype=torch.uint8) for _ in range(2)]
-                state += [torch.empty(math.ceil(p.numel() / BNB_BLOCK)) for _ in range(2)]
-            else:
-                state += [torch.empty(p.numel()) for _ in range(2)]
-        return state, ["8-bit AdamW: bitsandbytes cannot run on fake tensors; its state is counted at 1 byte per "
-                       "element per moment plus one fp32 scale per 256 elements"]
+        return [t for p in params for t in _adamw8bit_state(torch, p)], [ADAMW8BIT_NOTE]
     if not real:
         numel = sum(p.numel() for p in params)
         state = [torch.empty(numel), torch.empty(numel)]
@@ -314,10 +311,55 @@ def _optimizer_step(job: Job, tr, torch, real: bool) -> tuple[object, list[str]]
         return state, []
     if opt.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, opt.max_grad_norm, foreach=True)
-    optimizer = torch.optim.AdamW(optimizer_groups(tr), lr=opt.learning_rate, betas=tuple(opt.betas), eps=opt.eps,
-                                  weight_decay=opt.weight_decay, foreach=True)
+    optimizer = _real_adamw(job, tr, torch)
     optimizer.step()
     return optimizer, []
+
+
+ADAMW8BIT_NOTE = ("8-bit AdamW: bitsandbytes cannot run on fake tensors; its state is counted at 1 byte per element "
+                  "per moment plus one fp32 scale per 256 elements")
+
+
+def _adamw8bit_state(torch, p) -> list:
+    if p.numel() >= BNB_MIN_SIZE:
+        return [*(torch.empty(p.numel(), dtype=torch.uint8) for _ in range(2)),
+                *(torch.empty(math.ceil(p.numel() / BNB_BLOCK)) for _ in range(2))]
+    return [torch.empty(p.numel()) for _ in range(2)]
+
+
+def _real_adamw(job: Job, tr, torch):
+    from .methods.trainable import optimizer_groups
+
+    opt = job.optimizer
+    return torch.optim.AdamW(optimizer_groups(tr), lr=opt.learning_rate, betas=tuple(opt.betas), eps=opt.eps,
+                             weight_decay=opt.weight_decay, foreach=True)
+
+
+def _fused_backward(job: Job, tr, torch, real: bool, counter):
+    """The run's FusedBackward hooks (trainer/run/fused_backward.py), stepping each weight as its gradient is ready:
+    with torch's AdamW on real tensors, with AdamW's allocations for that weight on fake ones (as `_optimizer_step`
+    makes them for all weights at once). Each gradient is counted as one while it lives. Returns the hooks and
+    what holds the optimizer state."""
+    from .run.fused_backward import FusedBackward, stepping
+
+    state: list = []
+    if real and job.optimizer.name == "adamw":
+        optimizer = _real_adamw(job, tr, torch)
+        state.append(optimizer)
+        real_step = stepping(optimizer)
+
+    def step_one(p):
+        counter.relabel(p.grad, "gradients")
+        with counter.counting_as("optimizer state"):
+            if job.optimizer.name == "adamw8bit":
+                state.extend(_adamw8bit_state(torch, p))
+            elif real:
+                real_step(p)
+            else:
+                state.extend([torch.empty(p.numel()), torch.empty(p.numel())])
+                square_root = torch.empty(p.numel())  # noqa: F841 - alive during the step only
+
+    return FusedBackward(list(tr.params.values()), step_one), state
 
 
 def _size(size: int) -> str:

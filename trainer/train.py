@@ -31,6 +31,7 @@ from .job import Job, JobError
 from .methods import ema, prior, trainable
 from .plan import Plan, class_layout
 from .run import checkpoint, nonfinite, speed
+from .run.fused_backward import FusedBackward, stepping
 from .run.checkpoint_files import newest_good
 
 
@@ -187,6 +188,11 @@ def _trainables(run: _Run) -> None:
     for p in tr.params.values():
         p.data = p.data.to(run.held.trained)  # trained weights stay fp32 under mixed precision
     optimizer = _optimizer(job, trainable.optimizer_groups(tr))
+    if job.memory.fused_backward:
+        if accelerator.num_processes > 1:  # DDP averages gradients after the hooks would have stepped them
+            raise JobError("memory.fused_backward: trains on one process only; launch it without accelerate's "
+                           "multi-GPU processes")
+        FusedBackward(list(tr.params.values()), stepping(optimizer))
     from diffusers.optimization import get_scheduler
 
     run.lr_scheduler = get_scheduler(job.schedule.lr_scheduler, optimizer,
@@ -245,7 +251,7 @@ def _loop(run: _Run, requests: Requests) -> str:
                     skip, step_loss = guard.skip(accelerator, losses, tr.groups, step + 1)  # may raise RunFailed
                     if job.optimizer.max_grad_norm > 0 and not skip:
                         accelerator.clip_grad_norm_(list(tr.params.values()), job.optimizer.max_grad_norm)
-                if not skip:
+                if not skip and not job.memory.fused_backward:  # fused: each weight stepped in the backward
                     run.optimizer.step()
                 run.optimizer.zero_grad(set_to_none=True)
             micro += 1
