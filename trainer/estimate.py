@@ -29,6 +29,12 @@ PARTS = ("frozen weights", "trainable weights", "gradients", "optimizer state", 
 # bitsandbytes' 8-bit AdamW (it cannot run on fake tensors): two 1-byte states per element with one fp32 scale per
 # block of 256, for tensors of at least 4096 elements; smaller ones keep two fp32 states.
 BNB_BLOCK, BNB_MIN_SIZE = 256, 4096
+BASE_WEIGHT_NOTES = {
+    "fp8": ["base weights fp8: the denoiser's Linear weights in float8_e4m3fn with one scale each, upcast layer by "
+            "layer"],
+    "nf4": ["base weights nf4: bitsandbytes cannot run on fake tensors; its NF4 weights are counted by formula (0.5 "
+            "byte per weight, an 8-bit absmax per 64 weights, an fp32 scale per 256 absmaxes) and its dequantized "
+            "weight as one layer's bf16 copy at a time"]}
 
 
 @dataclass
@@ -224,6 +230,7 @@ def _trace(job: Job, plan: Plan, spec, real: bool) -> Estimate:
                 with counter.counting_as("optimizer state"):
                     state, notes = _optimizer_step(job, tr, torch, real)
         step_flops = counter.flops * job.schedule.gradient_accumulation
+    notes += BASE_WEIGHT_NOTES.get(job.memory.base_weights, [])
     notes += [f"{name} cached: off the GPU during training" for name, cached in
               (("latents", plan.caching.latents), ("text", plan.caching.text)) if cached]
     peak = counter.peak_by_part()

@@ -343,6 +343,10 @@ class MemorySpec(_Section):
                                  "as its gradient is ready, and free that gradient: the gradients never all exist "
                                  "at once (a full fine-tune saves the size of its trained weights). Needs "
                                  "gradient_accumulation 1, max_grad_norm 0, on_nonfinite 'stop' and no fp16.")
+    base_weights: Literal["auto", "fp8", "nf4"] = Field(
+        "auto", description="How the denoiser's frozen Linear weights are held while a LoRA trains: auto (the "
+        "mixed-precision dtype), fp8 (e4m3 with a per-tensor scale, upcast layer by layer: half of bf16) or nf4 "
+        "(4-bit NormalFloat through bitsandbytes, as QLoRA: about a quarter of bf16).")
 
 
 class ValidationSpec(_Section):
@@ -385,6 +389,13 @@ class Job(_Section):
             raise ValueError("network.kind: 'none' trains nothing unless tokens.new or text_encoder.mode is set")
         if self.prior.enabled and not self.prior.class_prompt.strip():
             raise ValueError("prior.class_prompt: prior preservation needs a class prompt")
+        return self
+
+    @model_validator(mode="after")
+    def _base_weights(self) -> "Job":
+        if self.memory.base_weights != "auto" and self.network.kind == "full":
+            raise ValueError(f"memory.base_weights: {self.memory.base_weights} holds frozen weights; a full "
+                             "fine-tune trains them: use 'auto', or network.kind 'lora'")
         return self
 
     @model_validator(mode="after")
