@@ -136,3 +136,40 @@ def test_fp8_demo_trains_and_the_estimate_halves_the_linear_weights(demo_job, tm
     assert bf16.peak["frozen weights"] - fp8.peak["frozen weights"] == sum(linears) - 4 * len(linears)
     assert fp8.peak["trainable weights"] == bf16.peak["trainable weights"]
     assert any("fp8" in note for note in fp8.notes)
+
+
+def test_nf4_base_weights_through_bitsandbytes_keep_the_lora_gradients(demo_job):
+    # bitsandbytes 0.50 quantizes and runs its 4-bit layers on CPU tensors, so this needs no GPU.
+    bnb = pytest.importorskip("bitsandbytes")
+    bf16, _ = _lora_gradients(demo_job, "precision.mixed_precision=bf16")
+    nf4, unet = _lora_gradients(demo_job, "precision.mixed_precision=bf16", "memory.base_weights=nf4")
+    layers = [m for m in unet.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.weight.quant_type == "nf4" and m.weight.bnb_quantized for m in layers)
+    to_q = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    assert type(to_q).__module__ == "peft.tuners.lora.bnb"  # peft's own 4-bit LoRA layer
+    # Measured: 4.8% of the gradient's norm against fp32 (bf16 alone: 2.1%).
+    assert _relative_error(nf4, bf16) < 0.10
+    assert torch.nn.functional.cosine_similarity(nf4, bf16, dim=0) > 0.99
+
+
+def test_nf4_estimate_counts_what_bitsandbytes_keeps(demo_job):
+    from trainer.methods.base_weights import _bnb_nf4, nf4_bytes
+
+    layer = _bnb_nf4(torch.nn.Linear(320, 1280))
+    state = layer.weight.quant_state
+    kept = layer.weight.nbytes + state.absmax.nbytes + state.state2.absmax.nbytes  # the 1 KiB code is shared
+    assert nf4_bytes(320 * 1280) == kept
+    bf16 = _estimate(demo_job, "precision.mixed_precision=bf16")
+    nf4 = _estimate(demo_job, "precision.mixed_precision=bf16", "memory.base_weights=nf4")
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(demo_job.parent / "model" / "unet")
+    linears = [m.weight.numel() for m in unet.modules() if type(m) is torch.nn.Linear]
+    assert bf16.peak["frozen weights"] - nf4.peak["frozen weights"] == sum(2 * n - nf4_bytes(n) for n in linears)
+    assert any("nf4" in note and "formula" in note for note in nf4.notes)
+
+
+def test_nf4_demo_trains(demo_job, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    _run(demo_job, tmp_path / "run", "memory.base_weights=nf4")
+    assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()

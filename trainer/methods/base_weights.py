@@ -86,7 +86,15 @@ def _bnb_nf4(linear: torch.nn.Linear):
     new.weight = bnb.nn.Params4bit(linear.weight.detach().to("cpu"), requires_grad=False, quant_type="nf4",
                                    compress_statistics=True)
     new.bias = linear.bias
+    new.register_forward_hook(_output_as_autocast)
     return new.to(device)
+
+
+def _output_as_autocast(module, args, out: torch.Tensor) -> torch.Tensor:
+    # Under autocast an nn.Linear returns the autocast dtype; bitsandbytes returns its input's dtype, which the
+    # layers after it (norms whose weights are in the autocast dtype) do not expect.
+    device = out.device.type
+    return out.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else out
 
 
 def nf4_bytes(numel: int) -> int:
