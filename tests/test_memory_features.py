@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from trainer.cli import main
+from trainer.events import read_events
 from trainer.estimate import estimate
 from trainer.job import JobError, load_job
 from trainer.plan import make_plan
@@ -173,3 +174,103 @@ def test_nf4_demo_trains(demo_job, tmp_path):
     pytest.importorskip("bitsandbytes")
     _run(demo_job, tmp_path / "run", "memory.base_weights=nf4")
     assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_block_swap_trains_exactly_as_without(demo_job, tmp_path):
+    # On a CPU the moves leave the tensors where they are; what could differ is the hooks' order and the recompute.
+    _run(demo_job, tmp_path / "plain", "schedule.max_steps=2", "precision.gradient_checkpointing=true")
+    _run(demo_job, tmp_path / "swap", "schedule.max_steps=2", "precision.gradient_checkpointing=true",
+         "memory.block_swap=3")
+    events = {name: read_events(tmp_path / name / "events.jsonl")[0] for name in ("plain", "swap")}
+    losses = {name: [e["loss"] for e in got if e["type"] == "step"] for name, got in events.items()}
+    assert len(losses["plain"]) == 2 and losses["plain"] == losses["swap"]
+    a = load_file(tmp_path / "plain" / "final" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "swap" / "final" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any("block swap: 3 of 5 blocks" in str(e.get("message")) for e in events["swap"])
+
+
+class _Recorder:
+    """A Mover that keeps the tensors where they are and records where each is meant to be."""
+
+    def __init__(self):
+        self.where, self.moves = {}, []
+
+    def to_host(self, index, tensors):
+        self.where.update({id(t): "host" for t in tensors})
+        self.moves.append(("out", index))
+
+    def to_device(self, index, tensors, prefetch=False):
+        self.where.update({id(t): "device" for t in tensors})
+        self.moves.append(("in", index))
+
+    def ready(self, index, tensors):
+        pass
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_block_swap_has_each_block_on_the_device_whenever_it_computes(demo_job, checkpointing):
+    from trainer.families.detect import family_module
+    from trainer.families.table import FAMILIES
+    from trainer.methods import trainable
+    from trainer.run.block_swap import BlockSwap, frozen_tensors, swap_blocks
+
+    job = load_job(demo_job)
+    family = family_module("sd1")
+    parts = family.load(job.model)
+    tr = trainable.setup(family, parts, job, 10)
+    unet = parts.denoiser
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    blocks = swap_blocks(unet, FAMILIES["sd1"].swap_blocks)
+    assert [type(b).__name__ for b in blocks] == ["CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn",
+                                                   "UpBlock2D", "CrossAttnUpBlock2D"]
+    recorder = _Recorder()
+    swap = BlockSwap(blocks, 3, recorder)
+    assert all(recorder.where[id(t)] == "host" for b in blocks[:3] for t in frozen_tensors(b))
+    wrong, most = [], [0]
+
+    def check(module, *_):
+        most[0] = max(most[0], len(swap.inside))
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad and recorder.where.get(id(p), "device") != "device":
+                wrong.append(module)
+
+    def check_in_backward(module, args, out):
+        if out.requires_grad:  # called when the layer's backward is about to run
+            out.register_hook(lambda grad: check(module))
+
+    for block in blocks:
+        for module in block.modules():
+            if not list(module.children()):  # the layers that compute
+                module.register_forward_pre_hook(check)
+                module.register_forward_hook(check_in_backward)
+    for step in range(2):
+        gen = torch.Generator().manual_seed(step)
+        noisy, cond = torch.randn(1, 4, 32, 32, generator=gen), torch.randn(1, 77, 32, generator=gen)
+        unet(noisy, torch.tensor([500]), cond).sample.square().mean().backward()
+        assert not wrong, wrong[:3]
+        assert swap.inside == {0}  # the first block stays for the next forward pass
+    assert most[0] <= 2  # a block and the one prefetched
+    assert all(p.grad is not None for p in tr.params.values())
+    forward = recorder.moves[3:3 + 6]
+    assert forward == [("in", 0), ("in", 1), ("out", 0), ("in", 2), ("out", 1), ("out", 2)]
+
+
+def test_block_swap_estimate_drops_the_swapped_blocks_weights(demo_job):
+    from diffusers import UNet2DConditionModel
+
+    from trainer.families.table import FAMILIES
+    from trainer.run.block_swap import frozen_tensors, swap_blocks
+
+    plain, swap = _estimate(demo_job), _estimate(demo_job, "memory.block_swap=3")
+    unet = UNet2DConditionModel.from_pretrained(demo_job.parent / "model" / "unet").requires_grad_(False)
+    sizes = [sum(t.nbytes for t in frozen_tensors(b)) for b in swap_blocks(unet, FAMILIES["sd1"].swap_blocks)]
+    # Between steps only the first block is back on the device; at the peak at most two of them are.
+    assert plain.between_steps["frozen weights"] - swap.between_steps["frozen weights"] == sum(sizes[1:3])
+    assert plain.peak["frozen weights"] - swap.peak["frozen weights"] >= min(sizes[:3])
+    assert swap.flops == plain.flops
+    assert any("block swap: 3 of 5 blocks" in note for note in swap.notes)
+    with pytest.raises(JobError, match="memory.block_swap: 6, but this model has 5 blocks"):
+        _estimate(demo_job, "memory.block_swap=6")

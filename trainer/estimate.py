@@ -179,6 +179,7 @@ def _trace(job: Job, plan: Plan, spec, real: bool) -> Estimate:
             module.train()
         text_trains = trainable.text_trains(tr, 0)
         _add_module(counter, parts.denoiser, tr)
+        swap_note = _block_swap(job, plan, parts.denoiser, counter) if job.memory.block_swap else []
         gen = torch.Generator().manual_seed(job.schedule.seed)
         pixels = torch.zeros(batch, 3, height, width)
         captions = ["a photo"] * batch
@@ -230,7 +231,7 @@ def _trace(job: Job, plan: Plan, spec, real: bool) -> Estimate:
                 with counter.counting_as("optimizer state"):
                     state, notes = _optimizer_step(job, tr, torch, real)
         step_flops = counter.flops * job.schedule.gradient_accumulation
-    notes += BASE_WEIGHT_NOTES.get(job.memory.base_weights, [])
+    notes += BASE_WEIGHT_NOTES.get(job.memory.base_weights, []) + swap_note
     notes += [f"{name} cached: off the GPU during training" for name, cached in
               (("latents", plan.caching.latents), ("text", plan.caching.text)) if cached]
     peak = counter.peak_by_part()
@@ -367,6 +368,40 @@ def _fused_backward(job: Job, tr, torch, real: bool, counter):
                 square_root = torch.empty(p.numel())  # noqa: F841 - alive during the step only
 
     return FusedBackward(list(tr.params.values()), step_one), state
+
+
+class _CountingMover:
+    """Block swap's moves (trainer/run/block_swap.py) as the memory count sees them: a block's frozen weights leave
+    the count when they go to CPU memory and come back when they return."""
+
+    def __init__(self, counter):
+        self.counter = counter
+
+    def to_host(self, index: int, tensors) -> None:
+        for t in tensors:
+            self.counter.remove(t)
+
+    def to_device(self, index: int, tensors, prefetch: bool = False) -> None:
+        for t in tensors:
+            self.counter.add(t, "frozen weights")
+
+    def ready(self, index: int, tensors) -> None:
+        pass
+
+
+def _block_swap(job: Job, plan: Plan, denoiser, counter) -> list[str]:
+    """The run's BlockSwap hooks on the traced denoiser, moving bytes in the count; the note for the output."""
+    from .families.table import FAMILIES
+    from .run.block_swap import BlockSwap, frozen_tensors, swap_blocks
+
+    count = job.memory.block_swap
+    blocks = swap_blocks(denoiser, FAMILIES[plan.family].swap_blocks)
+    if count > len(blocks):
+        raise JobError(f"memory.block_swap: {count}, but this model has {len(blocks)} blocks to swap")
+    held = sum(t.untyped_storage().nbytes() for block in blocks[:count] for t in frozen_tensors(block))
+    BlockSwap(blocks, count, _CountingMover(counter))
+    return [f"block swap: {count} of {len(blocks)} blocks ({_size(held)} of frozen weights) in CPU memory, "
+            f"streamed to the GPU while they run"]
 
 
 def _size(size: int) -> str:

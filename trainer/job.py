@@ -347,6 +347,9 @@ class MemorySpec(_Section):
         "auto", description="How the denoiser's frozen Linear weights are held while a LoRA trains: auto (the "
         "mixed-precision dtype), fp8 (e4m3 with a per-tensor scale, upcast layer by layer: half of bf16) or nf4 "
         "(4-bit NormalFloat through bitsandbytes, as QLoRA: about a quarter of bf16).")
+    block_swap: int = Field(0, ge=0, le=256, description="Keep the frozen weights of the denoiser's first N blocks "
+                            "in CPU memory and stream each to the GPU just before it runs (forward and backward): "
+                            "less GPU memory, more time for the copies (0: off).")
 
 
 class ValidationSpec(_Section):

@@ -129,6 +129,8 @@ def _check_family_rules(job: Job, family: str) -> None:
         raise JobError(f"output.save_kohya: {family} models have no kohya LoRA format; set it to false")
     if not can.class_images and job.prior.enabled:
         raise JobError(f"prior.enabled: prior preservation is not available for {family} models")
+    if job.memory.block_swap and not can.swap_blocks:
+        raise JobError(f"memory.block_swap: block swap is not available for {family} models; set it to 0")
     multiple = can.size_multiple
     for name in ("bucket_step", "resolution"):
         value = getattr(job.dataset, name)
