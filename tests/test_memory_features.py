@@ -274,3 +274,11 @@ def test_block_swap_estimate_drops_the_swapped_blocks_weights(demo_job):
     assert any("block swap: 3 of 5 blocks" in note for note in swap.notes)
     with pytest.raises(JobError, match="memory.block_swap: 6, but this model has 5 blocks"):
         _estimate(demo_job, "memory.block_swap=6")
+
+
+def test_check_says_which_memory_settings_are_on(demo_job, capsys):
+    assert main(["check", str(demo_job), "--no-estimate"]) == 0
+    assert "memory: no memory-saving setting on" in capsys.readouterr().out
+    assert main(["check", str(demo_job), "--no-estimate", "--set", "memory.base_weights=fp8", "--set",
+                 "memory.block_swap=2", "--set", "precision.gradient_checkpointing=true"]) == 0
+    assert "memory: base weights fp8, block swap of 2 blocks, gradient checkpointing" in capsys.readouterr().out
