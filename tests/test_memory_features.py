@@ -282,3 +282,31 @@ def test_check_says_which_memory_settings_are_on(demo_job, capsys):
     assert main(["check", str(demo_job), "--no-estimate", "--set", "memory.base_weights=fp8", "--set",
                  "memory.block_swap=2", "--set", "precision.gradient_checkpointing=true"]) == 0
     assert "memory: base weights fp8, block swap of 2 blocks, gradient checkpointing" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_fused_steps_are_the_optimizers_own_step(optimizer):
+    # Two parameter groups with their own learning rates; the per-weight step must use each weight's group.
+    from trainer.run.fused_backward import FusedBackward, stepping
+
+    def train(fused):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.Linear(128, 64))
+        groups = [{"params": list(model[0].parameters()), "lr": 1e-3}, {"params": list(model[1].parameters()),
+                                                                         "lr": 1e-2}]
+        if optimizer == "adamw8bit":
+            opt = pytest.importorskip("bitsandbytes").optim.AdamW8bit(groups)
+        else:
+            opt = torch.optim.AdamW(groups)
+        if fused:
+            FusedBackward(list(model.parameters()), stepping(opt))
+        for i in range(3):
+            model(torch.randn(4, 128, generator=torch.Generator().manual_seed(i))).square().mean().backward()
+            if not fused:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            assert all(p.grad is None for p in model.parameters())
+        return list(model.parameters())
+
+    for got, want in zip(train(True), train(False)):
+        assert torch.equal(got, want)

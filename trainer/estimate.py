@@ -178,8 +178,9 @@ def _trace(job: Job, plan: Plan, spec, real: bool) -> Estimate:
         for module in tr.modules.values():
             module.train()
         text_trains = trainable.text_trains(tr, 0)
-        _add_module(counter, parts.denoiser, tr)
-        swap_note = _block_swap(job, plan, parts.denoiser, counter) if job.memory.block_swap else []
+        # The swapped blocks' weights start in CPU memory: never counted before their first move.
+        swap_note, swapped = _block_swap(job, plan, parts.denoiser, counter) if job.memory.block_swap else ([], set())
+        _add_module(counter, parts.denoiser, tr, skip=swapped)
         gen = torch.Generator().manual_seed(job.schedule.seed)
         pixels = torch.zeros(batch, 3, height, width)
         captions = ["a photo"] * batch
@@ -292,13 +293,16 @@ def _to_fake(torch, modules, tr) -> None:
         group.params = {key: new_of.get(id(p), p) for key, p in group.params.items()}
 
 
-def _add_module(counter, module, tr, part: str = "") -> None:
-    """Count a module's weights and buffers: trained ones as such, the rest as `part` (frozen weights)."""
+def _add_module(counter, module, tr, part: str = "", skip: set[int] = frozenset()) -> None:
+    """Count a module's weights and buffers (except those in `skip`, by id): trained ones as such, the rest as
+    `part` (frozen weights)."""
     trained = {id(p) for p in tr.params.values()}
     for p in module.parameters():
-        counter.add(p, "trainable weights" if id(p) in trained else part or "frozen weights")
+        if id(p) not in skip:
+            counter.add(p, "trainable weights" if id(p) in trained else part or "frozen weights")
     for b in module.buffers():
-        counter.add(b, part or "frozen weights")
+        if id(b) not in skip:
+            counter.add(b, part or "frozen weights")
 
 
 def _optimizer_step(job: Job, tr, torch, real: bool) -> tuple[object, list[str]]:
@@ -389,8 +393,9 @@ class _CountingMover:
         pass
 
 
-def _block_swap(job: Job, plan: Plan, denoiser, counter) -> list[str]:
-    """The run's BlockSwap hooks on the traced denoiser, moving bytes in the count; the note for the output."""
+def _block_swap(job: Job, plan: Plan, denoiser, counter) -> tuple[list[str], set[int]]:
+    """The run's BlockSwap hooks on the traced denoiser, moving bytes in the count; the note for the output, and
+    the ids of the tensors that start in CPU memory."""
     from .families.table import FAMILIES
     from .run.block_swap import BlockSwap, frozen_tensors, swap_blocks
 
@@ -399,9 +404,9 @@ def _block_swap(job: Job, plan: Plan, denoiser, counter) -> list[str]:
     if count > len(blocks):
         raise JobError(f"memory.block_swap: {count}, but this model has {len(blocks)} blocks to swap")
     held = sum(t.untyped_storage().nbytes() for block in blocks[:count] for t in frozen_tensors(block))
-    BlockSwap(blocks, count, _CountingMover(counter))
-    return [f"block swap: {count} of {len(blocks)} blocks ({_size(held)} of frozen weights) in CPU memory, "
-            f"streamed to the GPU while they run"]
+    swap = BlockSwap(blocks, count, _CountingMover(counter))
+    return ([f"block swap: {count} of {len(blocks)} blocks ({_size(held)} of frozen weights) in CPU memory, "
+             f"streamed to the GPU while they run"], {id(t) for tensors in swap.tensors for t in tensors})
 
 
 def _size(size: int) -> str:
