@@ -48,10 +48,16 @@ class Mover:
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.pending: set[int] = set()  # blocks being prefetched
+        # The CPU copy of each tensor, made once: frozen weights never change, so sending a block out again is only
+        # dropping its accelerator copy, with no copy back.
+        self.host: dict[int, torch.Tensor] = {}
 
     def to_host(self, index: int, tensors: list[torch.Tensor]) -> None:
         for t in tensors:
-            t.data = t.data.to("cpu").pin_memory() if self.cuda else t.data.to("cpu")
+            kept = self.host.get(id(t))
+            if kept is None:
+                kept = self.host[id(t)] = t.data.to("cpu").pin_memory() if self.cuda else t.data.to("cpu")
+            t.data = kept
             _quant_state_to(t, "cpu")
 
     def to_device(self, index: int, tensors: list[torch.Tensor], prefetch: bool = False) -> None:
