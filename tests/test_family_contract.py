@@ -48,6 +48,7 @@ def test_a_model_of_the_family_has_what_the_table_says(models, name):
     assert list(family_module(name).text_encoders(parts)) == list(row.text_encoders)
     top = {child for child, _ in parts.denoiser.named_children()}
     assert set(row.block_roots) <= top, top
+    assert set(row.swap_blocks) <= top, top  # block swap streams these
 
 
 def test_every_list_of_families_is_the_table():

@@ -29,6 +29,12 @@ PARTS = ("frozen weights", "trainable weights", "gradients", "optimizer state", 
 # bitsandbytes' 8-bit AdamW (it cannot run on fake tensors): two 1-byte states per element with one fp32 scale per
 # block of 256, for tensors of at least 4096 elements; smaller ones keep two fp32 states.
 BNB_BLOCK, BNB_MIN_SIZE = 256, 4096
+BASE_WEIGHT_NOTES = {
+    "fp8": ["base weights fp8: the denoiser's Linear weights in float8_e4m3fn with one scale each, upcast layer by "
+            "layer"],
+    "nf4": ["base weights nf4: bitsandbytes cannot run on fake tensors; its NF4 weights are counted by formula (0.5 "
+            "byte per weight, an 8-bit absmax per 64 weights, an fp32 scale per 256 absmaxes) and its dequantized "
+            "weight as one layer's bf16 copy at a time"]}
 
 
 @dataclass
@@ -172,7 +178,9 @@ def _trace(job: Job, plan: Plan, spec, real: bool) -> Estimate:
         for module in tr.modules.values():
             module.train()
         text_trains = trainable.text_trains(tr, 0)
-        _add_module(counter, parts.denoiser, tr)
+        # The swapped blocks' weights start in CPU memory: never counted before their first move.
+        swap_note, swapped = _block_swap(job, plan, parts.denoiser, counter) if job.memory.block_swap else ([], set())
+        _add_module(counter, parts.denoiser, tr, skip=swapped)
         gen = torch.Generator().manual_seed(job.schedule.seed)
         pixels = torch.zeros(batch, 3, height, width)
         captions = ["a photo"] * batch
@@ -209,14 +217,22 @@ def _trace(job: Job, plan: Plan, spec, real: bool) -> Estimate:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # fp16 has the same sizes
                 pred = family.predict(parts, tr.modules.get(family.DENOISER, parts.denoiser), noisy, timesteps, cond)
             loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+            fused = _fused_backward(job, tr, torch, real, counter) if job.memory.fused_backward else None
             del pred, noisy, target, latents, cond
             loss.backward()
             for p in tr.params.values():
                 if p.grad is not None:
                     counter.relabel(p.grad, "gradients")
-            with counter.counting_as("optimizer state"):
-                state, notes = _optimizer_step(job, tr, torch, real)
+            if fused is not None:
+                hooks, state = fused
+                hooks.remove()
+                notes = ["fused backward: each weight is stepped in its gradient hook and its gradient freed"] + \
+                    ([ADAMW8BIT_NOTE] if job.optimizer.name == "adamw8bit" else [])
+            else:
+                with counter.counting_as("optimizer state"):
+                    state, notes = _optimizer_step(job, tr, torch, real)
         step_flops = counter.flops * job.schedule.gradient_accumulation
+    notes += BASE_WEIGHT_NOTES.get(job.memory.base_weights, []) + swap_note
     notes += [f"{name} cached: off the GPU during training" for name, cached in
               (("latents", plan.caching.latents), ("text", plan.caching.text)) if cached]
     peak = counter.peak_by_part()
@@ -277,13 +293,16 @@ def _to_fake(torch, modules, tr) -> None:
         group.params = {key: new_of.get(id(p), p) for key, p in group.params.items()}
 
 
-def _add_module(counter, module, tr, part: str = "") -> None:
-    """Count a module's weights and buffers: trained ones as such, the rest as `part` (frozen weights)."""
+def _add_module(counter, module, tr, part: str = "", skip: set[int] = frozenset()) -> None:
+    """Count a module's weights and buffers (except those in `skip`, by id): trained ones as such, the rest as
+    `part` (frozen weights)."""
     trained = {id(p) for p in tr.params.values()}
     for p in module.parameters():
-        counter.add(p, "trainable weights" if id(p) in trained else part or "frozen weights")
+        if id(p) not in skip:
+            counter.add(p, "trainable weights" if id(p) in trained else part or "frozen weights")
     for b in module.buffers():
-        counter.add(b, part or "frozen weights")
+        if id(b) not in skip:
+            counter.add(b, part or "frozen weights")
 
 
 def _optimizer_step(job: Job, tr, torch, real: bool) -> tuple[object, list[str]]:
@@ -293,20 +312,10 @@ def _optimizer_step(job: Job, tr, torch, real: bool) -> tuple[object, list[str]]
     during the step one more fp32 copy, foreach's square roots of the second moments), since running it on fake
     tensors takes longer than the forward and backward passes together; the tests check these sizes against the
     real step. 8-bit AdamW is always counted so: bitsandbytes cannot run on fake tensors."""
-    from .methods.trainable import optimizer_groups
-
     params = [p for p in tr.params.values() if p.grad is not None]
     opt = job.optimizer
     if opt.name == "adamw8bit":
-        state = []
-        for p in params:
-            if p.numel() >= BNB_MIN_SIZE:
-                state += [torch.empty(p.numel(), dtype=torch.uint8) for _ in range(2)]
-                state += [torch.empty(math.ceil(p.numel() / BNB_BLOCK)) for _ in range(2)]
-            else:
-                state += [torch.empty(p.numel()) for _ in range(2)]
-        return state, ["8-bit AdamW: bitsandbytes cannot run on fake tensors; its state is counted at 1 byte per "
-                       "element per moment plus one fp32 scale per 256 elements"]
+        return [t for p in params for t in _adamw8bit_state(torch, p)], [ADAMW8BIT_NOTE]
     if not real:
         numel = sum(p.numel() for p in params)
         state = [torch.empty(numel), torch.empty(numel)]
@@ -314,10 +323,90 @@ def _optimizer_step(job: Job, tr, torch, real: bool) -> tuple[object, list[str]]
         return state, []
     if opt.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, opt.max_grad_norm, foreach=True)
-    optimizer = torch.optim.AdamW(optimizer_groups(tr), lr=opt.learning_rate, betas=tuple(opt.betas), eps=opt.eps,
-                                  weight_decay=opt.weight_decay, foreach=True)
+    optimizer = _real_adamw(job, tr, torch)
     optimizer.step()
     return optimizer, []
+
+
+ADAMW8BIT_NOTE = ("8-bit AdamW: bitsandbytes cannot run on fake tensors; its state is counted at 1 byte per element "
+                  "per moment plus one fp32 scale per 256 elements")
+
+
+def _adamw8bit_state(torch, p) -> list:
+    if p.numel() >= BNB_MIN_SIZE:
+        return [*(torch.empty(p.numel(), dtype=torch.uint8) for _ in range(2)),
+                *(torch.empty(math.ceil(p.numel() / BNB_BLOCK)) for _ in range(2))]
+    return [torch.empty(p.numel()) for _ in range(2)]
+
+
+def _real_adamw(job: Job, tr, torch):
+    from .methods.trainable import optimizer_groups
+
+    opt = job.optimizer
+    return torch.optim.AdamW(optimizer_groups(tr), lr=opt.learning_rate, betas=tuple(opt.betas), eps=opt.eps,
+                             weight_decay=opt.weight_decay, foreach=True)
+
+
+def _fused_backward(job: Job, tr, torch, real: bool, counter):
+    """The run's FusedBackward hooks (trainer/run/fused_backward.py), stepping each weight as its gradient is ready:
+    with torch's AdamW on real tensors, with AdamW's allocations for that weight on fake ones (as `_optimizer_step`
+    makes them for all weights at once). Each gradient is counted as one while it lives. Returns the hooks and
+    what holds the optimizer state."""
+    from .run.fused_backward import FusedBackward, stepping
+
+    state: list = []
+    if real and job.optimizer.name == "adamw":
+        optimizer = _real_adamw(job, tr, torch)
+        state.append(optimizer)
+        real_step = stepping(optimizer)
+
+    def step_one(p):
+        counter.relabel(p.grad, "gradients")
+        with counter.counting_as("optimizer state"):
+            if job.optimizer.name == "adamw8bit":
+                state.extend(_adamw8bit_state(torch, p))
+            elif real:
+                real_step(p)
+            else:
+                state.extend([torch.empty(p.numel()), torch.empty(p.numel())])
+                square_root = torch.empty(p.numel())  # noqa: F841 - alive during the step only
+
+    return FusedBackward(list(tr.params.values()), step_one), state
+
+
+class _CountingMover:
+    """Block swap's moves (trainer/run/block_swap.py) as the memory count sees them: a block's frozen weights leave
+    the count when they go to CPU memory and come back when they return."""
+
+    def __init__(self, counter):
+        self.counter = counter
+
+    def to_host(self, index: int, tensors) -> None:
+        for t in tensors:
+            self.counter.remove(t)
+
+    def to_device(self, index: int, tensors, prefetch: bool = False) -> None:
+        for t in tensors:
+            self.counter.add(t, "frozen weights")
+
+    def ready(self, index: int, tensors) -> None:
+        pass
+
+
+def _block_swap(job: Job, plan: Plan, denoiser, counter) -> tuple[list[str], set[int]]:
+    """The run's BlockSwap hooks on the traced denoiser, moving bytes in the count; the note for the output, and
+    the ids of the tensors that start in CPU memory."""
+    from .families.table import FAMILIES
+    from .run.block_swap import BlockSwap, frozen_tensors, swap_blocks
+
+    count = job.memory.block_swap
+    blocks = swap_blocks(denoiser, FAMILIES[plan.family].swap_blocks)
+    if count > len(blocks):
+        raise JobError(f"memory.block_swap: {count}, but this model has {len(blocks)} blocks to swap")
+    held = sum(t.untyped_storage().nbytes() for block in blocks[:count] for t in frozen_tensors(block))
+    swap = BlockSwap(blocks, count, _CountingMover(counter))
+    return ([f"block swap: {count} of {len(blocks)} blocks ({_size(held)} of frozen weights) in CPU memory, "
+             f"streamed to the GPU while they run"], {id(t) for tensors in swap.tensors for t in tensors})
 
 
 def _size(size: int) -> str:

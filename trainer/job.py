@@ -344,6 +344,21 @@ class PrecisionSpec(_Section):
                                          "less memory, about 30% slower.")
 
 
+class MemorySpec(_Section):
+    """What trades time or precision for GPU memory; `trainer estimate` shows what each one saves."""
+    fused_backward: bool = Field(False, description="Step each trained weight inside the backward pass, as soon "
+                                 "as its gradient is ready, and free that gradient: the gradients never all exist "
+                                 "at once (a full fine-tune saves the size of its trained weights). Needs "
+                                 "gradient_accumulation 1, max_grad_norm 0, on_nonfinite 'stop' and no fp16.")
+    base_weights: Literal["auto", "fp8", "nf4"] = Field(
+        "auto", description="How the denoiser's frozen Linear weights are held while a LoRA trains: auto (the "
+        "mixed-precision dtype), fp8 (e4m3 with a per-tensor scale, upcast layer by layer: half of bf16) or nf4 "
+        "(4-bit NormalFloat through bitsandbytes, as QLoRA: about a quarter of bf16).")
+    block_swap: int = Field(0, ge=0, le=256, description="Keep the frozen weights of the denoiser's first N blocks "
+                            "in CPU memory and stream each to the GPU just before it runs (forward and backward): "
+                            "less GPU memory, more time for the copies (0: off).")
+
+
 class ValidationSpec(_Section):
     prompts: list[str] = Field(default_factory=list, description="Prompts rendered at each validation.")
     negative_prompt: str = Field("", description="Negative prompt for validation images.")
@@ -414,9 +429,32 @@ class Job(_Section):
         if self.prior.enabled and not self.prior.class_prompt.strip():
             raise ValueError("prior.class_prompt: prior preservation needs a class prompt")
         return self
+
+    @model_validator(mode="after")
+    def _base_weights(self) -> "Job":
+        if self.memory.base_weights != "auto" and self.network.kind == "full":
+            raise ValueError(f"memory.base_weights: {self.memory.base_weights} holds frozen weights; a full "
+                             "fine-tune trains them: use 'auto', or network.kind 'lora'")
+        return self
+
+    @model_validator(mode="after")
+    def _fused_backward(self) -> "Job":
+        # Each weight steps inside the backward pass, before the other gradients exist: nothing can sum them over
+        # micro-batches, clip their common norm, skip the step or unscale fp16's loss scale.
+        if not self.memory.fused_backward:
+            return self
+        for wrong, what in ((self.schedule.gradient_accumulation > 1, "schedule.gradient_accumulation 1"),
+                            (self.optimizer.max_grad_norm > 0, "optimizer.max_grad_norm 0 (no clipping)"),
+                            (self.optimizer.on_nonfinite == "skip", "optimizer.on_nonfinite 'stop'"),
+                            (self.precision.mixed_precision == "fp16", "precision.mixed_precision 'bf16' or 'no'")):
+            if wrong:
+                raise ValueError(f"memory.fused_backward: each weight steps as soon as its gradient is ready, so it "
+                                 f"needs {what}")
+        return self
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     precision: PrecisionSpec = Field(default_factory=PrecisionSpec)
+    memory: MemorySpec = Field(default_factory=MemorySpec)
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     logging: LoggingSpec = Field(default_factory=LoggingSpec)

@@ -45,6 +45,12 @@ class LiveBytes(TorchDispatchMode):
         if self.total > self.peak:
             self.peak, self._rising = self.total, True
 
+    def remove(self, tensor: torch.Tensor) -> None:
+        """Stop counting `tensor`'s storage, as if it were freed (it left the device being counted)."""
+        key = tensor.untyped_storage()._cdata
+        if key in self.live:
+            self._free(key)
+
     def relabel(self, tensor: torch.Tensor, part: str) -> None:
         """Count `tensor`'s storage under `part` from now on, and at the peak (a gradient is made by an op in
         the backward pass and known as one only afterwards)."""

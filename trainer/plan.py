@@ -80,6 +80,7 @@ class Plan:
         lines.append(f"cache: latents {'on' if c.latents else 'off'}, text {'on' if c.text else 'off'}"
                      + (f", in {c.root}" if c.latents or c.text else ""))
         lines += [f"  note: {note}" for note in c.notes]
+        lines.append(memory_line(self.job))
         if self.job.prior.enabled:
             lines.append(f"prior preservation: {prior.class_image_count(self.job, s.num_images)} class images in "
                          f"{prior.class_dir(self.job)} ({prior.missing_count(self.job, s.num_images)} to generate)")
@@ -97,6 +98,17 @@ class Plan:
                   f"total steps: {self.total_steps}",
                   f"outputs: {self.output_dir}"]
         return lines
+
+
+def memory_line(job: Job) -> str:
+    """Which of the settings that lower GPU memory are on (README: Fitting in memory)."""
+    m = job.memory
+    on = [f"base weights {m.base_weights}"] if m.base_weights != "auto" else []
+    on += [f"block swap of {m.block_swap} blocks"] if m.block_swap else []
+    on += ["fused backward"] if m.fused_backward else []
+    on += ["gradient checkpointing"] if job.precision.gradient_checkpointing else []
+    on += ["8-bit AdamW"] if job.optimizer.name == "adamw8bit" else []
+    return f"memory: {', '.join(on) if on else 'no memory-saving setting on'}"
 
 
 def make_plan(job: Job, resume: bool = False) -> Plan:
@@ -200,6 +212,8 @@ def _check_family_rules(job: Job, family: str) -> None:
         raise JobError(f"output.save_kohya: {family} models have no kohya LoRA format; set it to false")
     if not can.class_images and job.prior.enabled:
         raise JobError(f"prior.enabled: prior preservation is not available for {family} models")
+    if job.memory.block_swap and not can.swap_blocks:
+        raise JobError(f"memory.block_swap: block swap is not available for {family} models; set it to 0")
     multiple = can.size_multiple
     for name in ("bucket_step", "resolution"):
         value = getattr(job.dataset, name)

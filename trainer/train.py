@@ -32,6 +32,8 @@ from .job import Job, JobError
 from .methods import ema, prior, trainable
 from .plan import Plan, class_layout, holdout_spec
 from .run import checkpoint, guidance, nonfinite, speed, throughput
+from .run.block_swap import BlockSwap, Mover, swap_blocks
+from .run.fused_backward import FusedBackward, stepping
 from .run.checkpoint_files import newest_good
 
 
@@ -187,7 +189,8 @@ def _trainables(run: _Run) -> None:
     """The denoiser on the accelerator, the adapters or weights that train (fp32), the optimizer and the
     learning-rate schedule, prepared by accelerate; the EMA when the job keeps one."""
     job, accelerator = run.job, run.accelerator
-    precision.place(run.parts.denoiser, accelerator.device, run.held.frozen)
+    swapping = job.memory.block_swap > 0  # set up in CPU memory: the whole denoiser need not fit on the GPU
+    precision.place(run.parts.denoiser, "cpu" if swapping else accelerator.device, run.held.frozen)
     set_seed(job.schedule.seed)  # adapters' random init must be the same in every run of this job
     tr = run.tr = trainable.setup(run.family, run.parts, job, run.plan.total_steps)
     if run.main:
@@ -199,18 +202,41 @@ def _trainables(run: _Run) -> None:
         module.train()
     for p in tr.params.values():
         p.data = p.data.to(run.held.trained)  # trained weights stay fp32 under mixed precision
+    if swapping:
+        _block_swap(run)
     optimizer = _optimizer(job, trainable.optimizer_groups(tr))
+    if job.memory.fused_backward:
+        if accelerator.num_processes > 1:  # DDP averages gradients after the hooks would have stepped them
+            raise JobError("memory.fused_backward: trains on one process only; launch it without accelerate's "
+                           "multi-GPU processes")
+        FusedBackward(list(tr.params.values()), stepping(optimizer))
     from diffusers.optimization import get_scheduler
 
     run.lr_scheduler = get_scheduler(job.schedule.lr_scheduler, optimizer,
                                      num_warmup_steps=job.schedule.warmup_steps,
                                      num_training_steps=run.plan.total_steps)
     run.denoiser = run.parts.denoiser
-    if tr.groups[0].name == "denoiser":
-        run.denoiser, run.optimizer = accelerator.prepare(run.denoiser, optimizer)
+    if tr.groups[0].name == "denoiser":  # with block swap, the swapped blocks' weights stay where they are
+        run.denoiser, run.optimizer = accelerator.prepare(run.denoiser, optimizer,
+                                                          device_placement=[not swapping, True])
     else:
         run.optimizer = accelerator.prepare(optimizer)
     run.shadow = ema.create(trainable.ema_params(tr)) if job.ema.enabled else None
+
+
+def _block_swap(run: _Run) -> None:
+    """The swapped blocks' frozen weights stay in CPU memory (trainer/run/block_swap.py); everything else goes to
+    the accelerator."""
+    count, denoiser = run.job.memory.block_swap, run.parts.denoiser
+    blocks = swap_blocks(denoiser, FAMILIES[run.plan.family].swap_blocks)
+    if count > len(blocks):
+        raise JobError(f"memory.block_swap: {count}, but this model has {len(blocks)} blocks to swap")
+    mover = Mover(run.accelerator.device)
+    swap = BlockSwap(blocks, count, mover)
+    swapped = {id(t) for tensors in swap.tensors for t in tensors}
+    mover.to_device(-1, [t for t in (*denoiser.parameters(), *denoiser.buffers()) if id(t) not in swapped])
+    if run.main:
+        run.reporter.log(f"block swap: {count} of {len(blocks)} blocks stream from CPU memory")
 
 
 def _resume(run: _Run) -> None:
@@ -261,7 +287,7 @@ def _loop(run: _Run, requests: Requests) -> str:
                     skip, step_loss = guard.skip(accelerator, losses, tr.groups, step + 1, norm)  # may raise
                     if job.optimizer.max_grad_norm > 0 and not skip:
                         _clip(run, norm)
-                if not skip:
+                if not skip and not job.memory.fused_backward:  # fused: each weight stepped in the backward
                     run.optimizer.step()
                 run.optimizer.zero_grad(set_to_none=True)
             micro += 1
@@ -370,8 +396,9 @@ def _val_loss(run: _Run, step: int) -> None:
 
 def _grad_norm(run: _Run) -> torch.Tensor | None:
     """The total gradient norm, on the device (the guard reads it with the loss). None under fp16's loss
-    scaler, whose gradients are scaled until the clip unscales them."""
-    if getattr(run.accelerator, "scaler", None) is not None:
+    scaler, whose gradients are scaled until the clip unscales them, and under the fused backward, which freed
+    each gradient as it stepped its weight."""
+    if getattr(run.accelerator, "scaler", None) is not None or run.job.memory.fused_backward:
         return None
     return torch.nn.utils.get_total_norm([p.grad for p in run.tr.params.values() if p.grad is not None])
 

@@ -32,6 +32,8 @@ class Family:
     # Which half of the pipeline's classifier-free-guidance batch holds which prediction, for APG at validation
     # (trainer/run/guidance.py); empty: the pipeline batches no CFG (Flux is guidance-distilled).
     cfg_halves: tuple[str, ...] = ("uncond", "cond")
+    # What block swap streams to the accelerator, in forward order: lists of blocks, or one block (the UNet's mid).
+    swap_blocks: tuple[str, ...] = ("down_blocks", "mid_block", "up_blocks")
 
 
 _ONE = ("text_encoder",)
@@ -44,13 +46,14 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("sdxl", "Stable Diffusion XL", "sdxl", "StableDiffusionXLPipeline", "unet", _TWO, _TWO_CACHE),
     Family("sd3", "Stable Diffusion 3/3.5", "sd3", "StableDiffusion3Pipeline", "transformer", _TWO, _TWO_CACHE,
            t5_folders=("text_encoder_3", "tokenizer_3"), size_multiple=16, block_roots=("transformer_blocks",),
-           t5_tokens=256),
+           t5_tokens=256, swap_blocks=("transformer_blocks",)),
     Family("flux", "Flux.1", "flux", "FluxPipeline", "transformer", _ONE, _TWO_CACHE, size_multiple=16,
            block_roots=("transformer_blocks", "single_transformer_blocks"), t5_tokens=512,  # FLUX.1-dev's
-           cfg_halves=()),
+           cfg_halves=(), swap_blocks=("transformer_blocks", "single_transformer_blocks")),
     Family("cascade", "Stable Cascade stage C", "cascade", "StableCascadePriorPipeline", "prior", _ONE,
            _ONE_CACHE, image_encoder="effnet", size_multiple=32, kohya=False, class_images=False,
-           block_roots=("down_blocks", "up_blocks"), cfg_halves=("cond", "uncond")),  # StableCascadePriorPipeline
+           block_roots=("down_blocks", "up_blocks"), swap_blocks=(),
+           cfg_halves=("cond", "uncond")),  # StableCascadePriorPipeline
 )}
 
 

@@ -47,6 +47,10 @@ def setup(family, parts, job: Job, total_steps: int) -> Trainable:
     denoiser = parts.denoiser
     denoiser.requires_grad_(False)
     net = job.network
+    if job.memory.base_weights != "auto":  # before the adapters, so peft wraps the quantized layers
+        from .base_weights import quantize
+
+        quantize(denoiser, job.memory.base_weights)
     if net.kind == "lora":
         from .layers import lora_target_names
 
