@@ -49,9 +49,11 @@ def cmd_demo(args) -> int:
 
 
 def cmd_check(args) -> int:
+    from .bundle import check_beside
     from .plan import make_plan
 
     job = load_job(args.job, args.set)
+    check_beside(args.job)
     plan = make_plan(job, resume=args.resume)
     lines = plan.describe()  # reads the model's layer table too: a bad block name fails here
     print(f"job: {args.job} is valid")
@@ -102,10 +104,12 @@ def cmd_estimate(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from .bundle import check_beside
     from .events import Reporter, parse_address
     from .plan import make_plan
 
     job = load_job(args.job, args.set)
+    check_beside(args.job)  # a bundle that arrived incomplete names its files before anything is written
     plan = make_plan(job, resume=args.resume)
     require_weights(job.model)
     if args.events:
@@ -153,6 +157,15 @@ def _one_line_reason(exc: BaseException) -> str | None:
     if disk.is_full(exc):  # a sample, an export or a cache file: the same advice as for a checkpoint
         return disk.full_message(getattr(exc, "filename", None) or "the run folder")
     return None
+
+
+def cmd_bundle(args) -> int:
+    from .bundle import bundle, describe
+
+    out = bundle(args.job, args.out, with_data=args.with_data, with_model=args.with_model, tar=args.tar)
+    for line in describe(out):
+        print(line)
+    return EXIT_OK
 
 
 def cmd_import(args) -> int:
@@ -271,6 +284,17 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True, metavar="JOB", help="the job file to write")
     imp.add_argument("--force", action="store_true", help="replace an existing --out file")
     imp.set_defaults(func=cmd_import)
+
+    bundle = sub.add_parser("bundle", help="make a job ready to run on another machine: the job with paths "
+                            "relative to the bundle, a manifest of every dataset file (size, sha256) and the model "
+                            "reference; `run` on the other side checks every file first")
+    bundle.add_argument("job", help="job file (JSON)")
+    bundle.add_argument("out", help="a new or empty folder (with --tar: the .tar file)")
+    bundle.add_argument("--with-data", action="store_true", help="copy the dataset and class images in")
+    bundle.add_argument("--with-model", action="store_true", help="copy a local model in (a hub id is always "
+                        "only named)")
+    bundle.add_argument("--tar", action="store_true", help="write one .tar holding the bundle folder")
+    bundle.set_defaults(func=cmd_bundle)
 
     inspect = sub.add_parser("inspect-model", help="print a model's block tree with parameter counts (JSON)")
     inspect.add_argument("model", help="a local diffusers model folder")
