@@ -168,6 +168,49 @@ def cmd_bundle(args) -> int:
     return EXIT_OK
 
 
+def cmd_remote(args) -> int:
+    from . import remote
+
+    if args.action == "start":
+        if not args.host:
+            raise JobError("remote start: --host is needed (the machine to train on)")
+        options = [part for option in args.ssh_option for part in ("-o", option)]
+        where = remote.Remote(host=args.host, user=args.user, port=args.port, key=args.key, folder=args.folder,
+                              python=args.python, options=options)
+        run = remote.start(args.target, where, args.local, args.name)
+        print(f"started {run.name} on {run.remote.target}; its files arrive in {run.local}")
+        if args.no_follow:
+            print(f"follow it with: python -m trainer remote follow {run.local}")
+            return EXIT_OK
+    else:
+        run = remote.RemoteRun.load(args.target)
+    if args.action in ("start", "follow", "resume"):
+        offset = 0
+        if args.action == "resume":
+            remote.fetch(run)
+            offset = remote.events_end(run)  # what the stopped run said is not said again
+            remote.launch(run, resume=True)
+        print("following (Ctrl-C stops following; the run goes on)")
+        try:
+            status = remote.follow(run, offset=offset)
+        except KeyboardInterrupt:
+            print(f"\nstopped following; again with: python -m trainer remote follow {run.local}")
+            return EXIT_OK
+        print(f"the run's files are in {run.local}")
+        return {"completed": EXIT_OK, "stopped": EXIT_STOPPED}.get(status, EXIT_FAILED)
+    if args.action == "fetch":
+        remote.fetch(run, args.checkpoints)
+        print(f"downloaded into {run.local}")
+    elif args.action == "log":
+        import subprocess
+
+        return subprocess.call(remote.log_command(run, 40))
+    else:
+        remote.send(run, args.action)
+        print(f"sent {args.action}; the trainer takes it at its next step")
+    return EXIT_OK
+
+
 def cmd_import(args) -> int:
     from .imports.command import import_files, write_job
 
@@ -295,6 +338,29 @@ def _parser() -> argparse.ArgumentParser:
                         "only named)")
     bundle.add_argument("--tar", action="store_true", help="write one .tar holding the bundle folder")
     bundle.set_defaults(func=cmd_bundle)
+
+    rem = sub.add_parser("remote", help="train on another machine over SSH (the system's ssh and rsync): upload "
+                         "a bundle, set up, start detached, follow, steer and download")
+    rem.add_argument("action", choices=("start", "follow", "resume", "stop", "save", "sample", "pause", "continue",
+                                        "fetch", "log"),
+                     help="start JOB; the others take the local folder of a remote run (it holds remote.json)")
+    rem.add_argument("target", metavar="JOB_OR_FOLDER", help="start: the job file; otherwise the run's local folder")
+    rem.add_argument("--host", help="start: the machine (a name from ~/.ssh/config works)")
+    rem.add_argument("--user", default="", help="start: the user there (default: ssh's)")
+    rem.add_argument("--port", type=int, default=22, help="start: the SSH port (default 22)")
+    rem.add_argument("--key", default="", help="start: a private key file (default: ssh's, or the agent)")
+    rem.add_argument("--folder", default="sdtrainer", help="start: the folder there (relative: in the home; "
+                     "default sdtrainer)")
+    rem.add_argument("--python", default="", help="start: a Python there that has the dependencies already; "
+                     "default: set up with python3 launch.py --setup")
+    rem.add_argument("--ssh-option", action="append", default=[], metavar="OPTION",
+                     help="start: an ssh -o option, e.g. ProxyJump=bastion (repeatable)")
+    rem.add_argument("--local", help="start: the local folder for the run's files (default the job's output_dir)")
+    rem.add_argument("--name", default="", help="start: the run's name there (again with the same name: the "
+                     "upload resumes)")
+    rem.add_argument("--no-follow", action="store_true", help="start: return once it started")
+    rem.add_argument("--checkpoints", action="store_true", help="fetch: the checkpoints too")
+    rem.set_defaults(func=cmd_remote)
 
     inspect = sub.add_parser("inspect-model", help="print a model's block tree with parameter counts (JSON)")
     inspect.add_argument("model", help="a local diffusers model folder")

@@ -520,10 +520,11 @@ def save_job(job: Job, path: str | Path, sparse: bool = False, extra: dict | Non
 
 def run_leftovers(output_dir: Path) -> list[str]:
     """What a run folder holds besides the job file the window writes into it before starting (and a `pause`
-    file, which starts the run paused): a run that only `--resume` may continue."""
+    file, which starts the run paused, or a `commands` folder, whose commands wait for the run's first step): a
+    run that only `--resume` may continue."""
     if not output_dir.is_dir():
         return []
-    return sorted(p.name for p in output_dir.iterdir() if p.name not in ("job.json", "pause"))
+    return sorted(p.name for p in output_dir.iterdir() if p.name not in ("job.json", "pause", "commands"))
 
 
 def apply_override(data: dict, item: str) -> dict:
