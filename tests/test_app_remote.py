@@ -56,3 +56,28 @@ def test_a_remote_run_from_the_window(app_window, qtbot, sshd, demo_job, tmp_pat
     assert main(["run", str(tmp_path / "here" / "job.json")]) == 0
     assert losses(local / "events.jsonl") == losses(tmp_path / "here" / "output" / "events.jsonl")
     assert list(losses(local / "events.jsonl")) == [1, 2, 3, 4]
+
+
+def test_a_follow_cut_by_the_network_starts_again_and_a_later_window_follows_the_recorded_run(qtbot, tmp_path,
+                                                                                              monkeypatch):
+    """`remote follow` exits 2 when the connection fails: the tab tries again until the run ends (here a stand-in
+    for the command: it fails twice, then reports the run completed)."""
+    import app.remote_panel as panel_module
+
+    monkeypatch.setattr(panel_module, "RETRY_MS", 50)
+    calls = tmp_path / "calls"
+    stand_in = [sys.executable, "-c", "import sys; f = open(sys.argv[1], 'a+'); f.write(' '.join(sys.argv[2:]) + "
+                "'\\n'); f.seek(0); sys.exit(2 if len(f.readlines()) < 3 else 0)", str(calls)]
+    local = tmp_path / "run"
+    local.mkdir()
+    (local / "remote.json").write_text("{}")
+    first = RemotePanel(trainer_command=stand_in)
+    qtbot.addWidget(first)
+    first.local = local
+    first.save()
+    later = RemotePanel(trainer_command=stand_in)  # as a window opened after the first one closed
+    qtbot.addWidget(later)
+    assert later.follow_recorded()
+    qtbot.waitUntil(lambda: later.status == "completed", timeout=20_000)
+    assert calls.read_text().splitlines() == [f"remote follow {local}"] * 3
+    assert later.log.toPlainText().count("connection lost; following again") == 2
