@@ -52,7 +52,9 @@ def sshd(tmp_path_factory):
         f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {d / 'host_key'}",
         f"AuthorizedKeysFile {d / 'authorized_keys'}", "PasswordAuthentication no",
         "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no", "PermitRootLogin prohibit-password",
-        "PidFile none", "LogLevel ERROR"]) + "\n")
+        "PidFile none", "LogLevel ERROR",
+        f"SetEnv XDG_CACHE_HOME={d / 'cache'}",  # the remote trainer's caches stay in this test's folder too
+    ]) + "\n")
     host_pub = (d / "host_key.pub").read_text().split()
     (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
     log = open(d / "sshd.log", "wb")
