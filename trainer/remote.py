@@ -172,7 +172,8 @@ def log_command(run: RemoteRun, lines: int = 20) -> list[str]:
 
 def _call(cmd: list[str], what: str, quiet: bool = False) -> None:
     if shutil.which(cmd[0]) is None:
-        raise JobError(f"{cmd[0]}: not installed on this machine (apt-get install {'openssh-client' if cmd[0] == 'ssh' else cmd[0]})")
+        package = "openssh-client" if cmd[0] == "ssh" else cmd[0]
+        raise JobError(f"{cmd[0]}: not installed on this machine (apt-get install {package})")
     result = subprocess.run(cmd, stdout=subprocess.PIPE if quiet else None, stderr=subprocess.PIPE, text=True)
     if result.returncode != 0:
         reason = (result.stderr or "").strip().splitlines()
