@@ -25,7 +25,8 @@ from .dataset_view import DatasetView
 from .job_form import JobForm
 from .run_folder import RunFolder
 from .run_panel import RunPanel
-from .settings import APPLICATION, RESOURCES, REPO_ROOT, settings, user_presets_dir
+from .remote_panel import RemotePanel
+from .settings import APPLICATION, RESOURCES, REPO_ROOT, data_dir, settings, user_presets_dir
 from .trainer_process import TrainerProcess
 
 _ICONS = QStyle.StandardPixmap
@@ -56,6 +57,9 @@ class MainWindow(QMainWindow):
         self.tabs = QTabWidget()
         self.tabs.addTab(self.dataset, "Dataset")
         self.tabs.addTab(self.run_panel, "Run")
+        self.remote = RemotePanel(self)
+        self.remote.job_file = self._remote_job
+        self.tabs.addTab(self.remote, "Remote")
         self.splitter = QSplitter(Qt.Orientation.Horizontal)
         self.splitter.addWidget(self.form)
         self.splitter.addWidget(self.tabs)
@@ -93,12 +97,14 @@ class MainWindow(QMainWindow):
         self.follower.eventsRead.connect(self.run_panel.add_events)
         self.follower.eventsRead.connect(self._on_followed)
         self.follower.failed.connect(self._notice)
+        self.remote.runFolderReady.connect(self.open_run_folder)  # a remote run's mirror feeds the same run view
 
         self.resize(1400, 900)
         self._fill_preset_combo()
         if restore:
             self._restore_settings()
             QTimer.singleShot(0, self.offer_to_follow)  # once shown: a run left going by an earlier window
+            QTimer.singleShot(0, self.remote.follow_recorded)  # and one on another machine
         self._on_form_changed()
         self._on_state("idle")
 
@@ -421,6 +427,19 @@ class MainWindow(QMainWindow):
         self.run_panel.tabs.setCurrentWidget(self.run_panel.plot)
         return True
 
+    def _remote_job(self) -> tuple[Path, Path] | None:
+        """For the Remote tab: the form's job as a file, and the local folder the remote run's files come to (the
+        job's output_dir, or a free one beside it when that already holds a run)."""
+        self._on_form_changed()
+        if self.job is None:
+            return None
+        local = Path(self.job.output.output_dir).expanduser().resolve()
+        if run_leftovers(local) or (local / "remote.json").exists():
+            local = _free_folder(local)
+        path = data_dir() / "remote-job.json"
+        save_job(self.job, path)
+        return path, local
+
     def offer_to_follow(self) -> None:
         """An earlier window (closed, or killed) left a run training: offer to show it as it goes."""
         found = live_run.still_running()
@@ -544,6 +563,8 @@ class MainWindow(QMainWindow):
         self._save_settings()
         self.follower.close()
         self.dataset.close_captioner()
+        self.remote.save()
+        self.remote.stop_following()  # the remote run goes on; a later window follows it again
         if self._demo is not None:  # a demo still building: its end must not reach a closed window
             self._demo.finished.disconnect()
             self._demo.kill()

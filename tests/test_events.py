@@ -103,3 +103,17 @@ def test_commands_are_a_closed_set():
     with pytest.raises(ValueError):
         command("rm -rf")
     assert json.loads(hello("x")) == {"type": "hello", "token": "x"}
+
+
+def test_commands_as_files_in_the_run_folder_are_taken_once(tmp_path):
+    from trainer.events import COMMAND_DIR, Reporter
+
+    reporter = Reporter(tmp_path / "events.jsonl", stream=None)
+    assert reporter.commands() == []  # no folder: nothing, no error
+    (tmp_path / COMMAND_DIR).mkdir()
+    for name in ("save", "stop", "rm -rf"):
+        (tmp_path / COMMAND_DIR / name).touch()
+    assert reporter.commands() == ["save", "stop"]
+    assert reporter.commands() == []
+    assert list((tmp_path / COMMAND_DIR).iterdir()) == []
+    reporter.close()

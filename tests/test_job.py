@@ -104,3 +104,22 @@ def test_set_is_validated_like_the_file(tmp_path):
 def test_run_provenance_is_ignored_on_input(tmp_path):
     save_job(load_preset("demo"), tmp_path / "job.json", extra={"provenance": {"packages": {"torch": "x"}}})
     assert load_job(tmp_path / "job.json") == load_preset("demo")
+
+
+def test_relative_paths_are_read_from_the_job_files_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "bundle"
+    (folder / "model").mkdir(parents=True)
+    (folder / "job.json").write_text(json.dumps({
+        "model": {"path": "model", "config": "org/not-here"},
+        "dataset": {"folders": [{"path": "data/0/dogs"}], "cache_dir": "../cache"},
+        "prior": {"class_dir": "./class"},
+        "output": {"output_dir": "output"}}))
+    monkeypatch.chdir(tmp_path)  # not the job's folder: a relative path must not depend on where one runs from
+    job = load_job(folder / "job.json", ["output.output_dir=elsewhere"])
+    assert job.model.path == str(folder / "model")
+    assert job.model.config == "org/not-here"  # no such folder beside the job: a hub id, left alone
+    assert job.dataset.folders[0].path == str(folder / "data" / "0" / "dogs")
+    assert job.dataset.cache_dir == str(tmp_path / "cache")
+    assert job.prior.class_dir == str(folder / "class")
+    assert job.output.output_dir == "elsewhere"  # --set values are the user's own, read from the working folder
+    assert load_job(folder / "job.json").output.output_dir == str(folder / "output")

@@ -50,9 +50,11 @@ def cmd_demo(args) -> int:
 
 
 def cmd_check(args) -> int:
+    from .bundle import check_beside
     from .plan import make_plan
 
     job = load_job(args.job, args.set)
+    check_beside(args.job)
     plan = make_plan(job, resume=args.resume)
     lines = plan.describe()  # reads the model's layer table too: a bad block name fails here
     print(f"job: {args.job} is valid")
@@ -118,10 +120,12 @@ def cmd_caption(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from .bundle import check_beside
     from .events import Reporter, parse_address
     from .plan import make_plan
 
     job = load_job(args.job, args.set)
+    check_beside(args.job)  # a bundle that arrived incomplete names its files before anything is written
     plan = make_plan(job, resume=args.resume)
     if not args.random_weights:
         require_weights(job.model)
@@ -182,6 +186,58 @@ def _one_line_reason(exc: BaseException) -> str | None:
     if disk.is_full(exc):  # a sample, an export or a cache file: the same advice as for a checkpoint
         return disk.full_message(getattr(exc, "filename", None) or "the run folder")
     return None
+
+
+def cmd_bundle(args) -> int:
+    from .bundle import bundle, describe
+
+    out = bundle(args.job, args.out, with_data=args.with_data, with_model=args.with_model, tar=args.tar)
+    for line in describe(out):
+        print(line)
+    return EXIT_OK
+
+
+def cmd_remote(args) -> int:
+    from . import remote
+
+    if args.action == "start":
+        if not args.host:
+            raise JobError("remote start: --host is needed (the machine to train on)")
+        options = [part for option in args.ssh_option for part in ("-o", option)]
+        where = remote.Remote(host=args.host, user=args.user, port=args.port, key=args.key, folder=args.folder,
+                              python=args.python, options=options)
+        run = remote.start(args.target, where, args.local, args.name)
+        print(f"started {run.name} on {run.remote.target}; its files arrive in {run.local}")
+        if args.no_follow:
+            print(f"follow it with: python -m trainer remote follow {run.local}")
+            return EXIT_OK
+    else:
+        run = remote.RemoteRun.load(args.target)
+    if args.action in ("start", "follow", "resume"):
+        offset = 0
+        if args.action == "resume":
+            remote.fetch(run)
+            offset = remote.events_end(run)  # what the stopped run said is not said again
+            remote.launch(run, resume=True)
+        print("following (Ctrl-C stops following; the run goes on)")
+        try:
+            status = remote.follow(run, offset=offset)
+        except KeyboardInterrupt:
+            print(f"\nstopped following; again with: python -m trainer remote follow {run.local}")
+            return EXIT_OK
+        print(f"the run's files are in {run.local}")
+        return {"completed": EXIT_OK, "stopped": EXIT_STOPPED}.get(status, EXIT_FAILED)
+    if args.action == "fetch":
+        remote.fetch(run, args.checkpoints)
+        print(f"downloaded into {run.local}")
+    elif args.action == "log":
+        import subprocess
+
+        return subprocess.call(remote.log_command(run, 40))
+    else:
+        remote.send(run, args.action)
+        print(f"sent {args.action}; the trainer takes it at its next step")
+    return EXIT_OK
 
 
 def cmd_import(args) -> int:
@@ -311,6 +367,40 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True, metavar="JOB", help="the job file to write")
     imp.add_argument("--force", action="store_true", help="replace an existing --out file")
     imp.set_defaults(func=cmd_import)
+
+    bundle = sub.add_parser("bundle", help="make a job ready to run on another machine: the job with paths "
+                            "relative to the bundle, a manifest of every dataset file (size, sha256) and the model "
+                            "reference; `run` on the other side checks every file first")
+    bundle.add_argument("job", help="job file (JSON)")
+    bundle.add_argument("out", help="a new or empty folder (with --tar: the .tar file)")
+    bundle.add_argument("--with-data", action="store_true", help="copy the dataset and class images in")
+    bundle.add_argument("--with-model", action="store_true", help="copy a local model in (a hub id is always "
+                        "only named)")
+    bundle.add_argument("--tar", action="store_true", help="write one .tar holding the bundle folder")
+    bundle.set_defaults(func=cmd_bundle)
+
+    rem = sub.add_parser("remote", help="train on another machine over SSH (the system's ssh and rsync): upload "
+                         "a bundle, set up, start detached, follow, steer and download")
+    rem.add_argument("action", choices=("start", "follow", "resume", "stop", "save", "sample", "pause", "continue",
+                                        "fetch", "log"),
+                     help="start JOB; the others take the local folder of a remote run (it holds remote.json)")
+    rem.add_argument("target", metavar="JOB_OR_FOLDER", help="start: the job file; otherwise the run's local folder")
+    rem.add_argument("--host", help="start: the machine (a name from ~/.ssh/config works)")
+    rem.add_argument("--user", default="", help="start: the user there (default: ssh's)")
+    rem.add_argument("--port", type=int, default=22, help="start: the SSH port (default 22)")
+    rem.add_argument("--key", default="", help="start: a private key file (default: ssh's, or the agent)")
+    rem.add_argument("--folder", default="sdtrainer", help="start: the folder there (relative: in the home; "
+                     "default sdtrainer)")
+    rem.add_argument("--python", default="", help="start: a Python there that has the dependencies already; "
+                     "default: set up with python3 launch.py --setup")
+    rem.add_argument("--ssh-option", action="append", default=[], metavar="OPTION",
+                     help="start: an ssh -o option, e.g. ProxyJump=bastion (repeatable)")
+    rem.add_argument("--local", help="start: the local folder for the run's files (default the job's output_dir)")
+    rem.add_argument("--name", default="", help="start: the run's name there (again with the same name: the "
+                     "upload resumes)")
+    rem.add_argument("--no-follow", action="store_true", help="start: return once it started")
+    rem.add_argument("--checkpoints", action="store_true", help="fetch: the checkpoints too")
+    rem.set_defaults(func=cmd_remote)
 
     inspect = sub.add_parser("inspect-model", help="print a model's block tree with parameter counts (JSON)")
     inspect.add_argument("model", help="a local diffusers model folder")

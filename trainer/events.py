@@ -18,6 +18,9 @@ from pathlib import Path
 
 TOKEN_ENV = "SDTRAINER_EVENTS_TOKEN"
 COMMANDS = ("stop", "save", "sample", "pause", "continue")
+# A run with no window takes the same commands as files: `touch RUN/commands/save` (how a remote run is steered
+# over SSH). The trainer deletes each file as it takes the command.
+COMMAND_DIR = "commands"
 
 # Every event has `type` and `time`; these are the other fields each type carries.
 EVENT_FIELDS: dict[str, tuple[str, ...]] = {
@@ -204,7 +207,26 @@ class Reporter:
         self.emit("log", level=level, message=message)
 
     def commands(self) -> list[str]:
-        """Commands the window sent since the last call (never blocks)."""
+        """Commands the window sent, or that lie as files in the run folder's `commands/`, since the last call
+        (never blocks)."""
+        return self._socket_commands() + self._file_commands()
+
+    def _file_commands(self) -> list[str]:
+        try:
+            names = sorted(os.listdir(self.path.parent / COMMAND_DIR))
+        except OSError:  # no such folder: the usual case, one failed call per step
+            return []
+        out = []
+        for name in names:
+            try:
+                os.unlink(self.path.parent / COMMAND_DIR / name)
+            except OSError:
+                continue  # taken already, or not ours to delete: acted on by no one twice
+            if name in COMMANDS:
+                out.append(name)
+        return out
+
+    def _socket_commands(self) -> list[str]:
         if self._sock is None:
             return []
         lines, read = [], 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import unicodedata
 from pathlib import Path
 from typing import Any, Literal
@@ -514,11 +515,53 @@ def from_sparse(data: dict, source: str = "job") -> Job:
 
 
 def load_job(path: str | Path, overrides: list[str] | None = None) -> Job:
-    """Read a job or preset file, apply `--set dotted.key=value` overrides, and validate."""
-    data = read_json(path)
+    """Read a job or preset file, apply `--set dotted.key=value` overrides, and validate. Relative paths in the
+    file are read from the file's folder (see `resolve_relative`); those given with --set, from the working folder."""
+    data = resolve_relative(read_json(path), Path(path).parent)
     for item in overrides or []:
         data = apply_override(data, item)
     return from_sparse(data, str(path))
+
+
+# Fields naming local files. A relative one in a job file means "beside this job file", so a job travels with its
+# data (a bundle, a folder copied to another machine) and works from any working folder.
+LOCAL_PATHS = (("dataset", "cache_dir"), ("prior", "class_dir"), ("output", "output_dir"))
+# These may also name a Hugging Face model ('org/name' looks like a relative path): they are read from the job's
+# folder only when they start with ./ or ../ or name something that is there.
+MODEL_PATHS = (("model", "path"), ("model", "config"), ("model", "decoder"))
+
+
+def resolve_relative(data, folder: Path):
+    """The job dict with its relative local paths joined to `folder` (absolute paths, ~ paths, hub ids and
+    anything malformed are left for validation to judge)."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)  # copies only what it changes: a hostile document may be nested too deep for deepcopy
+
+    def fix(section: dict, key: str, model: bool) -> None:
+        value = section.get(key)
+        if not isinstance(value, str) or not value or value.startswith("~") or Path(value).is_absolute():
+            return
+        if model and not value.startswith(("./", "../", ".\\", "..\\")):
+            try:
+                if not (folder / value).exists():
+                    return
+            except (OSError, ValueError):  # a NUL or a lone surrogate: validation names the field
+                return
+        section[key] = os.path.normpath(os.path.join(os.path.abspath(folder), value))
+
+    for fields, model in ((LOCAL_PATHS, False), (MODEL_PATHS, True)):
+        for section_name, key in fields:
+            if isinstance(data.get(section_name), dict):
+                data[section_name] = dict(data[section_name])
+                fix(data[section_name], key, model)
+    folders = data["dataset"].get("folders") if isinstance(data.get("dataset"), dict) else None
+    if isinstance(folders, list):
+        data["dataset"]["folders"] = [dict(e) if isinstance(e, dict) else e for e in folders]
+        for entry in data["dataset"]["folders"]:
+            if isinstance(entry, dict):
+                fix(entry, "path", False)
+    return data
 
 
 def load_preset(name_or_path: str) -> Job:
@@ -552,10 +595,11 @@ def save_job(job: Job, path: str | Path, sparse: bool = False, extra: dict | Non
 
 def run_leftovers(output_dir: Path) -> list[str]:
     """What a run folder holds besides the job file the window writes into it before starting (and a `pause`
-    file, which starts the run paused): a run that only `--resume` may continue."""
+    file, which starts the run paused, or a `commands` folder, whose commands wait for the run's first step): a
+    run that only `--resume` may continue."""
     if not output_dir.is_dir():
         return []
-    return sorted(p.name for p in output_dir.iterdir() if p.name not in ("job.json", "pause"))
+    return sorted(p.name for p in output_dir.iterdir() if p.name not in ("job.json", "pause", "commands"))
 
 
 def apply_override(data: dict, item: str) -> dict:
