@@ -2,7 +2,7 @@
 model (random weights, nothing downloaded), and the measured peak memory and speed are printed beside the estimate.
 
     .venv/bin/python bench/gpu_check.py                      # every preset that fits; under 10 minutes on an H100
-    .venv/bin/python bench/gpu_check.py --only sdxl_lora_12gb flux_dev_lora --steps 8 --keep /tmp/gpu-check
+    .venv/bin/python bench/gpu_check.py --only sdxl_lora_12gb flux_dev_lora_24gb --steps 8 --keep /tmp/gpu-check
 
 Per preset: `trainer demo --real-size` writes the model's configs and a small dataset; the preset's job is pointed at
 them; `trainer estimate --json` gives the estimated peak (allowance included) and time per step for this GPU; then
@@ -30,10 +30,14 @@ GIB = 2**30
 
 # The real-size model each shipped preset trains (the family and the configs of trainer/real_size.MODELS). A test
 # checks that every preset is here, so a new preset cannot be left out of the check.
-PRESET_MODELS = {"sd15_lora": ("sd1", "sd15"), "sd15_dreambooth": ("sd1", "sd15"), "sd15_finetune": ("sd1", "sd15"),
-                 "sd21_lora": ("sd2", "sd21"), "sdxl_lora_12gb": ("sdxl", "sdxl-base"),
-                 "sdxl_lora_24gb": ("sdxl", "sdxl-base"), "sd35_large_lora": ("sd3", "sd35-large"),
-                 "flux_dev_lora": ("flux", "flux1-dev"), "cascade_stage_c_lora": ("cascade", "cascade-c")}
+PRESET_MODELS = {
+    "sd15_lora_6gb": ("sd1", "sd15"), "sd15_dreambooth": ("sd1", "sd15"), "sd15_finetune": ("sd1", "sd15"),
+    "sd21_lora": ("sd2", "sd21"), "sdxl_lora_8gb": ("sdxl", "sdxl-base"), "sdxl_lora_12gb": ("sdxl", "sdxl-base"),
+    "sdxl_lora_24gb": ("sdxl", "sdxl-base"), "sdxl_full_24gb": ("sdxl", "sdxl-base"),
+    "sd35_large_lora_16gb": ("sd3", "sd35-large"), "sd35_large_lora_24gb": ("sd3", "sd35-large"),
+    "flux_dev_lora_12gb": ("flux", "flux1-dev"), "flux_dev_lora_16gb": ("flux", "flux1-dev"),
+    "flux_dev_lora_24gb": ("flux", "flux1-dev"), "flux_dev_lora_40gb": ("flux", "flux1-dev"),
+    "cascade_stage_c_lora": ("cascade", "cascade-c")}
 
 
 def main(argv: list[str] | None = None) -> int:

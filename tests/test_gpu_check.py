@@ -23,7 +23,7 @@ def test_every_shipped_preset_has_its_real_size_model():
         assert name in MODELS[family]
 
 
-@pytest.mark.parametrize("preset", ["sd15_dreambooth", "flux_dev_lora", "cascade_stage_c_lora"])
+@pytest.mark.parametrize("preset", ["sd15_dreambooth", "flux_dev_lora_16gb", "cascade_stage_c_lora"])
 def test_a_preset_becomes_a_short_job_on_its_real_size_configs(preset, tmp_path):
     family, name = gpu_check.PRESET_MODELS[preset]
     job_path = gpu_check.preset_job(preset, family, name, tmp_path, steps=5)
@@ -75,6 +75,6 @@ def test_the_sd15_lora_estimate_is_within_ten_percent_of_the_measured_peak(tmp_p
     import torch
 
     memory = torch.cuda.get_device_properties(0).total_memory / 2**30
-    row = gpu_check.check_preset("sd15_lora", tmp_path, 4, memory, torch.cuda.get_device_properties(0).name)
+    row = gpu_check.check_preset("sd15_lora_6gb", tmp_path, 4, memory, torch.cuda.get_device_properties(0).name)
     assert row["status"].startswith("ran"), row
     assert abs(gpu_check.error(row)) <= 0.10, row

@@ -9,7 +9,7 @@ from trainer.job import CURRENT_VERSION, Job, JobError, from_sparse, load_job, l
 
 
 def test_round_trip_through_a_file(tmp_path):
-    job = load_preset("sd15_lora")
+    job = load_preset("sd15_lora_6gb")
     job.optimizer.betas = [0.8, 0.95]
     save_job(job, tmp_path / "job.json")
     again = load_job(tmp_path / "job.json")
