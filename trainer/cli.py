@@ -1,5 +1,5 @@
-"""The command line: `python -m trainer demo|check|estimate|run|queue|export|import|caption|...`. Exit codes are a contract
-with the window and scripts.
+"""The command line: `python -m trainer demo|check|estimate|run|queue|export|import|caption|...`. Exit codes are a
+contract with the window and scripts.
 
 0 completed, 1 training failed, 2 invalid job or data (one line naming the field or file), 3 stopped on request.
 Torch is imported only by the commands that need it: `check --no-estimate` answers at once without it; its
