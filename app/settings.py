@@ -34,3 +34,8 @@ def logs_dir() -> Path:
     path = data_dir() / "logs"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def autosave_path() -> Path:
+    # Beside the window's other per-user state, not in a run or preset folder: it belongs to no job file.
+    return data_dir() / "autosave-job.json"

@@ -21,12 +21,13 @@ from trainer.job import (DEMO_METHODS, PRESETS_DIR, Job, JobError, from_sparse, 
                          save_job, to_sparse)
 
 from . import live_run
+from .autosave import Autosave
 from .dataset_view import DatasetView
 from .job_form import JobForm
 from .run_folder import RunFolder
 from .run_panel import RunPanel
 from .remote_panel import RemotePanel
-from .settings import APPLICATION, RESOURCES, REPO_ROOT, data_dir, settings, user_presets_dir
+from .settings import APPLICATION, RESOURCES, REPO_ROOT, autosave_path, data_dir, settings, user_presets_dir
 from .trainer_process import TrainerProcess
 
 _ICONS = QStyle.StandardPixmap
@@ -39,7 +40,7 @@ class MainWindow(QMainWindow):
 
     def __init__(self, trainer_command: list[str] | None = None, restore: bool = True):
         super().__init__()
-        self.setWindowTitle(APPLICATION)
+        self.setWindowTitle(f"{APPLICATION}[*]")  # [*]: the unsaved-changes mark
         self.setWindowIcon(QIcon(str(RESOURCES / "icon.png")))
         self.setAcceptDrops(True)
         self.current_preset = ""
@@ -52,6 +53,7 @@ class MainWindow(QMainWindow):
         self.runner = TrainerProcess(self, trainer_command)
         self.follower = RunFolder(self)
         self.form = JobForm()
+        self.autosave = Autosave(self.form, autosave_path(), self)
         self.dataset = DatasetView(trainer_command=self.runner.command_prefix)
         self.run_panel = RunPanel()
         self.tabs = QTabWidget()
@@ -83,6 +85,8 @@ class MainWindow(QMainWindow):
         self._scan_timer.timeout.connect(self._rescan)
 
         self.form.changed.connect(self._on_form_changed)
+        self.form.changed.connect(self.autosave.edited)
+        self.autosave.dirtyChanged.connect(self.setWindowModified)
         self.dataset.scanned.connect(self._on_scanned)
         self.runner.stateChanged.connect(self._on_state)
         self.runner.eventReceived.connect(self.run_panel.add_event)
@@ -103,6 +107,10 @@ class MainWindow(QMainWindow):
         self._fill_preset_combo()
         if restore:
             self._restore_settings()
+            self.autosave.mark_saved(self.current_preset)
+            # Autosave and the unsaved-changes question belong to the user's settings: a window without them
+            # (tests, one-off) neither reads nor leaves an autosave.
+            QTimer.singleShot(0, self.offer_autosave)
             QTimer.singleShot(0, self.offer_to_follow)  # once shown: a run left going by an earlier window
             QTimer.singleShot(0, self.remote.follow_recorded)  # and one on another machine
         self._on_form_changed()
@@ -217,6 +225,7 @@ class MainWindow(QMainWindow):
             self._error("Cannot load preset", str(exc))
             return False
         self.form.set_job(job)
+        self.autosave.mark_saved(str(path))
         self.current_preset = str(path)
         self._select_preset_in_combo(self.current_preset)
         self._notice(f"Loaded {path}")
@@ -259,6 +268,7 @@ class MainWindow(QMainWindow):
             self._error("Cannot save preset", "Fix the fields marked in red first")
             return False
         save_job(job, path, sparse=True)
+        self.autosave.mark_saved(str(path))
         self.current_preset = str(path)
         self._fill_preset_combo()
         self._notice(f"Saved preset {path}")
@@ -277,6 +287,7 @@ class MainWindow(QMainWindow):
             self._error("Cannot save job file", "Fix the fields marked in red first")
             return False
         save_job(job, path)
+        self.autosave.mark_saved()
         self._notice(f"Saved job file {path}; run it anywhere with: python -m trainer run {path}")
         return True
 
@@ -546,7 +557,46 @@ class MainWindow(QMainWindow):
 
     # ---- closing, settings ---------------------------------------------------------------------------
 
+    def offer_autosave(self) -> None:
+        """A job autosaved by a window that crashed: restore it into the form, or discard it."""
+        if self.autosave.stopped:  # closed before it was shown
+            return
+        pending = self.autosave.pending()
+        if pending is not None:
+            answer = self.ask("Restore unsaved job?",
+                              f"The window closed without saving the job you were editing (autosaved "
+                              f"{pending.get('saved_at', '')}). Restore it into the editor?", ["Restore", "Discard"])
+            if answer == "Restore":
+                self.current_preset = str(pending.get("file") or "")  # the file these edits are edits of
+                self._select_preset_in_combo(self.current_preset)
+                self.autosave.restore(pending["job"])
+                self._notice("Restored the unsaved job; save it with File → Save job file")
+            else:
+                self.autosave.discard()
+        self.autosave.active = True
+        self.autosave.write_now()
+
+    def choose_save_path(self) -> str:
+        """Where to save the job before closing; empty if cancelled. Tests replace this."""
+        start = self.current_preset or str(Path.home() / "job.json")
+        path, _ = QFileDialog.getSaveFileName(self, "Save job file", start, "Job files (*.json)")
+        return path
+
     def closeEvent(self, event) -> None:
+        keep_form = True
+        if self.autosave.active and self.autosave.dirty:
+            answer = self.ask("Unsaved changes", "The job in the editor has changes that are in no file. Save "
+                              "them as a job file before closing?", ["Save…", "Discard", "Cancel"])
+            if answer == "Save…":
+                path = self.choose_save_path()
+                if not path or not self.save_job_file(path):
+                    event.ignore()
+                    return
+            elif answer == "Discard":
+                keep_form = False  # the next start shows the last file loaded, not these edits
+            else:
+                event.ignore()
+                return
         if self.runner.state != "idle":
             answer = self.ask("A run is in progress",
                               "Stop the run (the trainer saves a resumable checkpoint and exits), or leave it "
@@ -560,7 +610,8 @@ class MainWindow(QMainWindow):
             else:
                 event.ignore()
                 return
-        self._save_settings()
+        self._save_settings(keep_form)
+        self.autosave.stop()  # a normal close: an autosave found at the next start means a crash
         self.follower.close()
         self.dataset.close_captioner()
         self.remote.save()
@@ -571,13 +622,15 @@ class MainWindow(QMainWindow):
             self._demo.waitForFinished(2000)
         event.accept()
 
-    def _save_settings(self) -> None:
+    def _save_settings(self, keep_form: bool = True) -> None:
         s = settings()
         s.setValue("geometry", self.saveGeometry())
         s.setValue("splitter", self.splitter.saveState())
         s.setValue("preset", self.current_preset)
         job = self.form.job_or_none()
-        if job is not None:
+        if not keep_form:
+            s.remove("job")
+        elif job is not None:
             s.setValue("job", json.dumps(to_sparse(job)))
 
     def _restore_settings(self) -> None:

@@ -1,5 +1,5 @@
-"""The command line: `python -m trainer demo|check|estimate|run|export|import|caption|...`. Exit codes are a contract
-with the window and scripts.
+"""The command line: `python -m trainer demo|check|estimate|run|queue|export|import|caption|...`. Exit codes are a
+contract with the window and scripts.
 
 0 completed, 1 training failed, 2 invalid job or data (one line naming the field or file), 3 stopped on request.
 Torch is imported only by the commands that need it: `check --no-estimate` answers at once without it; its
@@ -166,6 +166,17 @@ def cmd_run(args) -> int:
     finally:
         gc.enable()  # also when loading failed
         reporter.close()
+
+
+def cmd_queue(args) -> int:
+    from .job_queue import check_all, run_all, table
+
+    entries = check_all(args.jobs, args.set)  # all up front: a bad fifth file stops nothing hours later
+    run_all(entries, args.set, args.log)
+    print(table(entries))
+    if any(e.status == "failed" for e in entries):
+        return EXIT_FAILED
+    return EXIT_STOPPED if any(e.status in ("stopped", "not run") for e in entries) else EXIT_OK
 
 
 def _random_weights(job):
@@ -477,6 +488,15 @@ def _parser() -> argparse.ArgumentParser:
     card.add_argument("--memory", type=float, metavar="GIB", help="whether the run fits in this much GPU memory")
     estimate.add_argument("--json", action="store_true", help="print one JSON object")
     estimate.set_defaults(func=cmd_estimate)
+
+    queue = sub.add_parser("queue", help="train several jobs one after another; a failed job is marked and the "
+                           "queue goes on; a summary table at the end")
+    queue.add_argument("jobs", nargs="+", metavar="JOB", help="job files (JSON), run in this order")
+    queue.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a field of every job by its dotted path, e.g. schedule.max_steps=500")
+    queue.add_argument("--log", metavar="FILE", help="also write the terminal output to FILE (appended); "
+                       "the queue goes on if the terminal closes")
+    queue.set_defaults(func=cmd_queue)
 
     for name, func, text in (("check", cmd_check, "validate a job and its data and print the plan"),
                              ("run", cmd_run, "train")):
