@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return args.func(args)
         except JobError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            from .run.ranks import is_main
+
+            if is_main():  # several processes share one terminal: one line, not one per rank
+                print(f"error: {exc}", file=sys.stderr)
             return EXIT_INVALID
 
 
@@ -102,22 +105,34 @@ def cmd_estimate(args) -> int:
 
 
 def cmd_run(args) -> int:
+    import time
+
     from .events import Reporter, parse_address
-    from .plan import make_plan
+    from .run import ranks
 
     job = load_job(args.job, args.set)
-    plan = make_plan(job, resume=args.resume)
-    require_weights(job.model)
     if args.events:
         try:
             parse_address(args.events)
         except ValueError as exc:
             raise JobError(str(exc)) from None
-    disk.check_space(plan)
+    started = time.time()
+    ranks.join()  # several processes: one run over them all, or one line why not
+    # Only rank 0 checks and creates the run folder; the others read the plan once it stands, and every rank
+    # must have worked out the same one (on several machines: the same files at the same paths).
+    plan = ranks.on_main(lambda: _claim_folder(job, args.resume))
+    try:
+        plan = plan or _follower_plan(job)
+        summary = {"family": plan.family, "samples": len(plan.layout.samples), "total_steps": plan.total_steps,
+                   "batches_per_epoch": plan.batches_per_epoch}
+    except JobError as exc:  # this rank alone: it must still reach the vote, or rank 0 would wait on it
+        summary = {"error": str(exc)}
+    ranks.agree(summary, "dataset")
     out = plan.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    save_job(job, out / "job.json", extra={PROVENANCE_KEY: _provenance()})
-    reporter = Reporter(out / "events.jsonl", args.events, plan.total_steps, stream=sys.stderr)
+    if ranks.is_main():
+        reporter = Reporter(out / "events.jsonl", args.events, plan.total_steps, stream=sys.stderr)
+    else:  # its events in its own log: rank 0 names a failed rank's reason from there
+        reporter = Reporter(ranks.log_path(out, ranks.rank()), None, plan.total_steps, stream=None)
     try:
         # Importing torch and diffusers and loading the model make about a million long-lived objects; each
         # collection meanwhile would walk them all again (a fifth of the start-up). train() freezes them once
@@ -136,14 +151,37 @@ def cmd_run(args) -> int:
         tail = "".join(traceback.format_exception(exc)[-6:])
         one_line = _one_line_reason(exc)
         message = one_line or f"{type(exc).__name__}: {exc}".splitlines()[0]
+        if ranks.is_main() and ranks.world_size() > 1:
+            blamed = ranks.blame(out, started)  # another rank's failure broke rank 0's collective: say whose
+            one_line, message = (blamed, blamed) if blamed else (one_line, message)
         reporter.emit("error", message=message, traceback=tail)
         reporter.emit("run_finished", status="failed", outputs={})
-        if one_line is None:  # a bug or an unforeseen failure: its traceback helps; a known reason says it all
+        if one_line is None and ranks.is_main():  # a bug or unforeseen failure: its traceback helps
             print(tail, file=sys.stderr)
         return EXIT_FAILED
     finally:
         gc.enable()  # also when loading failed
         reporter.close()
+
+
+def _claim_folder(job, resume: bool):
+    """Rank 0 (or the only process): the plan, the model's weights and the disk space checked, the run folder
+    made and the resolved job written into it."""
+    from .plan import make_plan
+
+    plan = make_plan(job, resume=resume)
+    require_weights(job.model)
+    disk.check_space(plan)
+    plan.output_dir.mkdir(parents=True, exist_ok=True)
+    save_job(job, plan.output_dir / "job.json", extra={PROVENANCE_KEY: _provenance()})
+    return plan
+
+
+def _follower_plan(job):
+    """Another rank's plan, once rank 0 has claimed the folder (so its contents are no reason to refuse)."""
+    from .plan import make_plan
+
+    return make_plan(job, resume=True)
 
 
 def _one_line_reason(exc: BaseException) -> str | None:
