@@ -55,7 +55,9 @@ def cmd_check(args) -> int:
     from .plan import make_plan
 
     job = load_job(args.job, args.set)
-    plan = make_plan(job, resume=args.resume)
+    if args.processes is not None and args.processes < 1:
+        raise JobError(f"--processes: {args.processes} is not a number of processes (1 or more)")
+    plan = make_plan(job, resume=args.resume, processes=args.processes)
     lines = plan.describe()  # reads the model's layer table too: a bad block name fails here
     print(f"job: {args.job} is valid")
     for line in lines:
@@ -373,6 +375,9 @@ def _parser() -> argparse.ArgumentParser:
         if name == "check":
             cmd.add_argument("--no-estimate", action="store_true", help="leave out the memory estimate (which "
                              "imports torch and traces one step: seconds, not a moment)")
+            cmd.add_argument("--processes", type=int, metavar="N", help="plan for N data-parallel processes (GPUs "
+                             "over all machines), as `torchrun`/`accelerate launch` would start; default: "
+                             "WORLD_SIZE when set, else 1")
         if name == "run":
             cmd.add_argument("--events", metavar="tcp://127.0.0.1:PORT",
                              help="also stream events to this loopback address (the window listens there)")

@@ -235,6 +235,9 @@ def _loop(run: _Run, requests: Requests) -> str:
         batches = epoch_batches(plan.layout.bucket_of, sched.batch_size, sched.seed, epoch,
                                 accelerator.process_index, accelerator.num_processes)[offset:]
         keys = [[(index, epoch) for index in b] for b in batches]  # a sample's randomness: (seed, epoch, index)
+        if accelerator.num_processes > 1:  # which samples this rank trains (its log, or events.jsonl for rank 0)
+            run.reporter.log(f"epoch {epoch} from batch {offset}: rank {accelerator.process_index} trains samples "
+                             + " ".join(str(index) for b in batches for index in b), "debug")
         loader = torch.utils.data.DataLoader(run.dataset, batch_sampler=keys, collate_fn=collate,
                                              num_workers=job.dataset.num_workers)
         for batch in loader:
