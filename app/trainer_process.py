@@ -25,6 +25,7 @@ from PySide6.QtNetwork import QHostAddress, QTcpServer, QTcpSocket
 
 from trainer.events import MAX_EVENT_BYTES, TOKEN_ENV, LineBuffer, command, decode, hello_ok
 
+from .devices import Launch
 from .settings import REPO_ROOT, logs_dir, settings
 
 EXIT_TEXT = {0: "completed", 1: "training failed", 2: "invalid job or data", 3: "stopped (resumable checkpoint saved)"}
@@ -60,6 +61,7 @@ class TrainerProcess(QObject):
         super().__init__(parent)
         # Tests swap in a fake trainer here; the real one is `python -m trainer` run from the repo root.
         self.command_prefix = command_prefix or [sys.executable, "-m", "trainer"]
+        self.launch = Launch()  # which GPUs and how: the window's Devices setting
         self.state = "idle"
         self.log_path: Path | None = None
         self._proc: subprocess.Popen | None = None
@@ -107,12 +109,10 @@ class TrainerProcess(QObject):
         self._token = secrets.token_urlsafe(24)
         if not self._server.isListening() and not self._server.listen(QHostAddress.SpecialAddress.LocalHost, 0):
             raise RuntimeError(f"cannot listen on 127.0.0.1: {self._server.errorString()}")
-        args = [*self.command_prefix, "run", str(job_path), "--events", self.address]
-        if resume:
-            args.append("--resume")
+        args, launch_env = self.command(job_path, resume)
         self.log_path = logs_dir() / f"{time.strftime('%Y%m%d-%H%M%S')}-{Path(job_path).parent.name}.log"
         self._reset_run_state()
-        env = {**os.environ, TOKEN_ENV: self._token, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **launch_env, TOKEN_ENV: self._token, "PYTHONUNBUFFERED": "1"}
         log = open(self.log_path, "wb")
         try:
             self._proc = subprocess.Popen(
@@ -125,6 +125,12 @@ class TrainerProcess(QObject):
         self._timer.start()
         self.stderrText.emit(f"$ {' '.join(args)}\n(trainer output is also kept in {self.log_path})\n")
         self._set_state("starting")
+
+    def command(self, job_path: str | Path, resume: bool = False) -> tuple[list[str], dict[str, str]]:
+        """The trainer's command line under the Devices setting, and the environment that setting adds."""
+        prefix, env = self.launch.command(self.command_prefix)
+        args = [*prefix, "run", str(job_path), "--events", self.address]
+        return (args + ["--resume"] if resume else args), env
 
     def send(self, name: str) -> bool:
         """Send stop/save/sample; the trainer acts at its next step. False if no trainer is connected."""

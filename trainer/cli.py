@@ -106,6 +106,25 @@ def cmd_estimate(args) -> int:
     return EXIT_OK
 
 
+def cmd_devices(args) -> int:
+    """The CUDA GPUs this process sees: the window asks here, so it never imports torch itself."""
+    import json
+
+    import torch
+
+    gpus = [{"index": i, "name": torch.cuda.get_device_name(i),
+             "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)}
+            for i in range(torch.cuda.device_count())]
+    if args.json:
+        print(json.dumps({"gpus": gpus}))
+    else:
+        for gpu in gpus:
+            print(f"{gpu['index']}: {gpu['name']}, {gpu['memory_gib']:g} GiB")
+        if not gpus:
+            print("no CUDA GPU: training runs on the CPU")
+    return EXIT_OK
+
+
 def cmd_run(args) -> int:
     import time
 
@@ -351,6 +370,10 @@ def _parser() -> argparse.ArgumentParser:
     cascade.add_argument("--width", type=int, default=1024, help="image width in pixels (default 1024)")
     cascade.add_argument("--seed", type=int, default=0)
     cascade.set_defaults(func=cmd_sample_cascade)
+
+    devices = sub.add_parser("devices", help="list the CUDA GPUs this machine's trainer sees")
+    devices.add_argument("--json", action="store_true", help='print {"gpus": [{"index", "name", "memory_gib"}]}')
+    devices.set_defaults(func=cmd_devices)
 
     estimate = sub.add_parser("estimate", help="the GPU memory and time of one training step, from the model's "
                               "configs on fake tensors (no weights read, no GPU needed)")
