@@ -76,6 +76,7 @@ class TrainerProcess(QObject):
         self._tail: deque[str] = deque(maxlen=12)
         self._partial_line = ""
         self._error_event: dict | None = None
+        self._finished_status = ""  # the run_finished event's status, once it came
         self._started_at = 0.0
         self._warned_connect = False
         self._had_client = False
@@ -158,7 +159,13 @@ class TrainerProcess(QObject):
 
     def kill(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
+            if os.name == "nt":
+                self._proc.kill()
+            else:  # its own session: under a data-parallel launch its workers too, not torchrun alone
+                try:
+                    os.killpg(self._proc.pid, signal.SIGKILL)
+                except ProcessLookupError:  # it ended meanwhile
+                    pass
 
     def detach(self) -> None:
         """Let the run go on without the window: close our end of the socket and stop watching."""
@@ -230,6 +237,8 @@ class TrainerProcess(QObject):
         kind = event["type"]
         if kind == "error":
             self._error_event = event
+        if kind == "run_finished":
+            self._finished_status = event["status"]
         if kind in ("paused", "continued"):
             self.pauseChanged.emit(kind == "paused", event["step"])
             return
@@ -276,6 +285,8 @@ class TrainerProcess(QObject):
         if self._client is not None:
             self._client.abort()
             self._client = None
+        if code == 1 and self._finished_status == "stopped":
+            code = 3  # torchrun exits 1 when any worker exits non-zero, also with 3 (stopped on request)
         summary = self._summary(code, was_connected)
         self._set_state("idle")
         if code not in (0, 3):
@@ -327,6 +338,7 @@ class TrainerProcess(QObject):
         self._partial_line = ""
         self._inbox = LineBuffer(MAX_EVENT_BYTES)
         self._error_event = None
+        self._finished_status = ""
         self._warned_connect = False
         self._had_client = False
         self._exited_at = None

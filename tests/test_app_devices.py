@@ -77,3 +77,19 @@ def test_the_window_starts_the_trainer_under_the_chosen_devices(app_window, tmp_
     assert args[-5:] == ["run", str(job), "--events", app_window.runner.address, "--resume"]
     assert env == {"CUDA_VISIBLE_DEVICES": "0,1"}
     assert job.read_text() == '{"version": 1}', "the choice is the window's, not the job's"
+
+
+def test_a_stop_under_torchrun_is_a_stop(app_window, qtbot, tmp_path, monkeypatch):
+    """torchrun exits 1 when its workers exit 3 (stopped on request): the run_finished event decides."""
+    from test_app_run import setup_job
+
+    monkeypatch.setenv("FAKE_MODE", "forever")
+    monkeypatch.setenv("FAKE_DELAY", "0.02")
+    monkeypatch.setenv("FAKE_STOP_EXIT", "1")
+    setup_job(app_window, tmp_path)
+    with qtbot.waitSignal(app_window.runner.stepReceived, timeout=15000):
+        assert app_window.start()
+    with qtbot.waitSignal(app_window.runner.finished, timeout=15000) as finished:
+        app_window.act_stop.trigger()
+    assert finished.args[0] == 3
+    assert "stopped" in app_window.run_panel.banner.text()
