@@ -169,3 +169,19 @@ def test_rank_zero_names_the_rank_that_failed(tmp_path, monkeypatch):
     line = ranks.blame(tmp_path, since=100.0)
     assert line == f"rank 2 failed: CUDA out of memory (its log: {ranks.log_path(tmp_path, 2)})"
     assert ranks.blame(tmp_path, since=200.0) is None
+
+
+def test_processes_that_plan_differently_all_stop_with_one_line(demo, tmp_path):
+    """Machines that see different jobs or files (here: rank 1 is given other max_steps) must not train: every
+    process exits 2, rank 0 says which rank differs, and the run folder holds only the job."""
+    out = tmp_path / "run"
+    machines = ("--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+                "--main_process_port", str(_free_port()))
+    procs = [_launch("multi_machine.yaml", demo / "job.json", "--set", f"output.output_dir={out}",
+                     *(("--set", "schedule.max_steps=6") if rank else ()),
+                     launch=(*machines, "--machine_rank", str(rank))) for rank in (0, 1)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], outputs  # accelerate launch: a worker's 2 is its 1
+    assert "error: dataset: rank 1 worked out a different plan from rank 0's" in outputs[0]
+    assert "error:" not in outputs[1], "one line, from rank 0"
+    assert [p.name for p in out.iterdir()] == ["job.json"]
