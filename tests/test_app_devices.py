@@ -93,3 +93,16 @@ def test_a_stop_under_torchrun_is_a_stop(app_window, qtbot, tmp_path, monkeypatc
         app_window.act_stop.trigger()
     assert finished.args[0] == 3
     assert "stopped" in app_window.run_panel.banner.text()
+
+
+def test_debug_lines_stay_out_of_the_window_log(qtbot):
+    """Each rank's per-epoch sample list is a debug line: for files and tests, not for the reader."""
+    from app.run_panel import RunPanel
+    from trainer.events import make_event
+
+    panel = RunPanel()
+    qtbot.addWidget(panel)
+    panel.add_events([make_event("log", level="debug", message="epoch 0 from batch 0: rank 0 trains samples 1 2"),
+                      make_event("log", level="info", message="caching latents: 12 to do")])
+    text = panel.log.toPlainText()
+    assert "caching latents" in text and "trains samples" not in text
