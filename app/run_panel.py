@@ -114,7 +114,7 @@ class RunPanel(QWidget):
                 samples.append(event)
             elif kind == "checkpoint":
                 self._log_line(f"checkpoint at step {event['step']}: {event['path']}")
-            elif kind == "log":
+            elif kind == "log" and event.get("level") != "debug":  # for files and tests, like the terminal
                 self._log_line(f"[{event.get('level', 'info')}] {event.get('message', '')}")
             elif kind == "error":
                 self._log_line(f"error: {event.get('message', '')}")

@@ -25,6 +25,7 @@ from PySide6.QtNetwork import QHostAddress, QTcpServer, QTcpSocket
 
 from trainer.events import MAX_EVENT_BYTES, TOKEN_ENV, LineBuffer, command, decode, hello_ok
 
+from .devices import Launch
 from .settings import REPO_ROOT, logs_dir, settings
 
 EXIT_TEXT = {0: "completed", 1: "training failed", 2: "invalid job or data", 3: "stopped (resumable checkpoint saved)"}
@@ -60,6 +61,7 @@ class TrainerProcess(QObject):
         super().__init__(parent)
         # Tests swap in a fake trainer here; the real one is `python -m trainer` run from the repo root.
         self.command_prefix = command_prefix or [sys.executable, "-m", "trainer"]
+        self.launch = Launch()  # which GPUs and how: the window's Devices setting
         self.state = "idle"
         self.log_path: Path | None = None
         self._proc: subprocess.Popen | None = None
@@ -74,6 +76,7 @@ class TrainerProcess(QObject):
         self._tail: deque[str] = deque(maxlen=12)
         self._partial_line = ""
         self._error_event: dict | None = None
+        self._finished_status = ""  # the run_finished event's status, once it came
         self._started_at = 0.0
         self._warned_connect = False
         self._had_client = False
@@ -107,12 +110,10 @@ class TrainerProcess(QObject):
         self._token = secrets.token_urlsafe(24)
         if not self._server.isListening() and not self._server.listen(QHostAddress.SpecialAddress.LocalHost, 0):
             raise RuntimeError(f"cannot listen on 127.0.0.1: {self._server.errorString()}")
-        args = [*self.command_prefix, "run", str(job_path), "--events", self.address]
-        if resume:
-            args.append("--resume")
+        args, launch_env = self.command(job_path, resume)
         self.log_path = logs_dir() / f"{time.strftime('%Y%m%d-%H%M%S')}-{Path(job_path).parent.name}.log"
         self._reset_run_state()
-        env = {**os.environ, TOKEN_ENV: self._token, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **launch_env, TOKEN_ENV: self._token, "PYTHONUNBUFFERED": "1"}
         log = open(self.log_path, "wb")
         try:
             self._proc = subprocess.Popen(
@@ -125,6 +126,12 @@ class TrainerProcess(QObject):
         self._timer.start()
         self.stderrText.emit(f"$ {' '.join(args)}\n(trainer output is also kept in {self.log_path})\n")
         self._set_state("starting")
+
+    def command(self, job_path: str | Path, resume: bool = False) -> tuple[list[str], dict[str, str]]:
+        """The trainer's command line under the Devices setting, and the environment that setting adds."""
+        prefix, env = self.launch.command(self.command_prefix)
+        args = [*prefix, "run", str(job_path), "--events", self.address]
+        return (args + ["--resume"] if resume else args), env
 
     def send(self, name: str) -> bool:
         """Send stop/save/sample; the trainer acts at its next step. False if no trainer is connected."""
@@ -152,7 +159,13 @@ class TrainerProcess(QObject):
 
     def kill(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
+            if os.name == "nt":
+                self._proc.kill()
+            else:  # its own session: under a data-parallel launch its workers too, not torchrun alone
+                try:
+                    os.killpg(self._proc.pid, signal.SIGKILL)
+                except ProcessLookupError:  # it ended meanwhile
+                    pass
 
     def detach(self) -> None:
         """Let the run go on without the window: close our end of the socket and stop watching."""
@@ -224,6 +237,8 @@ class TrainerProcess(QObject):
         kind = event["type"]
         if kind == "error":
             self._error_event = event
+        if kind == "run_finished":
+            self._finished_status = event["status"]
         if kind in ("paused", "continued"):
             self.pauseChanged.emit(kind == "paused", event["step"])
             return
@@ -270,6 +285,8 @@ class TrainerProcess(QObject):
         if self._client is not None:
             self._client.abort()
             self._client = None
+        if code == 1 and self._finished_status == "stopped":
+            code = 3  # torchrun exits 1 when any worker exits non-zero, also with 3 (stopped on request)
         summary = self._summary(code, was_connected)
         self._set_state("idle")
         if code not in (0, 3):
@@ -321,6 +338,7 @@ class TrainerProcess(QObject):
         self._partial_line = ""
         self._inbox = LineBuffer(MAX_EVENT_BYTES)
         self._error_event = None
+        self._finished_status = ""
         self._warned_connect = False
         self._had_client = False
         self._exited_at = None

@@ -23,6 +23,7 @@ from trainer.job import (DEMO_METHODS, PRESETS_DIR, Job, JobError, from_sparse, 
 from . import live_run
 from .autosave import Autosave
 from .dataset_view import DatasetView
+from .devices import DevicesDialog, save_launch, saved_launch
 from .job_form import JobForm
 from .run_folder import RunFolder
 from .run_panel import RunPanel
@@ -51,6 +52,8 @@ class MainWindow(QMainWindow):
         self._demo: QProcess | None = None  # `trainer demo` building in the background
 
         self.runner = TrainerProcess(self, trainer_command)
+        self.runner.launch = saved_launch()
+        self.devices_command: list[str] | None = None  # tests answer in place of `trainer devices --json`
         self.follower = RunFolder(self)
         self.form = JobForm()
         self.autosave = Autosave(self.form, autosave_path(), self)
@@ -157,6 +160,8 @@ class MainWindow(QMainWindow):
                                       "Pause: the trainer keeps the model loaded and steps nothing; Save and Sample "
                                       "still work. Press again to continue, exactly where it was",
                                       _ICONS.SP_MediaPause)
+        self.act_devices = self._action("&Devices…", self.devices_dialog, None,
+                                        "Which GPUs a run uses, and how (one, or data-parallel)")
         self.act_kill = self._action("&Kill trainer", self.runner.kill, None,
                                      "End the trainer at once, without a checkpoint")
         self.act_open_output = self._action("Show run folder in file manager", self._open_run_dir, None,
@@ -166,6 +171,14 @@ class MainWindow(QMainWindow):
         for action in (self.act_start, self.act_stop, self.act_pause, self.act_save_now, self.act_sample_now):
             action.setShortcutContext(Qt.ShortcutContext.ApplicationShortcut)
 
+    def devices_dialog(self) -> None:
+        """Run → Devices…: the choice applies to the next Start and is remembered; the job is not touched."""
+        dialog = DevicesDialog(self.runner.launch, self, self.devices_command)
+        if dialog.exec() == DevicesDialog.DialogCode.Accepted:
+            self.runner.launch = dialog.chosen()
+            save_launch(self.runner.launch)
+            self.statusBar().showMessage(f"runs start on {self.runner.launch.describe()}", 5000)
+
     def _make_menus_and_toolbar(self) -> None:
         file_menu = self.menuBar().addMenu("&File")
         for action in (self.act_demo, None, self.act_open_preset, self.act_import, self.act_save_preset,
@@ -173,7 +186,7 @@ class MainWindow(QMainWindow):
             file_menu.addSeparator() if action is None else file_menu.addAction(action)
         run_menu = self.menuBar().addMenu("&Run")
         for action in (self.act_start, self.act_stop, self.act_pause, None, self.act_save_now,
-                       self.act_sample_now, None, self.act_kill):
+                       self.act_sample_now, None, self.act_devices, None, self.act_kill):
             run_menu.addSeparator() if action is None else run_menu.addAction(action)
         help_menu = self.menuBar().addMenu("&Help")
         help_menu.addAction(self.act_readme)

@@ -8,6 +8,7 @@ Behaviour comes from the environment:
   FAKE_DELAY (0.005)     seconds per step
   FAKE_SAMPLE_EVERY (5)  write a sample PNG per prompt every N steps (and at step 0)
   FAKE_EXIT (0)          exit code after the last step (3 on a stop command)
+  FAKE_STOP_EXIT (3)     exit code on a stop command (torchrun exits 1 when its workers exit 3)
   FAKE_MODE              "" | "crash" (traceback at step 3) | "error" (error event then exit 1) |
                          "kill" (SIGKILL itself at step 3) | "invalid" (exit 2 before connecting) |
                          "wrongtoken" (connect with a wrong token) | "forever" (run until stopped)
@@ -58,7 +59,7 @@ def main(argv: list[str]) -> int:
                 reporter.emit("checkpoint", step=step, path=str(out / "checkpoints" / f"step-{step}"))
                 reporter.emit("run_finished", status="stopped", outputs={})
                 reporter.close()
-                return 3
+                return int(os.environ.get("FAKE_STOP_EXIT", "3"))
             if name == "save":
                 reporter.emit("checkpoint", step=step, path=str(out / "checkpoints" / f"step-{step}"))
             if name == "sample":

@@ -31,7 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return args.func(args)
         except JobError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            from .run.ranks import is_main
+
+            if is_main():  # several processes share one terminal: one line, not one per rank
+                print(f"error: {exc}", file=sys.stderr)
             return EXIT_INVALID
 
 
@@ -55,7 +58,9 @@ def cmd_check(args) -> int:
 
     job = load_job(args.job, args.set)
     check_beside(args.job)
-    plan = make_plan(job, resume=args.resume)
+    if args.processes is not None and args.processes < 1:
+        raise JobError(f"--processes: {args.processes} is not a number of processes (1 or more)")
+    plan = make_plan(job, resume=args.resume, processes=args.processes)
     lines = plan.describe()  # reads the model's layer table too: a bad block name fails here
     print(f"job: {args.job} is valid")
     from .run.logbook import wandb_problem
@@ -119,26 +124,56 @@ def cmd_caption(args) -> int:
     return EXIT_OK
 
 
+def cmd_devices(args) -> int:
+    """The CUDA GPUs this process sees: the window asks here, so it never imports torch itself."""
+    import json
+
+    import torch
+
+    gpus = [{"index": i, "name": torch.cuda.get_device_name(i),
+             "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)}
+            for i in range(torch.cuda.device_count())]
+    if args.json:
+        print(json.dumps({"gpus": gpus}))
+    else:
+        for gpu in gpus:
+            print(f"{gpu['index']}: {gpu['name']}, {gpu['memory_gib']:g} GiB")
+        if not gpus:
+            print("no CUDA GPU: training runs on the CPU")
+    return EXIT_OK
+
+
 def cmd_run(args) -> int:
+    import time
+
     from .bundle import check_beside
     from .events import Reporter, parse_address
-    from .plan import make_plan
+    from .run import ranks
 
     job = load_job(args.job, args.set)
     check_beside(args.job)  # a bundle that arrived incomplete names its files before anything is written
-    plan = make_plan(job, resume=args.resume)
-    if not args.random_weights:
-        require_weights(job.model)
     if args.events:
         try:
             parse_address(args.events)
         except ValueError as exc:
             raise JobError(str(exc)) from None
-    disk.check_space(plan)
+    started = time.time()
+    ranks.join()  # several processes: one run over them all, or one line why not
+    # Only rank 0 checks and creates the run folder; the others read the plan once it stands, and every rank
+    # must have worked out the same one (on several machines: the same files at the same paths).
+    plan = ranks.on_main(lambda: _claim_folder(job, args.resume, args.random_weights))
+    try:
+        plan = plan or _follower_plan(job)
+        summary = {"family": plan.family, "samples": len(plan.layout.samples), "total_steps": plan.total_steps,
+                   "batches_per_epoch": plan.batches_per_epoch}
+    except JobError as exc:  # this rank alone: it must still reach the vote, or rank 0 would wait on it
+        summary = {"error": str(exc)}
+    ranks.agree(summary, "dataset")
     out = plan.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    save_job(job, out / "job.json", extra={PROVENANCE_KEY: _provenance()})
-    reporter = Reporter(out / "events.jsonl", args.events, plan.total_steps, stream=sys.stderr)
+    if ranks.is_main():
+        reporter = Reporter(out / "events.jsonl", args.events, plan.total_steps, stream=sys.stderr)
+    else:  # its events in its own log: rank 0 names a failed rank's reason from there
+        reporter = Reporter(ranks.log_path(out, ranks.rank()), None, plan.total_steps, stream=None)
     try:
         # Importing torch and diffusers and loading the model make about a million long-lived objects; each
         # collection meanwhile would walk them all again (a fifth of the start-up). train() freezes them once
@@ -158,9 +193,12 @@ def cmd_run(args) -> int:
         tail = "".join(traceback.format_exception(exc)[-6:])
         one_line = _one_line_reason(exc)
         message = one_line or f"{type(exc).__name__}: {exc}".splitlines()[0]
+        if ranks.is_main() and ranks.world_size() > 1:
+            blamed = ranks.blame(out, started)  # another rank's failure broke rank 0's collective: say whose
+            one_line, message = (blamed, blamed) if blamed else (one_line, message)
         reporter.emit("error", message=message, traceback=tail)
         reporter.emit("run_finished", status="failed", outputs={})
-        if one_line is None:  # a bug or an unforeseen failure: its traceback helps; a known reason says it all
+        if one_line is None and ranks.is_main():  # a bug or unforeseen failure: its traceback helps
             print(tail, file=sys.stderr)
         return EXIT_FAILED
     finally:
@@ -188,6 +226,27 @@ def _random_weights(job):
 
     return empty_models.from_configs("cuda" if torch.cuda.is_available() else "cpu",
                                      precision.dtypes(job.precision.mixed_precision).frozen)
+
+
+def _claim_folder(job, resume: bool, random_weights: bool):
+    """Rank 0 (or the only process): the plan, the model's weights (unless random ones are asked for) and the
+    disk space checked, the run folder made and the resolved job written into it."""
+    from .plan import make_plan
+
+    plan = make_plan(job, resume=resume)
+    if not random_weights:
+        require_weights(job.model)
+    disk.check_space(plan)
+    plan.output_dir.mkdir(parents=True, exist_ok=True)
+    save_job(job, plan.output_dir / "job.json", extra={PROVENANCE_KEY: _provenance()})
+    return plan
+
+
+def _follower_plan(job):
+    """Another rank's plan, once rank 0 has claimed the folder (so its contents are no reason to refuse)."""
+    from .plan import make_plan
+
+    return make_plan(job, resume=True)
 
 
 def _one_line_reason(exc: BaseException) -> str | None:
@@ -477,6 +536,10 @@ def _parser() -> argparse.ArgumentParser:
                          "the progress bar (the window reads these)")
     caption.set_defaults(func=cmd_caption)
 
+    devices = sub.add_parser("devices", help="list the CUDA GPUs this machine's trainer sees")
+    devices.add_argument("--json", action="store_true", help='print {"gpus": [{"index", "name", "memory_gib"}]}')
+    devices.set_defaults(func=cmd_devices)
+
     estimate = sub.add_parser("estimate", help="the GPU memory and time of one training step, from the model's "
                               "configs on fake tensors (no weights read, no GPU needed)")
     estimate.add_argument("job", help="job file (JSON)")
@@ -509,6 +572,9 @@ def _parser() -> argparse.ArgumentParser:
         if name == "check":
             cmd.add_argument("--no-estimate", action="store_true", help="leave out the memory estimate (which "
                              "imports torch and traces one step: seconds, not a moment)")
+            cmd.add_argument("--processes", type=int, metavar="N", help="plan for N data-parallel processes (GPUs "
+                             "over all machines), as `torchrun`/`accelerate launch` would start; default: "
+                             "WORLD_SIZE when set, else 1")
         if name == "run":
             cmd.add_argument("--events", metavar="tcp://127.0.0.1:PORT",
                              help="also stream events to this loopback address (the window listens there)")

@@ -40,6 +40,11 @@ class Plan:
     job: Job
     holdout: Layout | None = None  # the held-out images of the validation loss, never trained on
 
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step over all processes."""
+        return self.job.schedule.batch_size * self.world_size * self.job.schedule.gradient_accumulation
+
     def describe(self) -> list[str]:
         s, spec = self.scan, self.job.dataset
         lines = [f"model family: {self.family}", stored_model(self.job.model).describe(),
@@ -93,6 +98,8 @@ class Plan:
                          f"{val.loss_every_n_steps} steps, {val.loss_draws} seeded draws each")
         lines += [f"samples per epoch (with repeats): {len(self.layout.samples)}",
                   f"processes: {self.world_size}",
+                  f"global batch: {self.global_batch} (batch_size {self.job.schedule.batch_size} x "
+                  f"{self.world_size} processes x gradient_accumulation {self.job.schedule.gradient_accumulation})",
                   f"batches per epoch: {self.batches_per_epoch}",
                   f"steps per epoch: {self.steps_per_epoch:g}",
                   f"total steps: {self.total_steps}",
@@ -111,7 +118,8 @@ def memory_line(job: Job) -> str:
     return f"memory: {', '.join(on) if on else 'no memory-saving setting on'}"
 
 
-def make_plan(job: Job, resume: bool = False) -> Plan:
+def make_plan(job: Job, resume: bool = False, processes: int | None = None) -> Plan:
+    """`processes`: how many data-parallel processes will train (default: the launcher's WORLD_SIZE, else 1)."""
     check_bundled_parts(job.model)
     family = detect_family(job.model)
     _check_family_rules(job, family)
@@ -123,7 +131,7 @@ def make_plan(job: Job, resume: bool = False) -> Plan:
     scan.drop(too_small)
     scan.require_images(job.dataset)  # every image found may have been broken or too small
     output_dir = _check_output_dir(job, resume)
-    plan = _counted(job, family, scan, epoch, output_dir)
+    plan = _counted(job, family, scan, epoch, output_dir, processes or int(os.environ.get("WORLD_SIZE", "1")))
     plan.holdout = _holdout_layout(job, set_aside)
     return plan
 
@@ -195,8 +203,7 @@ def class_layout(job: Job, images: list[Path]) -> Layout:
     return epoch
 
 
-def _counted(job: Job, family: str, scan: Scan, epoch: Layout, output_dir: Path) -> Plan:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def _counted(job: Job, family: str, scan: Scan, epoch: Layout, output_dir: Path, world: int) -> Plan:
     sched = job.schedule
     batches = batches_per_epoch(epoch.bucket_of, sched.batch_size, world)
     steps_per_epoch = batches / sched.gradient_accumulation

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import broadcast, set_seed
+from accelerate.utils import set_seed
 
 from .data import cache
 from .data.buckets import batches_per_epoch, epoch_batches
@@ -31,7 +31,7 @@ from .families.table import FAMILIES
 from .job import Job, JobError
 from .methods import ema, prior, trainable
 from .plan import Plan, class_layout, holdout_spec
-from .run import checkpoint, guidance, nonfinite, speed, throughput
+from .run import checkpoint, guidance, nonfinite, ranks, speed, throughput
 from .run.block_swap import BlockSwap, Mover, swap_blocks
 from .run.fused_backward import FusedBackward, stepping
 from .run.checkpoint_files import newest_good
@@ -161,13 +161,22 @@ def _load(job: Job, plan: Plan, reporter: Reporter, resume: bool) -> _Run:
     run = _Run(job, plan, reporter, accelerator, family, parts, held,
                TrainDataset(plan.layout, job.dataset, job.schedule.seed), time.time(), noise_notes)
     if resume:
-        run.found, passed = newest_good(run.out / "checkpoints")
-        for line in passed:
-            reporter.log(f"{line}; resuming from an older one", "warning")
-        if run.found is None:
-            reporter.log("no intact checkpoint found; starting from step 0", "warning")
+        run.found = _checkpoint_to_resume(run)
     run.start_step = checkpoint.read_state(run.found)["step"] if run.found else 0
     return run
+
+
+def _checkpoint_to_resume(run: _Run) -> Path | None:
+    """Rank 0 chooses (a checkpoint written while another process was reading it must not split the ranks)."""
+    found = None
+    if run.main:
+        found, passed = newest_good(run.out / "checkpoints")
+        for line in passed:
+            run.reporter.log(f"{line}; resuming from an older one", "warning")
+        if found is None:
+            run.reporter.log("no intact checkpoint found; starting from step 0", "warning")
+    chosen = ranks.share(str(found) if found else "")
+    return Path(chosen) if chosen else None
 
 
 def _announce(run: _Run) -> None:
@@ -266,6 +275,9 @@ def _loop(run: _Run, requests: Requests) -> str:
         batches = epoch_batches(plan.layout.bucket_of, sched.batch_size, sched.seed, epoch,
                                 accelerator.process_index, accelerator.num_processes)[offset:]
         keys = [[(index, epoch) for index in b] for b in batches]  # a sample's randomness: (seed, epoch, index)
+        if accelerator.num_processes > 1:  # which samples this rank trains (its log, or events.jsonl for rank 0)
+            run.reporter.log(f"epoch {epoch} from batch {offset}: rank {accelerator.process_index} trains samples "
+                             + " ".join(str(index) for b in batches for index in b), "debug")
         loader = torch.utils.data.DataLoader(run.dataset, batch_sampler=keys, collate_fn=collate,
                                              num_workers=job.dataset.num_workers)
         for batch in loader:
@@ -635,7 +647,8 @@ def _paused(run: _Run, requests: Requests, held: bool) -> Requests:
 
 
 def _gather_requests(accelerator: Accelerator, reporter: Reporter, requests: Requests) -> Requests:
-    """Commands reach the main process; every process must act on them at the same step."""
+    """Commands reach the main process, a signal any process (the launcher passes Ctrl-C to all, `kill` to
+    one); every process must act on them at the same step."""
     wants = Requests(stop=requests.stop, toggle=requests.toggle)
     requests.stop = requests.toggle = False
     if accelerator.is_main_process:
@@ -644,7 +657,7 @@ def _gather_requests(accelerator: Accelerator, reporter: Reporter, requests: Req
         wants.held = requests.pause_file is not None and requests.pause_file.exists()
     if accelerator.num_processes > 1:
         flags = torch.tensor([getattr(wants, name) for name in FLAGS], device=accelerator.device, dtype=torch.int32)
-        flags = broadcast(flags, from_process=0)
+        flags = accelerator.reduce(flags, "sum")  # whichever process heard it
         wants = Requests(**{name: bool(f) for name, f in zip(FLAGS, flags.tolist())})
     return wants
 
