@@ -307,13 +307,23 @@ def _optimizer_step(job: Job, tr, torch, real: bool) -> tuple[object, list[str]]
                 state += [torch.empty(p.numel()) for _ in range(2)]
         return state, ["8-bit AdamW: bitsandbytes cannot run on fake tensors; its state is counted at 1 byte per "
                        "element per moment plus one fp32 scale per 256 elements"]
+    adamw = opt.name == "adamw"
+    notes = [] if adamw else [f"optimizer {opt.name}: its state is counted as AdamW's (two fp32 moments per "
+                              "element); Adafactor and CAME keep less, Lion one moment, Prodigy and schedule-free "
+                              "AdamW about as much or more"]
     if not real:
         numel = sum(p.numel() for p in params)
         state = [torch.empty(numel), torch.empty(numel)]
         square_roots = torch.empty(numel)  # noqa: F841 - alive during the step only
-        return state, []
+        return state, notes
     if opt.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, opt.max_grad_norm, foreach=True)
+    if not adamw:
+        from .run.optimizers import build
+
+        optimizer = build(job, optimizer_groups(tr))
+        optimizer.step()
+        return optimizer, []
     optimizer = torch.optim.AdamW(optimizer_groups(tr), lr=opt.learning_rate, betas=tuple(opt.betas), eps=opt.eps,
                                   weight_decay=opt.weight_decay, foreach=True)
     optimizer.step()

@@ -17,7 +17,7 @@ from .data.files import Scan, scan_dataset
 from .families.detect import detect_family
 from .families.model_files import check_bundled_parts, stored_model
 from .families.table import FAMILIES
-from .job import Job, JobError, run_leftovers
+from .job import UNION_SHARED, Job, JobError, run_leftovers
 from .methods import prior
 from .methods.layers import describe_trainable
 
@@ -81,6 +81,7 @@ class Plan:
                   f"batches per epoch: {self.batches_per_epoch}",
                   f"steps per epoch: {self.steps_per_epoch:g}",
                   f"total steps: {self.total_steps}",
+                  optimizer_line(self.job),
                   f"outputs: {self.output_dir}"]
         return lines
 
@@ -165,3 +166,30 @@ def _check_output_dir(job: Job, resume: bool) -> Path:
             raise JobError(f"output.output_dir: {out} already holds a run ({', '.join(leftovers[:3])}); "
                            "pass --resume to continue it or choose an empty folder")
     return out
+
+
+def optimizer_line(job: Job) -> str:
+    """`check`'s optimizer line: the optimizer, its own settings, and the learning-rate schedule it runs with."""
+    opt = job.optimizer
+    own = {k: v for k, v in opt.model_dump(mode="json").items()
+           if k not in ("name", "learning_rate", *UNION_SHARED["optimizer"])}
+    settings = ", ".join(f"{k} {_value(v)}" for k, v in own.items())
+    sched = job.schedule
+    if opt.name == "adafactor" and opt.relative_step:
+        rate = "its own relative-step learning rate"
+    else:
+        rate = f"learning rate {opt.learning_rate:g}, schedule {sched.lr_scheduler}"
+        if opt.name == "adamw_schedulefree":
+            rate = f"learning rate {opt.learning_rate:g}, no schedule (schedule-free)"
+        if sched.warmup_steps:
+            rate += f", warmup {sched.warmup_steps} steps"
+    return f"optimizer: {opt.name} ({rate}; {settings}), gradient clipping " + \
+        (f"at norm {opt.max_grad_norm:g}" if opt.max_grad_norm > 0 else "off")
+
+
+def _value(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return "/".join(_value(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)

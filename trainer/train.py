@@ -11,6 +11,7 @@ import gc
 import json
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from .families.detect import family_module
 from .job import Job, JobError
 from .methods import ema, prior, trainable
 from .plan import Plan, class_layout
-from .run import checkpoint, nonfinite, speed
+from .run import checkpoint, nonfinite, optimizers, speed
 from .run.checkpoint_files import newest_good
 
 
@@ -186,12 +187,8 @@ def _trainables(run: _Run) -> None:
         module.train()
     for p in tr.params.values():
         p.data = p.data.to(run.held.trained)  # trained weights stay fp32 under mixed precision
-    optimizer = _optimizer(job, trainable.optimizer_groups(tr))
-    from diffusers.optimization import get_scheduler
-
-    run.lr_scheduler = get_scheduler(job.schedule.lr_scheduler, optimizer,
-                                     num_warmup_steps=job.schedule.warmup_steps,
-                                     num_training_steps=run.plan.total_steps)
+    optimizer = optimizers.build(job, trainable.optimizer_groups(tr))
+    run.lr_scheduler = optimizers.scheduler(job, optimizer, run.plan.total_steps)
     run.denoiser = run.parts.denoiser
     if tr.groups[0].name == "denoiser":
         run.denoiser, run.optimizer = accelerator.prepare(run.denoiser, optimizer)
@@ -203,6 +200,8 @@ def _trainables(run: _Run) -> None:
 def _resume(run: _Run) -> None:
     _, tensors, ema_tensors = checkpoint.load(run.found, run.optimizer, run.lr_scheduler)
     trainable.load_tensors(run.tr, tensors, str(run.found))
+    if optimizers.has_eval_mode(run.optimizer):  # saved in eval mode: the training point is rebuilt from it
+        run.optimizer.optimizer.train()
     if run.shadow is not None and ema_tensors is not None:
         run.shadow.update({k: v.to(run.shadow[k].device) for k, v in ema_tensors.items() if k in run.shadow})
     trainable.apply_stops(run.tr, run.optimizer, run.start_step)
@@ -454,19 +453,6 @@ def _accelerator(job: Job, reporter: Reporter) -> Accelerator:
     return accelerator
 
 
-def _optimizer(job: Job, groups: list[dict]) -> torch.optim.Optimizer:
-    """AdamW over the parameter groups (each carries its own learning rate); torch's fused kernel on CUDA."""
-    opt = job.optimizer
-    kwargs = dict(lr=opt.learning_rate, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
-    if opt.name == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise JobError("optimizer.name: adamw8bit needs bitsandbytes, which is not installed") from None
-        return bnb.optim.AdamW8bit(groups, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs, fused=speed.fused_adamw(groups) or None)
-
-
 def _generator(seed: int, micro: int, accelerator: Accelerator) -> torch.Generator:
     """One generator per micro-step and process, so noise, timesteps and dropout replay exactly on resume."""
     value = (seed * 1_000_003 + micro * 997 + accelerator.process_index) % (2**63)
@@ -539,19 +525,23 @@ _COMMAND_FIELDS = {"continue": "proceed"}
 def _save_checkpoint(run: _Run) -> None:
     if run.main:
         info = {"epoch": run.epoch, "job": run.job.model_dump(mode="json")}
-        path = checkpoint.save(run.out / "checkpoints", run.step, trainable.tensors(run.tr), run.optimizer,
-                               run.lr_scheduler, info, run.job.output.keep_last, ema=run.shadow)
+        with optimizers.eval_mode(run.optimizer):  # the weights to use; resume rebuilds the training point
+            path = checkpoint.save(run.out / "checkpoints", run.step, trainable.tensors(run.tr), run.optimizer,
+                                   run.lr_scheduler, info, run.job.output.keep_last, ema=run.shadow)
         run.reporter.emit("checkpoint", step=run.step, path=str(path))
     run.accelerator.wait_for_everyone()
 
 
+@contextmanager
 def _exported_weights(run: _Run):
-    """A context in which the model holds what gets exported: the EMA weights when the job says so."""
-    from contextlib import nullcontext
-
-    if run.shadow is not None and run.job.ema.export_ema:
-        return ema.swapped_in(run.shadow, trainable.ema_params(run.tr))
-    return nullcontext()
+    """A context in which the model holds what gets exported: the EMA weights when the job says so, else the
+    optimizer's weights in eval mode (a schedule-free optimizer's average)."""
+    with optimizers.eval_mode(run.optimizer):
+        if run.shadow is not None and run.job.ema.export_ema:
+            with ema.swapped_in(run.shadow, trainable.ema_params(run.tr)):
+                yield
+        else:
+            yield
 
 
 @torch.no_grad()
