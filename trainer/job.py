@@ -159,13 +159,25 @@ class DatasetSpec(_Section):
                              "training process).")
 
 
+ADAPTER_KINDS = ("lora", "loha", "lokr")  # network kinds that train an adapter (peft's LoRA, LoHa, LoKr)
+
+
 class NetworkSpec(_Section):
-    kind: Literal["lora", "full", "none"] = Field(
-        "lora", description="What trains in the denoiser (UNet or transformer): a LoRA, all of its selected "
-        "weights (full fine-tuning), or nothing (only new tokens: textual inversion).")
-    rank: int = Field(16, ge=1, le=1024, description="LoRA rank (network dim): capacity of the adapter.")
-    alpha: float = Field(16.0, gt=0, le=4096, description="LoRA alpha: the update is scaled by alpha/rank.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path during training.")
+    kind: Literal["lora", "loha", "lokr", "full", "none"] = Field(
+        "lora", description="What trains in the denoiser (UNet or transformer): a LoRA, a LoHa (Hadamard "
+        "product of two low-rank pairs), a LoKr (Kronecker product), all of its selected weights (full "
+        "fine-tuning), or nothing (only new tokens: textual inversion).")
+    rank: int = Field(16, ge=1, le=1024, description="Adapter rank (network dim): capacity of the adapter.")
+    alpha: float = Field(16.0, gt=0, le=4096, description="Adapter alpha: the update is scaled by alpha/rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path during training (LoHa and "
+                           "LoKr: dropout over the rank, peft's rank_dropout).")
+    dora: bool = Field(False, description="LoRA only: DoRA, which trains each output row's magnitude apart "
+                       "from its direction (peft's use_dora); slower per step.")
+    lokr_factor: int = Field(-1, ge=-1, le=4096, description="LoKr: the Kronecker factor, the size of the "
+                             "small matrix's sides (e.g. 8 or 16); -1: as near square as possible.")
+    lokr_decompose_both: bool = Field(False, description="LoKr: split the small Kronecker matrix into a "
+                                      "low-rank pair too (the large one always is, when the rank is small "
+                                      "enough).")
     target_modules: list[str] = Field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
         description="LoRA: module names (suffixes) that get an adapter; the default is the attention "
@@ -485,6 +497,13 @@ class Job(_Section):
             raise ValueError("network.kind: 'none' trains nothing unless tokens.new or text_encoder.mode is set")
         if self.prior.enabled and not self.prior.class_prompt.strip():
             raise ValueError("prior.class_prompt: prior preservation needs a class prompt")
+        return self
+
+    @model_validator(mode="after")
+    def _dora_on_lora(self) -> "Job":
+        if self.network.dora and self.network.kind != "lora":
+            raise ValueError(f"network.dora: DoRA applies to network.kind 'lora' only (got "
+                             f"{self.network.kind!r})")
         return self
 
     @model_validator(mode="after")

@@ -17,7 +17,7 @@ from .data.files import Scan, scan_dataset
 from .families.detect import detect_family
 from .families.model_files import check_bundled_parts, stored_model
 from .families.table import FAMILIES
-from .job import UNION_SHARED, Job, JobError, run_leftovers
+from .job import ADAPTER_KINDS, UNION_SHARED, Job, JobError, run_leftovers
 from .methods import prior
 from .methods.layers import describe_trainable
 
@@ -126,8 +126,18 @@ def _check_family_rules(job: Job, family: str) -> None:
     """What the family cannot do fails here, not at the first step or at export. A transformer family patches
     its latents, so image sides must divide."""
     can = FAMILIES[family]
-    if not can.kohya and job.output.save_kohya and job.network.kind == "lora":
+    if not can.kohya and job.output.save_kohya and job.network.kind in ADAPTER_KINDS:
         raise JobError(f"output.save_kohya: {family} models have no kohya LoRA format; set it to false")
+    net = job.network
+    if net.kind in ("loha", "lokr") and not can.lycoris:
+        raise JobError(f"network.kind: {net.kind} files are written in the kohya/LyCORIS layout, which this trainer "
+                       f"writes for SD1, SD2 and SDXL only (not {family})")
+    if net.kind in ("loha", "lokr") and not job.output.save_kohya:
+        raise JobError(f"output.save_kohya: {net.kind} is written only in the kohya/LyCORIS layout (diffusers' "
+                       "pipelines load no LoHa or LoKr); set it to true")
+    if net.dora and job.output.save_kohya and not can.lycoris:
+        raise JobError(f"output.save_kohya: no kohya DoRA layout for {family} models; set it to false (the "
+                       "diffusers file holds the DoRA)")
     if not can.class_images and job.prior.enabled:
         raise JobError(f"prior.enabled: prior preservation is not available for {family} models")
     multiple = can.size_multiple

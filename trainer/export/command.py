@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..job import Job, JobError, load_job
+from ..job import ADAPTER_KINDS, Job, JobError, load_job
 
 FORMATS = ("diffusers", "kohya", "merged", "single-file")
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the diffusers-format LoRA in a run's final/ folder
@@ -37,7 +37,7 @@ def export(source: Path, fmt: str, out: Path | None = None, lora_scale: float | 
     if lora_scale is not None and fmt not in ("merged", "single-file"):
         raise JobError(f"--lora-scale: only merged and single-file exports fuse the LoRA, not {fmt}")
     src = resolve_source(Path(source))
-    if fmt == "kohya" and "lora" not in (src.job.network.kind, src.job.text_encoder.mode):
+    if fmt == "kohya" and src.job.network.kind not in ADAPTER_KINDS and src.job.text_encoder.mode != "lora":
         raise JobError(f"--format kohya: the run trained no LoRA (network.kind {src.job.network.kind}, "
                        f"text_encoder.mode {src.job.text_encoder.mode}); export diffusers, merged or single-file")
     target = Path(out).expanduser() if out else src.run / "export" / fmt
