@@ -182,6 +182,14 @@ def test_each_kind_trains_the_demo_with_frozen_blocks_and_resumes_exactly(demo_j
     assert weights and not any(".down_blocks.0." in k for k in weights)
     if name != "dora":  # diffusers' pipelines load no LoHa or LoKr: only the LyCORIS file is written
         assert not (final / "pytorch_lora_weights.safetensors").exists()
+        from trainer.cli import main
+
+        assert main(["export", str(whole), "--format", "diffusers"]) == 2
+        assert main(["export", str(whole), "--format", "merged", "--out", str(tmp_path / "merged")]) == 0
+        base = load_file(demo_job.parent / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+        merged = load_file(next((tmp_path / "merged" / "unet").glob("*.safetensors")))
+        changed = {k for k in base if not torch.equal(base[k], merged[k])}
+        assert changed and not any(k.startswith("down_blocks.0.") for k in changed)  # fused, frozen block kept
         return
     from diffusers import StableDiffusionPipeline
 

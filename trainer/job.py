@@ -160,6 +160,7 @@ class DatasetSpec(_Section):
 
 
 ADAPTER_KINDS = ("lora", "loha", "lokr")  # network kinds that train an adapter (peft's LoRA, LoHa, LoKr)
+LYCORIS_ONLY = ("loha", "lokr")  # written only in the kohya/LyCORIS layout: diffusers' pipelines load neither
 
 
 class NetworkSpec(_Section):

@@ -17,7 +17,7 @@ from .data.files import Scan, scan_dataset
 from .families.detect import detect_family
 from .families.model_files import check_bundled_parts, stored_model
 from .families.table import FAMILIES
-from .job import ADAPTER_KINDS, UNION_SHARED, Job, JobError, run_leftovers
+from .job import ADAPTER_KINDS, LYCORIS_ONLY, UNION_SHARED, Job, JobError, run_leftovers
 from .methods import prior
 from .methods.layers import describe_trainable
 
@@ -129,10 +129,10 @@ def _check_family_rules(job: Job, family: str) -> None:
     if not can.kohya and job.output.save_kohya and job.network.kind in ADAPTER_KINDS:
         raise JobError(f"output.save_kohya: {family} models have no kohya LoRA format; set it to false")
     net = job.network
-    if net.kind in ("loha", "lokr") and not can.lycoris:
+    if net.kind in LYCORIS_ONLY and not can.lycoris:
         raise JobError(f"network.kind: {net.kind} files are written in the kohya/LyCORIS layout, which this trainer "
                        f"writes for SD1, SD2 and SDXL only (not {family})")
-    if net.kind in ("loha", "lokr") and not job.output.save_kohya:
+    if net.kind in LYCORIS_ONLY and not job.output.save_kohya:
         raise JobError(f"output.save_kohya: {net.kind} is written only in the kohya/LyCORIS layout (diffusers' "
                        "pipelines load no LoHa or LoKr); set it to true")
     if net.dora and job.output.save_kohya and not can.lycoris:

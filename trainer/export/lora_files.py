@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..job import Job
+from ..job import LYCORIS_ONLY, Job
 
 JOB_METADATA_KEY = "sdtrainer_job"
 JOB_FILE = "sdtrainer_job.json"  # the resolved job inside an exported diffusers folder
@@ -53,7 +53,6 @@ def write_lora_kohya(path: Path, family, parts, states: dict[str, dict], job: Jo
     return path
 
 
-LYCORIS_ONLY = ("loha", "lokr")  # network kinds written only in the kohya/LyCORIS layout
 # peft's parameter names and LyCORIS's, for the adapters beside plain LoRA (whose lora_A/lora_B diffusers'
 # converter renames to lora_down/lora_up). LoHa's and LoKr's names are the same in both.
 LYCORIS_NAMES = {"lora_magnitude_vector": "dora_scale",
