@@ -44,6 +44,9 @@ def test_old_job_files_and_switching_optimizers():
     full = apply_override(apply_override(defaults(), "optimizer.max_grad_norm=0.5"), "optimizer.name=adafactor")
     job = from_sparse(full)
     assert job.optimizer.name == "adafactor" and job.optimizer.max_grad_norm == 0.5
+    to_8bit = from_sparse(apply_override(apply_override(defaults(), "optimizer.eps=1e-6"), "optimizer.name=adamw8bit"))
+    assert (to_8bit.optimizer.name, to_8bit.optimizer.eps) == ("adamw8bit", 1e-6)  # the same fields: all kept
+    assert from_sparse(apply_override(full, "optimizer.name=lion")).optimizer.name == "lion"
     # A sparse file keeps the choice and whatever differs from that optimizer's defaults (Prodigy's weight decay
     # of 0.01 equals AdamW's default but not Prodigy's own).
     job = from_sparse({"optimizer": {"name": "prodigy", "weight_decay": 0.01}})

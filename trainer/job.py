@@ -586,10 +586,10 @@ def switch_choice(section_data: dict, section: str, value) -> dict:
     """A union section with its choice changed: the shared fields kept, the rest the new choice's defaults (an
     AdamW's betas would be an unknown key to Adafactor)."""
     key, models = UNIONS[section]
-    if value not in models or section_data.get(key) == value:
+    if value not in models or models.get(section_data.get(key)) is models[value]:  # adamw and adamw8bit: one model
         return {**section_data, key: value}
     kept = {k: v for k, v in section_data.items() if k in UNION_SHARED[section]}
-    return {**models[value]().model_dump(mode="json"), **kept}
+    return {**models[value]().model_dump(mode="json"), **kept, key: value}
 
 
 def from_sparse(data: dict, source: str = "job") -> Job:
