@@ -20,7 +20,7 @@ from PySide6.QtWidgets import QAbstractItemView, QCheckBox, QComboBox, QFileDial
     QHBoxLayout, QHeaderView, QLabel, QLineEdit, QMenu, QPlainTextEdit, QPushButton, QScrollArea, QSpinBox, \
     QTableWidget, QTableWidgetItem, QToolButton, QVBoxLayout, QWidget
 
-from trainer.job import Job
+from trainer.job import UNIONS, Job, switch_choice, union_loc
 
 from .block_picker import BlockPicker
 
@@ -507,13 +507,28 @@ def make_editor(name: str, info: FieldInfo) -> FieldEditor:
 
 
 def sections() -> list[tuple[str, type[BaseModel]]]:
-    """The schema's sections, in the order the schema declares them."""
+    """The schema's sections with one set of fields, in the order the schema declares them (the ones whose
+    fields follow a choice, like the optimizer's, are `union_sections`)."""
     out = []
     for name, info in Job.model_fields.items():
         ann = info.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             out.append((name, ann))
     return out
+
+
+def union_sections() -> dict[str, tuple[str, dict[str, type[BaseModel]]]]:
+    """Sections whose fields depend on one of them (optimizer.name): section -> (that field, {choice: model})."""
+    return {name: UNIONS[name] for name in Job.model_fields if name in UNIONS}
+
+
+def choice_info(section: str) -> FieldInfo:
+    """The choosing field of a union section, as one field whose options are every member's."""
+    key, models = UNIONS[section]
+    default = Job.model_fields[section].get_default(call_default_factory=True)
+    member = models[getattr(default, key)].model_fields[key]
+    return FieldInfo(annotation=typing.Literal[tuple(models)], default=getattr(default, key),
+                     description=member.description)
 
 
 class JobForm(QWidget):
@@ -528,35 +543,40 @@ class JobForm(QWidget):
         self.trainer_command: list[str] | None = None  # the block picker's `python -m trainer`; tests swap it
         self.block_picker: BlockPicker | None = None
         self.group_errors: dict[str, QLabel] = {}
+        # Union sections: for each choice, the editors of its fields (choices sharing a model share them);
+        # `editors` holds the chosen one's, the others' rows are hidden.
+        self.choices: dict[str, dict[str, dict[str, FieldEditor]]] = {}
+        self._forms: dict[str, QFormLayout] = {}
         self._loading = False
         body = QWidget()
         column = QVBoxLayout(body)
-        for section, model in sections():
+        plain, unions = dict(sections()), union_sections()
+        for section in Job.model_fields:
+            if section not in plain and section not in unions:
+                continue
             group = QGroupBox(SECTION_TITLES.get(section, label_for(section)))
-            group.setToolTip(model.__doc__ or "")
             form = QFormLayout(group)
             form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
             error = QLabel()
             error.setStyleSheet("color: #c00000;")
             error.hide()
             form.addRow(error)
-            for name, info in model.model_fields.items():
-                editor = make_editor(name, info)
-                editor.changed.connect(self._on_edit)
-                if (section, name) in BLOCK_FIELDS:
-                    pick = QPushButton("Pick blocks…")
-                    pick.setToolTip("Check the blocks that train in a tree of the model's blocks "
-                                    "(reads the model in model.path)")
-                    pick.clicked.connect(self.pick_blocks)
-                    editor.row.addWidget(pick, 0, Qt.AlignmentFlag.AlignTop)
-                label = QLabel(label_for(name))
-                label.setToolTip(tooltip(name, info))
-                if isinstance(editor, ModelListEditor):  # a table needs the full width
-                    form.addRow(label)
-                    form.addRow(editor.widget)
-                else:
-                    form.addRow(label, editor.widget)
-                self.editors[(section, name)] = editor
+            if section in plain:
+                group.setToolTip(plain[section].__doc__ or "")
+                for name, info in plain[section].model_fields.items():
+                    self.editors[(section, name)] = self._add_row(form, section, name, info)
+            else:
+                key, models = unions[section]
+                choice = self._add_row(form, section, key, choice_info(section))
+                self.editors[(section, key)] = choice
+                built: dict[type, dict[str, FieldEditor]] = {}
+                for tag, model in models.items():
+                    if model not in built:
+                        built[model] = {name: self._add_row(form, section, name, info)
+                                        for name, info in model.model_fields.items() if name != key}
+                    self.choices.setdefault(section, {})[tag] = built[model]
+                choice.changed.connect(lambda s=section: self._choose(s))
+            self._forms[section] = form
             self.groups[section] = group
             self.group_errors[section] = error
             column.addWidget(group)
@@ -571,13 +591,70 @@ class JobForm(QWidget):
         self.scroll = scroll
         self.set_job(Job())
 
+    def _add_row(self, form: QFormLayout, section: str, name: str, info: FieldInfo) -> FieldEditor:
+        editor = make_editor(name, info)
+        editor.changed.connect(self._on_edit)
+        if (section, name) in BLOCK_FIELDS:
+            pick = QPushButton("Pick blocks…")
+            pick.setToolTip("Check the blocks that train in a tree of the model's blocks "
+                            "(reads the model in model.path)")
+            pick.clicked.connect(self.pick_blocks)
+            editor.row.addWidget(pick, 0, Qt.AlignmentFlag.AlignTop)
+        label = QLabel(label_for(name))
+        label.setToolTip(tooltip(name, info))
+        if isinstance(editor, ModelListEditor):  # a table needs the full width
+            form.addRow(label)
+            form.addRow(editor.widget)
+        else:
+            form.addRow(label, editor.widget)
+        return editor
+
+    def _choose(self, section: str, values: dict | None = None) -> None:
+        """Show the fields of the section's current choice, and only those. Without `values` (the user picked
+        another optimizer), the shared fields keep their values and the rest take the new choice's defaults."""
+        key = UNIONS[section][0]
+        chosen = self.editors[(section, key)].get()
+        fields = self.choices[section][chosen]
+        active = {name: ed for (s, name), ed in self.editors.items() if s == section and name != key}
+        picked = values is None
+        if values is None and active != fields:
+            current = {}
+            for name, editor in active.items():
+                try:
+                    current[name] = editor.get()
+                except ValueError:
+                    pass
+            values = switch_choice({key: None, **current}, section, chosen)
+        if values is not None:
+            loading, self._loading = self._loading, True
+            try:
+                for name, editor in fields.items():
+                    editor.set(values[name])
+            finally:
+                self._loading = loading
+        shown = {id(ed) for ed in fields.values()}
+        for editor in {id(ed): ed for eds in self.choices[section].values() for ed in eds.values()}.values():
+            self._forms[section].setRowVisible(editor.widget, id(editor) in shown)
+            if id(editor) not in shown:
+                editor.set_error(None)
+        for name in active:
+            del self.editors[(section, name)]
+        self.editors.update({(section, name): ed for name, ed in fields.items()})
+        if picked:
+            self._on_edit()  # the job changed again: other fields, other values
+
     # ---- values --------------------------------------------------------------------------------------
 
     def set_job(self, job: Job) -> None:
         data = job.model_dump(mode="json")
         self._loading = True
         try:
-            for (section, name), editor in self.editors.items():
+            for section, (key, _) in UNIONS.items():
+                if (section, key) in self.editors:
+                    with QSignalBlocker(self.editors[(section, key)].input):
+                        self.editors[(section, key)].set(data[section][key])
+                    self._choose(section, data[section])
+            for (section, name), editor in list(self.editors.items()):
                 editor.set(data[section][name])
         finally:
             self._loading = False
@@ -608,7 +685,7 @@ class JobForm(QWidget):
             try:
                 job = Job.model_validate(data)
             except ValidationError as exc:
-                errors = [(tuple(e["loc"]), _message(e)) for e in exc.errors()]
+                errors = [(union_loc(tuple(e["loc"])), _message(e)) for e in exc.errors()]
         self._show_errors(errors)
         reasons = [f"{'.'.join(str(p) for p in loc)}: {msg}" for loc, msg in errors]
         for (section, name), why in REQUIRED.items():
@@ -696,7 +773,7 @@ def _message(err: dict) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         return "unknown key"
-    rest = err["loc"][2:]
+    rest = union_loc(tuple(err["loc"]))[2:]
     if rest:  # inside a list: say which item
         where = " ".join(f"row {p + 1}" if isinstance(p, int) else str(p) for p in rest)
         return f"{where}: {msg}"

@@ -6,7 +6,7 @@ import typing
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from app.job_form import JobForm, sections
+from app.job_form import JobForm, sections, union_sections
 from trainer.job import Job, from_sparse, list_presets, load_preset
 
 
@@ -29,7 +29,7 @@ def _other_value(section_model, name, info, current):
     elif origin is list and args == (str,):
         candidates = [["first line", "second, with comma"]]
     elif origin is list and args == (float,):
-        candidates = [[0.85, 0.9876543]]
+        candidates = [[0.85, 0.9876543], [0.85, 0.98, 0.9876543]]
     elif origin is list and issubclass(args[0], BaseModel):
         candidates = [[{"path": "/data/a", "repeats": 3, "caption_extension": ".caption",
                         "instance_prompt": "photo of sks dog"}, {"path": "/data/b"}],
@@ -59,19 +59,25 @@ def _non_default_job() -> dict:
                 data[section][name] = Job().model_dump(mode="json")[section][name]
     # Rules across sections (trainer/job.py): quantized base weights are frozen, so not a full fine-tune ("none":
     # new tokens only); the fused backward pass needs gradient_accumulation 1, which this job moves off, so it stays
-    # off here and round-trips on its own (FUSED).
+    # off here and round-trips on its own (FUSED); DoRA is for network.kind lora only (PINNED, round-tripped apart).
     data["network"]["kind"] = "none"
     data["memory"]["fused_backward"] = False
+    for dotted in PINNED:
+        section, name = dotted.split(".")
+        data[section][name] = Job().model_dump(mode="json")[section][name]
     return data
 
 
 FUSED = {"memory": {"fused_backward": True}, "optimizer": {"max_grad_norm": 0.0}}
+PINNED = {"network.dora"}
 
 
 def test_every_field_has_an_editor(qtbot):
     form = JobForm()
     qtbot.addWidget(form)
     expected = {(s, n) for s, m in sections() for n in m.model_fields}
+    expected |= {(s, n) for s, (key, models) in union_sections().items()
+                 for n in models[Job().model_dump()[s][key]].model_fields}
     assert set(form.editors) == expected
     for (section, name), editor in form.editors.items():
         assert editor.input.toolTip(), f"{section}.{name} has no tooltip"
@@ -86,7 +92,7 @@ def test_form_job_round_trip_every_field(qtbot):
     unchanged = {f"{s}.{n}" for s, m in sections() for n, info in m.model_fields.items()
                  if data[s][n] == default[s][n]
                  and not (typing.get_origin(info.annotation) is typing.Literal and len(typing.get_args(info.annotation)) == 1)}
-    assert unchanged == {"memory.fused_backward"}  # every other field moved off its default
+    assert unchanged == {"memory.fused_backward"} | PINNED  # every other field moved off its default
     form.set_job(job)
     back = form.job_or_none()
     assert back is not None, form.check()[1]
@@ -96,6 +102,9 @@ def test_form_job_round_trip_every_field(qtbot):
     fused = from_sparse(FUSED)
     form.set_job(fused)
     assert form.job_or_none().model_dump(mode="json") == fused.model_dump(mode="json")
+    dora = Job.model_validate({**data, "network": {**data["network"], "kind": "lora", "dora": True}})
+    form.set_job(dora)
+    assert form.job_or_none() == dora
 
 
 def test_tiny_learning_rates_round_trip_exactly(qtbot):
@@ -302,3 +311,43 @@ def test_new_tokens_are_added_as_rows_and_edited_in_cells(qtbot):
     assert job is None and not any("token" in r or "network" in r for r in reasons), reasons  # only paths missing
     editor.table.item(0, editor.columns.index("vectors")).setText("0")
     assert any("tokens.new" in r for r in form.check()[1])
+
+
+@pytest.mark.parametrize("name", ["prodigy", "adafactor", "came", "adamw_schedulefree", "lion"])
+def test_each_optimizer_round_trips_with_only_its_fields(qtbot, name):
+    from trainer.job import OPTIMIZERS
+
+    model = OPTIMIZERS[name]
+    form = JobForm()
+    qtbot.addWidget(form)
+    data = Job().model_dump(mode="json")
+    data["optimizer"] = model().model_dump(mode="json")
+    data["schedule"]["lr_scheduler"] = "constant"
+    for field, info in model.model_fields.items():
+        if field != "name" and field not in ("warmup_init",):  # warmup_init needs relative_step
+            data["optimizer"][field] = _other_value(model, field, info, data["optimizer"][field])
+    job = Job.model_validate(data)
+    form.set_job(job)
+    shown = {n for (s, n), ed in form.editors.items() if s == "optimizer" and not ed.widget.isHidden()}
+    assert shown == set(model.model_fields)
+    back = form.job_or_none()
+    assert back is not None, form.check()[1]
+    assert back.model_dump(mode="json") == job.model_dump(mode="json")
+
+
+def test_choosing_an_optimizer_shows_its_fields_and_keeps_the_shared_ones(qtbot):
+    form = JobForm()
+    qtbot.addWidget(form)
+    form.editor("optimizer.max_grad_norm").set(0.5)
+    assert form.editor("optimizer.betas").get() == [0.9, 0.999]
+    with qtbot.waitSignal(form.changed):
+        form.editor("optimizer.name").set("adafactor")
+    assert ("optimizer", "betas") not in form.editors and ("optimizer", "relative_step") in form.editors
+    job = form.job_or_none()
+    assert job.optimizer.name == "adafactor" and job.optimizer.max_grad_norm == 0.5
+    form.editor("optimizer.clip_threshold").edit.setText("-1")
+    _, reasons = form.check()
+    assert any(r.startswith("optimizer.clip_threshold: Input should be greater than 0") for r in reasons)
+    assert "greater than 0" in form.editor("optimizer.clip_threshold").error_label.text()
+    form.editor("optimizer.name").set("came")
+    assert form.job_or_none().optimizer.betas == [0.9, 0.999, 0.9999]

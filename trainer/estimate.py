@@ -316,13 +316,24 @@ def _optimizer_step(job: Job, tr, torch, real: bool) -> tuple[object, list[str]]
     opt = job.optimizer
     if opt.name == "adamw8bit":
         return [t for p in params for t in _adamw8bit_state(torch, p)], [ADAMW8BIT_NOTE]
+    adamw = opt.name == "adamw"
+    notes = [] if adamw else [f"optimizer {opt.name}: its state is counted as AdamW's (two fp32 moments per "
+                              "element); Adafactor and CAME keep less, Lion one moment, Prodigy and schedule-free "
+                              "AdamW about as much or more"]
     if not real:
         numel = sum(p.numel() for p in params)
         state = [torch.empty(numel), torch.empty(numel)]
         square_roots = torch.empty(numel)  # noqa: F841 - alive during the step only
-        return state, []
+        return state, notes
     if opt.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, opt.max_grad_norm, foreach=True)
+    if not adamw:
+        from .methods.trainable import optimizer_groups
+        from .run.optimizers import build
+
+        optimizer = build(job, optimizer_groups(tr))
+        optimizer.step()
+        return optimizer, []
     optimizer = _real_adamw(job, tr, torch)
     optimizer.step()
     return optimizer, []

@@ -9,9 +9,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+import typing
 import unicodedata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -166,13 +167,26 @@ class DatasetSpec(_Section):
                              "training process).")
 
 
+ADAPTER_KINDS = ("lora", "loha", "lokr")  # network kinds that train an adapter (peft's LoRA, LoHa, LoKr)
+LYCORIS_ONLY = ("loha", "lokr")  # written only in the kohya/LyCORIS layout: diffusers' pipelines load neither
+
+
 class NetworkSpec(_Section):
-    kind: Literal["lora", "full", "none"] = Field(
-        "lora", description="What trains in the denoiser (UNet or transformer): a LoRA, all of its selected "
-        "weights (full fine-tuning), or nothing (only new tokens: textual inversion).")
-    rank: int = Field(16, ge=1, le=1024, description="LoRA rank (network dim): capacity of the adapter.")
-    alpha: float = Field(16.0, gt=0, le=4096, description="LoRA alpha: the update is scaled by alpha/rank.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path during training.")
+    kind: Literal["lora", "loha", "lokr", "full", "none"] = Field(
+        "lora", description="What trains in the denoiser (UNet or transformer): a LoRA, a LoHa (Hadamard "
+        "product of two low-rank pairs), a LoKr (Kronecker product), all of its selected weights (full "
+        "fine-tuning), or nothing (only new tokens: textual inversion).")
+    rank: int = Field(16, ge=1, le=1024, description="Adapter rank (network dim): capacity of the adapter.")
+    alpha: float = Field(16.0, gt=0, le=4096, description="Adapter alpha: the update is scaled by alpha/rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path during training (LoHa and "
+                           "LoKr: dropout over the rank, peft's rank_dropout).")
+    dora: bool = Field(False, description="LoRA only: DoRA, which trains each output row's magnitude apart "
+                       "from its direction (peft's use_dora); slower per step.")
+    lokr_factor: int = Field(-1, ge=-1, le=4096, description="LoKr: the Kronecker factor, the size of the "
+                             "small matrix's sides (e.g. 8 or 16); -1: as near square as possible.")
+    lokr_decompose_both: bool = Field(False, description="LoKr: split the small Kronecker matrix into a "
+                                      "low-rank pair too (the large one always is, when the rank is small "
+                                      "enough).")
     target_modules: list[str] = Field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
         description="LoRA: module names (suffixes) that get an adapter; the default is the attention "
@@ -303,20 +317,127 @@ class DiffusionSpec(_Section):
         return self
 
 
-class OptimizerSpec(_Section):
-    name: Literal["adamw", "adamw8bit"] = Field(
-        "adamw", description="AdamW, or 8-bit AdamW from bitsandbytes (less memory, GPU recommended).")
+class _OptimizerCommon(_Section):
+    """What every optimizer shares: the learning rate, clipping and what a non-finite step does."""
+    name: str = Field(description="The optimizer (each kind narrows this to its own names).")
     learning_rate: float = Field(1e-4, gt=0, le=1, description="Peak learning rate.")
-    weight_decay: float = Field(1e-2, ge=0, le=1, description="Decoupled weight decay.")
-    betas: list[float] = Field(default_factory=lambda: [0.9, 0.999], min_length=2, max_length=2,
-                               description="Adam beta1 and beta2.")
-    eps: float = Field(1e-8, gt=0, le=1e-2, description="Adam epsilon.")
     max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm to this (0 turns clipping off).")
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="A NaN or infinite loss or gradient: stop the run (the last checkpoint is kept), or "
         "skip that step with a warning.")
     max_skipped_steps: int = Field(3, ge=1, le=1000, description="With on_nonfinite skip: stop after this many "
                                    "non-finite steps in a row.")
+
+
+class AdamWOptions(_OptimizerCommon):
+    """AdamW (torch), or 8-bit AdamW from bitsandbytes."""
+    name: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="The optimizer: AdamW, 8-bit AdamW (bitsandbytes; less memory, GPU recommended), "
+        "Prodigy, Adafactor, CAME, schedule-free AdamW or Lion. Each has its own fields.")
+    weight_decay: float = Field(1e-2, ge=0, le=1, description="Decoupled weight decay.")
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.999], min_length=2, max_length=2,
+                               description="Adam beta1 and beta2.")
+    eps: float = Field(1e-8, gt=0, le=1e-2, description="Adam epsilon.")
+
+
+class ProdigyOptions(_OptimizerCommon):
+    """Prodigy (prodigyopt): Adam that estimates its own step size; leave the learning rate at 1."""
+    name: Literal["prodigy"] = Field("prodigy", description=AdamWOptions.model_fields["name"].description)
+    learning_rate: float = Field(1.0, gt=0, le=10, description="Multiplier on Prodigy's estimated step size "
+                                 "(1 as its authors advise; schedules still apply).")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="Weight decay (decoupled, AdamW-style).")
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.999], min_length=2, max_length=2,
+                               description="Adam beta1 and beta2.")
+    beta3: float = Field(0.0, ge=0, lt=1, description="Decay of Prodigy's step-size estimate; 0: the square "
+                         "root of beta2 (its default).")
+    eps: float = Field(1e-8, gt=0, le=1e-2, description="Adam epsilon.")
+    d_coef: float = Field(1.0, gt=0, le=100, description="Scales the estimated step size: below 1 for a "
+                          "smaller, safer one (0.5 is common for LoRA), above 1 for a larger one.")
+    d0: float = Field(1e-6, gt=0, le=1, description="Initial step-size estimate.")
+    growth_rate: float = Field(0.0, ge=0, description="Limit on how fast the estimate may grow per step "
+                               "(e.g. 1.02); 0: no limit.")
+    safeguard_warmup: bool = Field(False, description="Keep warmup from inflating the estimate (advised with "
+                                   "a warmup schedule).")
+    use_bias_correction: bool = Field(False, description="Adam's bias correction on the estimate (its authors "
+                                      "advise it for diffusion fine-tunes).")
+
+
+class AdafactorOptions(_OptimizerCommon):
+    """Adafactor (transformers): factored second moments, the least optimizer memory."""
+    name: Literal["adafactor"] = Field("adafactor", description=AdamWOptions.model_fields["name"].description)
+    relative_step: bool = Field(False, description="Adafactor's own time-dependent learning rate: "
+                                "learning_rate and schedule.lr_scheduler are then not used.")
+    scale_parameter: bool = Field(False, description="Scale the step by each weight's RMS.")
+    warmup_init: bool = Field(False, description="With relative_step: start its learning rate near 0 and warm "
+                              "it up.")
+    clip_threshold: float = Field(1.0, gt=0, le=100, description="Clip each update's RMS to this.")
+    decay_rate: float = Field(-0.8, ge=-1, lt=0, description="Exponent of the second moments' running "
+                              "average decay.")
+    beta1: float = Field(0.0, ge=0, lt=1, description="First-moment decay; 0: none (the memory-saving "
+                         "default).")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="Weight decay.")
+    eps: list[float] = Field(default_factory=lambda: [1e-30, 1e-3], min_length=2, max_length=2,
+                             description="Regularisation of the squared gradient, and of the step's scale.")
+
+    @model_validator(mode="after")
+    def _warmup_init_needs_relative_step(self) -> "AdafactorOptions":
+        if self.warmup_init and not self.relative_step:
+            raise ValueError("warmup_init needs relative_step")
+        return self
+
+
+class CameOptions(_OptimizerCommon):
+    """CAME (pytorch_optimizer): Adafactor's memory with Adam-like updates, confidence-guided."""
+    name: Literal["came"] = Field("came", description=AdamWOptions.model_fields["name"].description)
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="Decoupled weight decay.")
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.999, 0.9999], min_length=3, max_length=3,
+                               description="Beta1, beta2 and CAME's confidence beta3.")
+    clip_threshold: float = Field(1.0, gt=0, le=100, description="Clip each update's RMS to this.")
+    eps1: float = Field(1e-30, gt=0, le=1e-2, description="Regularisation of the squared gradient.")
+    eps2: float = Field(1e-16, gt=0, le=1e-2, description="Regularisation of the instability matrix.")
+
+
+class ScheduleFreeOptions(_OptimizerCommon):
+    """Schedule-free AdamW (schedulefree): no learning-rate schedule; put in eval mode for sampling and saving."""
+    name: Literal["adamw_schedulefree"] = Field("adamw_schedulefree",
+                                                description=AdamWOptions.model_fields["name"].description)
+    learning_rate: float = Field(1e-3, gt=0, le=1, description="Learning rate (schedule-free AdamW takes "
+                                 "higher ones than AdamW); its warmup is schedule.warmup_steps.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="Weight decay.")
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.999], min_length=2, max_length=2,
+                               description="beta1 (the interpolation between the averaged and the current "
+                               "weights) and beta2.")
+    eps: float = Field(1e-8, gt=0, le=1e-2, description="Adam epsilon.")
+    r: float = Field(0.0, ge=0, le=10, description="Polynomial weighting of the average (0: uniform).")
+    weight_lr_power: float = Field(2.0, ge=0, le=10, description="Weighting of the average by the learning "
+                                   "rate to this power.")
+
+
+class LionOptions(_OptimizerCommon):
+    """Lion (pytorch_optimizer): sign updates, one moment; use a learning rate 3-10x below AdamW's."""
+    name: Literal["lion"] = Field("lion", description=AdamWOptions.model_fields["name"].description)
+    learning_rate: float = Field(3e-5, gt=0, le=1, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, le=10, description="Decoupled weight decay (3-10x AdamW's, as the "
+                                "learning rate is smaller).")
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.99], min_length=2, max_length=2,
+                               description="Lion beta1 (the update's interpolation) and beta2 (the moment's "
+                               "decay).")
+
+
+# optimizer.name -> the fields that apply to it. The window and `from_sparse` read this: a section whose fields
+# depend on one of its values is a pydantic discriminated union.
+OPTIMIZERS: dict[str, type[_OptimizerCommon]] = {
+    tag: model for model in (AdamWOptions, ProdigyOptions, AdafactorOptions, CameOptions, ScheduleFreeOptions,
+                             LionOptions)
+    for tag in typing.get_args(model.model_fields["name"].annotation)}
+OptimizerSpec = Annotated[AdamWOptions | ProdigyOptions | AdafactorOptions | CameOptions | ScheduleFreeOptions
+                          | LionOptions, Field(discriminator="name")]
+# Sections whose fields depend on a choice: section -> (the choosing field, {choice: model}).
+UNIONS: dict[str, tuple[str, dict[str, type[_Section]]]] = {"optimizer": ("name", OPTIMIZERS)}
+# What stays when the choice changes (`--set optimizer.name=...`, the window): the rest takes the new one's defaults.
+# (Not the learning rate: Prodigy's 1.0 and Lion's 3e-5 are different quantities.)
+UNION_SHARED = {"optimizer": ("max_grad_norm", "on_nonfinite", "max_skipped_steps")}
 
 
 class ScheduleSpec(_Section):
@@ -422,6 +543,13 @@ class Job(_Section):
     prior: PriorSpec = Field(default_factory=PriorSpec)
     ema: EmaSpec = Field(default_factory=EmaSpec)
     diffusion: DiffusionSpec = Field(default_factory=DiffusionSpec)
+    optimizer: OptimizerSpec = Field(default_factory=AdamWOptions)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    precision: PrecisionSpec = Field(default_factory=PrecisionSpec)
+    memory: MemorySpec = Field(default_factory=MemorySpec)
+    validation: ValidationSpec = Field(default_factory=ValidationSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
 
     @model_validator(mode="after")
     def _something_trains(self) -> "Job":
@@ -447,18 +575,35 @@ class Job(_Section):
         for wrong, what in ((self.schedule.gradient_accumulation > 1, "schedule.gradient_accumulation 1"),
                             (self.optimizer.max_grad_norm > 0, "optimizer.max_grad_norm 0 (no clipping)"),
                             (self.optimizer.on_nonfinite == "skip", "optimizer.on_nonfinite 'stop'"),
-                            (self.precision.mixed_precision == "fp16", "precision.mixed_precision 'bf16' or 'no'")):
+                            (self.precision.mixed_precision == "fp16", "precision.mixed_precision 'bf16' or 'no'"),
+                            # steps weight by weight: no optimizer that reads all weights at once (Prodigy's d)
+                            (self.optimizer.name not in ("adamw", "adamw8bit"), "optimizer.name 'adamw' or "
+                             "'adamw8bit'")):
             if wrong:
                 raise ValueError(f"memory.fused_backward: each weight steps as soon as its gradient is ready, so it "
                                  f"needs {what}")
         return self
-    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
-    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
-    precision: PrecisionSpec = Field(default_factory=PrecisionSpec)
-    memory: MemorySpec = Field(default_factory=MemorySpec)
-    validation: ValidationSpec = Field(default_factory=ValidationSpec)
-    output: OutputSpec = Field(default_factory=OutputSpec)
-    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+
+    @model_validator(mode="after")
+    def _dora_on_lora(self) -> "Job":
+        if self.network.dora and self.network.kind != "lora":
+            raise ValueError(f"network.dora: DoRA applies to network.kind 'lora' only (got "
+                             f"{self.network.kind!r})")
+        return self
+
+    @model_validator(mode="after")
+    def _optimizer_fits_schedule(self) -> "Job":
+        opt = self.optimizer
+        own_schedule = opt.name == "adamw_schedulefree" or (opt.name == "adafactor" and opt.relative_step)
+        if own_schedule and self.schedule.lr_scheduler != "constant":
+            what = "schedule-free AdamW" if opt.name == "adamw_schedulefree" else "Adafactor's relative_step"
+            raise ValueError(f"schedule.lr_scheduler: {what} schedules its own learning rate; set it to "
+                             f"'constant' (got {self.schedule.lr_scheduler!r})")
+        stops = self.text_encoder.stop_fraction < 1 or (self.tokens.new and self.tokens.stop_fraction < 1)
+        if opt.name == "adafactor" and opt.relative_step and stops:
+            raise ValueError("optimizer.relative_step: Adafactor's own learning rate cannot be set to 0 to stop "
+                             "the text encoders or tokens early; set their stop_fraction to 1")
+        return self
 
 
 # A migration takes a job dict of version N and returns it as version N+1. Each one stays forever, so a job
@@ -505,13 +650,34 @@ def defaults() -> dict:
     return Job().model_dump(mode="json")
 
 
+def defaults_for(data: dict) -> dict:
+    """The defaults a sparse job is read against: those of the choices it makes (optimizer.name), whose fields
+    and default values differ from the default choice's."""
+    out = defaults()
+    for section, (key, models) in UNIONS.items():
+        chosen = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
+        if chosen in models and chosen != out[section][key]:
+            out[section] = models[chosen]().model_dump(mode="json")
+    return out
+
+
+def switch_choice(section_data: dict, section: str, value) -> dict:
+    """A union section with its choice changed: the shared fields kept, the rest the new choice's defaults (an
+    AdamW's betas would be an unknown key to Adafactor)."""
+    key, models = UNIONS[section]
+    if value not in models or models.get(section_data.get(key)) is models[value]:  # adamw and adamw8bit: one model
+        return {**section_data, key: value}
+    kept = {k: v for k, v in section_data.items() if k in UNION_SHARED[section]}
+    return {**models[value]().model_dump(mode="json"), **kept, key: value}
+
+
 def from_sparse(data: dict, source: str = "job") -> Job:
-    """A preset or job file may be sparse: what it omits takes the defaults."""
+    """A preset or job file may be sparse: what it omits takes the defaults (of the optimizer it names)."""
     if not isinstance(data, dict):
         raise JobError(f"{source}: expected a JSON object at the top level")
     _check_document(data, source)
     data = {k: v for k, v in data.items() if k != PROVENANCE_KEY}
-    return validate(merge(defaults(), data), source)
+    return validate(merge(defaults_for(data), data), source)
 
 
 def load_job(path: str | Path, overrides: list[str] | None = None) -> Job:
@@ -578,7 +744,12 @@ def list_presets() -> list[str]:
 
 def to_sparse(job: Job) -> dict:
     """The job as a preset: only what differs from the defaults, plus the version."""
-    return {"version": CURRENT_VERSION, **_diff(job.model_dump(mode="json"), defaults())}
+    data = job.model_dump(mode="json")
+    out = {"version": CURRENT_VERSION, **_diff(data, defaults_for(data))}
+    for section, (key, _) in UNIONS.items():
+        if data[section][key] != defaults()[section][key]:  # the choice decides what the rest is read against
+            out[section] = {key: data[section][key], **out.get(section, {})}
+    return out
 
 
 def save_job(job: Job, path: str | Path, sparse: bool = False, extra: dict | None = None) -> None:
@@ -619,7 +790,10 @@ def apply_override(data: dict, item: str) -> dict:
         if not isinstance(child, dict):
             raise JobError(f"--set {key}: {part} is not a section")
         node = child
-    node[parts[-1]] = value
+    if len(parts) == 2 and parts[0] in UNIONS and parts[1] == UNIONS[parts[0]][0]:
+        out[parts[0]] = switch_choice(node, parts[0], value)  # `--set optimizer.name=...` on a full job file
+    else:
+        node[parts[-1]] = value
     return out
 
 
@@ -677,8 +851,11 @@ def _diff(value: dict, base: dict) -> dict:
 def first_error(exc: ValidationError) -> str:
     """The first validation error as `dotted.field: message (got value)` (the importer names its source field)."""
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
+    loc = ".".join(str(p) for p in union_loc(err["loc"]))
     msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "union_tag_invalid":  # pydantic names no field: the choosing one is wrong
+        key, models = UNIONS[loc]
+        return f"{loc}.{key}: expected one of {', '.join(models)} (got {err['ctx']['tag']!r})"
     if not loc:  # a check across sections: its message names the field itself
         return msg
     if err["type"] == "extra_forbidden":
@@ -686,3 +863,10 @@ def first_error(exc: ValidationError) -> str:
     elif "input" in err and err["type"] != "missing" and not isinstance(err["input"], (dict, list)):
         msg = f"{msg} (got {err['input']!r})"
     return f"{loc}: {msg}"
+
+
+def union_loc(loc: tuple) -> tuple:
+    """An error's field path without the choice pydantic puts in it (`optimizer.prodigy.d_coef`)."""
+    if len(loc) >= 2 and loc[0] in UNIONS and loc[1] in UNIONS[loc[0]][1]:
+        return (loc[0], *loc[2:])
+    return tuple(loc)

@@ -19,7 +19,7 @@ from .data.files import Scan, scan_dataset
 from .families.detect import detect_family
 from .families.model_files import check_bundled_parts, stored_model
 from .families.table import FAMILIES
-from .job import DatasetFolder, Job, JobError, run_leftovers
+from .job import ADAPTER_KINDS, LYCORIS_ONLY, UNION_SHARED, DatasetFolder, Job, JobError, run_leftovers
 from .methods import prior
 from .methods.layers import describe_trainable
 
@@ -103,6 +103,7 @@ class Plan:
                   f"batches per epoch: {self.batches_per_epoch}",
                   f"steps per epoch: {self.steps_per_epoch:g}",
                   f"total steps: {self.total_steps}",
+                  optimizer_line(self.job),
                   f"outputs: {self.output_dir}"]
         return lines
 
@@ -215,8 +216,18 @@ def _check_family_rules(job: Job, family: str) -> None:
     """What the family cannot do fails here, not at the first step or at export. A transformer family patches
     its latents, so image sides must divide."""
     can = FAMILIES[family]
-    if not can.kohya and job.output.save_kohya and job.network.kind == "lora":
+    if not can.kohya and job.output.save_kohya and job.network.kind in ADAPTER_KINDS:
         raise JobError(f"output.save_kohya: {family} models have no kohya LoRA format; set it to false")
+    net = job.network
+    if net.kind in LYCORIS_ONLY and not can.lycoris:
+        raise JobError(f"network.kind: {net.kind} files are written in the kohya/LyCORIS layout, which this trainer "
+                       f"writes for SD1, SD2 and SDXL only (not {family})")
+    if net.kind in LYCORIS_ONLY and not job.output.save_kohya:
+        raise JobError(f"output.save_kohya: {net.kind} is written only in the kohya/LyCORIS layout (diffusers' "
+                       "pipelines load no LoHa or LoKr); set it to true")
+    if net.dora and job.output.save_kohya and not can.lycoris:
+        raise JobError(f"output.save_kohya: no kohya DoRA layout for {family} models; set it to false (the "
+                       "diffusers file holds the DoRA)")
     if not can.class_images and job.prior.enabled:
         raise JobError(f"prior.enabled: prior preservation is not available for {family} models")
     if job.memory.block_swap and not can.swap_blocks:
@@ -257,3 +268,30 @@ def _check_output_dir(job: Job, resume: bool) -> Path:
             raise JobError(f"output.output_dir: {out} already holds a run ({', '.join(leftovers[:3])}); "
                            "pass --resume to continue it or choose an empty folder")
     return out
+
+
+def optimizer_line(job: Job) -> str:
+    """`check`'s optimizer line: the optimizer, its own settings, and the learning-rate schedule it runs with."""
+    opt = job.optimizer
+    own = {k: v for k, v in opt.model_dump(mode="json").items()
+           if k not in ("name", "learning_rate", *UNION_SHARED["optimizer"])}
+    settings = ", ".join(f"{k} {_value(v)}" for k, v in own.items())
+    sched = job.schedule
+    if opt.name == "adafactor" and opt.relative_step:
+        rate = "its own relative-step learning rate"
+    else:
+        rate = f"learning rate {opt.learning_rate:g}, schedule {sched.lr_scheduler}"
+        if opt.name == "adamw_schedulefree":
+            rate = f"learning rate {opt.learning_rate:g}, no schedule (schedule-free)"
+        if sched.warmup_steps:
+            rate += f", warmup {sched.warmup_steps} steps"
+    return f"optimizer: {opt.name} ({rate}; {settings}), gradient clipping " + \
+        (f"at norm {opt.max_grad_norm:g}" if opt.max_grad_norm > 0 else "off")
+
+
+def _value(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return "/".join(_value(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)

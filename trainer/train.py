@@ -11,6 +11,7 @@ import gc
 import json
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from .families.table import FAMILIES
 from .job import Job, JobError
 from .methods import ema, prior, trainable
 from .plan import Plan, class_layout, holdout_spec
-from .run import checkpoint, guidance, nonfinite, ranks, speed, throughput
+from .run import checkpoint, guidance, nonfinite, optimizers, ranks, speed, throughput
 from .run.block_swap import BlockSwap, Mover, swap_blocks
 from .run.fused_backward import FusedBackward, stepping
 from .run.checkpoint_files import newest_good
@@ -213,17 +214,13 @@ def _trainables(run: _Run) -> None:
         p.data = p.data.to(run.held.trained)  # trained weights stay fp32 under mixed precision
     if swapping:
         _block_swap(run)
-    optimizer = _optimizer(job, trainable.optimizer_groups(tr))
+    optimizer = optimizers.build(job, trainable.optimizer_groups(tr))
     if job.memory.fused_backward:
         if accelerator.num_processes > 1:  # DDP averages gradients after the hooks would have stepped them
             raise JobError("memory.fused_backward: trains on one process only; launch it without accelerate's "
                            "multi-GPU processes")
         FusedBackward(list(tr.params.values()), stepping(optimizer))
-    from diffusers.optimization import get_scheduler
-
-    run.lr_scheduler = get_scheduler(job.schedule.lr_scheduler, optimizer,
-                                     num_warmup_steps=job.schedule.warmup_steps,
-                                     num_training_steps=run.plan.total_steps)
+    run.lr_scheduler = optimizers.scheduler(job, optimizer, run.plan.total_steps)
     run.denoiser = run.parts.denoiser
     if tr.groups[0].name == "denoiser":  # with block swap, the swapped blocks' weights stay where they are
         run.denoiser, run.optimizer = accelerator.prepare(run.denoiser, optimizer,
@@ -251,6 +248,8 @@ def _block_swap(run: _Run) -> None:
 def _resume(run: _Run) -> None:
     _, tensors, ema_tensors = checkpoint.load(run.found, run.optimizer, run.lr_scheduler)
     trainable.load_tensors(run.tr, tensors, str(run.found))
+    if optimizers.has_eval_mode(run.optimizer):  # saved in eval mode: the training point is rebuilt from it
+        run.optimizer.optimizer.train()
     if run.shadow is not None and ema_tensors is not None:
         run.shadow.update({k: v.to(run.shadow[k].device) for k, v in ema_tensors.items() if k in run.shadow})
     trainable.apply_stops(run.tr, run.optimizer, run.start_step)
@@ -582,19 +581,6 @@ def _accelerator(job: Job, reporter: Reporter) -> Accelerator:
     return accelerator
 
 
-def _optimizer(job: Job, groups: list[dict]) -> torch.optim.Optimizer:
-    """AdamW over the parameter groups (each carries its own learning rate); torch's fused kernel on CUDA."""
-    opt = job.optimizer
-    kwargs = dict(lr=opt.learning_rate, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
-    if opt.name == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise JobError("optimizer.name: adamw8bit needs bitsandbytes, which is not installed") from None
-        return bnb.optim.AdamW8bit(groups, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs, fused=speed.fused_adamw(groups) or None)
-
-
 def _generator(seed: int, micro: int, accelerator: Accelerator) -> torch.Generator:
     """One generator per micro-step and process, so noise, timesteps and dropout replay exactly on resume."""
     value = (seed * 1_000_003 + micro * 997 + accelerator.process_index) % (2**63)
@@ -668,19 +654,23 @@ _COMMAND_FIELDS = {"continue": "proceed"}
 def _save_checkpoint(run: _Run) -> None:
     if run.main:
         info = {"epoch": run.epoch, "job": run.job.model_dump(mode="json")}
-        path = checkpoint.save(run.out / "checkpoints", run.step, trainable.tensors(run.tr), run.optimizer,
-                               run.lr_scheduler, info, run.job.output.keep_last, ema=run.shadow)
+        with optimizers.eval_mode(run.optimizer):  # the weights to use; resume rebuilds the training point
+            path = checkpoint.save(run.out / "checkpoints", run.step, trainable.tensors(run.tr), run.optimizer,
+                                   run.lr_scheduler, info, run.job.output.keep_last, ema=run.shadow)
         run.reporter.emit("checkpoint", step=run.step, path=str(path))
     run.accelerator.wait_for_everyone()
 
 
+@contextmanager
 def _exported_weights(run: _Run):
-    """A context in which the model holds what gets exported: the EMA weights when the job says so."""
-    from contextlib import nullcontext
-
-    if run.shadow is not None and run.job.ema.export_ema:
-        return ema.swapped_in(run.shadow, trainable.ema_params(run.tr))
-    return nullcontext()
+    """A context in which the model holds what gets exported: the EMA weights when the job says so, else the
+    optimizer's weights in eval mode (a schedule-free optimizer's average)."""
+    with optimizers.eval_mode(run.optimizer):
+        if run.shadow is not None and run.job.ema.export_ema:
+            with ema.swapped_in(run.shadow, trainable.ema_params(run.tr)):
+                yield
+        else:
+            yield
 
 
 @torch.no_grad()

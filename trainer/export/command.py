@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..job import Job, JobError, load_job
+from ..job import ADAPTER_KINDS, LYCORIS_ONLY, Job, JobError, load_job
 
 FORMATS = ("diffusers", "kohya", "merged", "single-file")
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the diffusers-format LoRA in a run's final/ folder
@@ -37,9 +37,12 @@ def export(source: Path, fmt: str, out: Path | None = None, lora_scale: float | 
     if lora_scale is not None and fmt not in ("merged", "single-file"):
         raise JobError(f"--lora-scale: only merged and single-file exports fuse the LoRA, not {fmt}")
     src = resolve_source(Path(source))
-    if fmt == "kohya" and "lora" not in (src.job.network.kind, src.job.text_encoder.mode):
+    if fmt == "kohya" and src.job.network.kind not in ADAPTER_KINDS and src.job.text_encoder.mode != "lora":
         raise JobError(f"--format kohya: the run trained no LoRA (network.kind {src.job.network.kind}, "
                        f"text_encoder.mode {src.job.text_encoder.mode}); export diffusers, merged or single-file")
+    if fmt == "diffusers" and src.job.network.kind in LYCORIS_ONLY:
+        raise JobError(f"--format diffusers: diffusers' pipelines load no {src.job.network.kind} LoRA; export "
+                       "--format kohya (the LyCORIS layout), merged or single-file")
     target = Path(out).expanduser() if out else src.run / "export" / fmt
     if fmt == "single-file" and target.suffix.lower() != ".safetensors":
         target = target / f"{src.job.output.name}.safetensors"
@@ -144,9 +147,9 @@ def _from_final(family, src: Source, fmt: str, target: Path, scale: float) -> li
         if lora.is_file():
             written.append(Path(shutil.copy2(lora, target / LORA_FILE)))
     elif fmt == "kohya":
-        if not lora.is_file():
-            raise JobError(f"--format kohya: {lora}: file not found (the run has no checkpoint to rebuild it from)")
         kohya = final / f"{job.output.name}.safetensors"
+        if not lora.is_file() and not kohya.is_file():
+            raise JobError(f"--format kohya: {lora}: file not found (the run has no checkpoint to rebuild it from)")
         path = target / kohya.name
         target.mkdir(parents=True, exist_ok=True)
         if kohya.is_file():
@@ -156,6 +159,9 @@ def _from_final(family, src: Source, fmt: str, target: Path, scale: float) -> li
             info = _training_info(src, *_final_step_epoch(src))
             written.append(lora_files.write_lora_kohya(path, family, parts, _lora_file_states(lora), job, info))
     else:
+        if job.network.kind in LYCORIS_ONLY:  # its only file is in the LyCORIS layout, which diffusers cannot fuse
+            raise JobError(f"--format {fmt}: a {job.network.kind} run is merged from a checkpoint, and {src.run} has "
+                           "none; train with output.checkpoint_every set")
         spec = job.model
         if folder.is_dir():  # a full fine-tune: its own folder is the model
             spec = spec.model_copy(update={"path": str(folder), "config": "", "revision": "", "variant": ""})

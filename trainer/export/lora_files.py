@@ -11,9 +11,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
-from ..job import Job
+from ..job import LYCORIS_ONLY, Job
 
 JOB_METADATA_KEY = "sdtrainer_job"
 JOB_FILE = "sdtrainer_job.json"  # the resolved job inside an exported diffusers folder
@@ -22,8 +23,12 @@ JOB_FILE = "sdtrainer_job.json"  # the resolved job inside an exported diffusers
 def write_lora(final_dir: Path, family, parts, states: dict[str, dict], configs: dict[str, dict], job: Job,
                info: dict) -> dict[str, Path]:
     """Write final/pytorch_lora_weights.safetensors and final/NAME.safetensors; returns their paths. `states`
-    and `configs` (adapter metadata) are keyed by component: the denoiser's and any text encoder's LoRA."""
-    outputs = {"diffusers": write_lora_diffusers(final_dir, family, states, configs, job)}
+    and `configs` (adapter metadata) are keyed by component: the denoiser's and any text encoder's LoRA. A LoHa
+    or LoKr is written in the kohya/LyCORIS layout only: diffusers' pipelines load neither (their
+    `load_lora_weights` takes `lora` keys only; LoKr loads only through a model's own `load_lora_adapter`)."""
+    outputs = {}
+    if job.network.kind not in LYCORIS_ONLY:
+        outputs["diffusers"] = write_lora_diffusers(final_dir, family, states, configs, job)
     if job.output.save_kohya:
         outputs["kohya"] = write_lora_kohya(final_dir / f"{job.output.name}.safetensors", family, parts, states,
                                             job, info)
@@ -43,8 +48,48 @@ def write_lora_kohya(path: Path, family, parts, states: dict[str, dict], job: Jo
     """One kohya-format LoRA file with the `ss_` metadata (see `kohya_metadata` for what `info` holds)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {**kohya_metadata(job, info), **family.kohya_metadata(parts), JOB_METADATA_KEY: job_json(job)}
+    states = {c: fold_full_lokr_scale(s, job.network.alpha, job.network.rank) for c, s in states.items()}
     save_file(family.kohya_state_dict(states, job.network.alpha), path, metadata=metadata)
     return path
+
+
+# peft's parameter names and LyCORIS's, for the adapters beside plain LoRA (whose lora_A/lora_B diffusers'
+# converter renames to lora_down/lora_up). LoHa's and LoKr's names are the same in both.
+LYCORIS_NAMES = {"lora_magnitude_vector": "dora_scale",
+                 **{n: n for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a",
+                                   "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")}}
+
+
+def fold_full_lokr_scale(state: dict, alpha: float, rank: int) -> dict:
+    """A LoKr module whose Kronecker factors are both full matrices has no rank in the file, so LyCORIS, ComfyUI
+    and A1111 apply it at scale 1 (they scale by alpha / rank only when a factor is a low-rank pair); peft scales
+    by alpha / rank always. Fold that scale into lokr_w2 so the file gives the trained weight."""
+    out = dict(state)
+    for key in state:
+        if key.endswith(".lokr_w2") and f"{key[:-len('.lokr_w2')]}.lokr_w1" in state:
+            out[key] = state[key] * (alpha / rank)
+    return out
+
+
+def lycoris_state_dict(prefix: str, state: dict, alpha: float) -> dict:
+    """A component's LoHa, LoKr or DoRA tensors (peft's state-dict keys) in the LyCORIS key layout:
+    `{prefix}_{module with _ for .}.hada_w1_a`, `.lokr_w1`, `.dora_scale`, ... and `.alpha` per LoHa or LoKr
+    module (plain lora_A/lora_B keys are left to the caller). DoRA's magnitude is per output row, as peft trains
+    it, so dora_scale is written (out, 1) (a conv's (out, 1, 1, 1)): the output-axis layout of LyCORIS (wd_on_out),
+    which ComfyUI tells apart from the input-axis one by its first dimension."""
+    out = {}
+    for key, value in state.items():
+        module, _, param = key.rpartition(".")
+        if param not in LYCORIS_NAMES:
+            continue
+        name = f"{prefix}_{module.replace('.', '_')}"
+        if param == "lora_magnitude_vector":
+            ndim = state[f"{module}.lora_A.weight"].ndim
+            value = value.reshape(-1, *[1] * (ndim - 1))  # peft keeps a conv's as (1, out, 1, 1)
+        else:
+            out[f"{name}.alpha"] = torch.tensor(float(alpha))
+        out[f"{name}.{LYCORIS_NAMES[param]}"] = value.contiguous()
+    return out
 
 
 def write_full(final_dir: Path, pipe, job: Job, single_file: bool) -> dict[str, Path]:

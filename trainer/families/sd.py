@@ -193,17 +193,27 @@ def save_lora_with(pipeline_class: str, directory: Path, states: dict[str, dict]
 
 def kohya_state_dict(states: dict[str, dict], alpha: float) -> dict:
     """PEFT LoRA keys to kohya names (`lora_unet_down_blocks_0_..._to_q.lora_down.weight` + `.alpha`; text
-    encoders `lora_te1_text_model_encoder_layers_0_self_attn_q_proj...`, SDXL's second `lora_te2_...`)."""
+    encoders `lora_te1_text_model_encoder_layers_0_self_attn_q_proj...`, SDXL's second `lora_te2_...`); a LoHa,
+    LoKr or DoRA in the LyCORIS layout under the same module names (`lora_unet_..._to_q.hada_w1_a`, `.lokr_w1`,
+    `.dora_scale`), which ComfyUI and A1111 read."""
     from diffusers.utils import convert_state_dict_to_kohya
 
+    from ..export.lora_files import LYCORIS_NAMES, lycoris_state_dict
+
     prefixed = {f"{component}.{_clip_path(component, k)}": v for component, state in states.items()
-                for k, v in state.items()}
-    out = convert_state_dict_to_kohya(prefixed)
+                for k, v in state.items() if k.rpartition(".")[2] not in LYCORIS_NAMES}
+    out = convert_state_dict_to_kohya(prefixed) if prefixed else {}
     # diffusers writes alpha = rank; the network was trained with the job's alpha, so that is what tools need.
     for key in out:
         if key.endswith(".alpha"):
             out[key] = torch.tensor(float(alpha))
+    for component, state in states.items():
+        out.update(lycoris_state_dict(KOHYA_PREFIXES[component], state, alpha))
     return {k: v.contiguous() for k, v in out.items()}
+
+
+# kohya's name for each component's modules (diffusers' converter writes the same for LoRA keys).
+KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
 
 
 def alpha_folded(states: dict[str, dict], alpha: float) -> dict:

@@ -23,6 +23,9 @@ class Family:
     image_encoder: str = "vae"  # the folder whose encoder makes the latents (Stable Cascade: its EfficientNet)
     size_multiple: int = 8  # image sides a denoiser accepts: VAE factor x patch size (Cascade: 32)
     kohya: bool = True  # a kohya-format LoRA file exists for it
+    # Its kohya file uses kohya's module names (`lora_unet_...`), so LoHa, LoKr and DoRA go in the LyCORIS key layout
+    # (hada_*, lokr_*, dora_scale) that ComfyUI and A1111 read; SD3's and Flux's use diffusers' names instead.
+    lycoris: bool = False
     class_images: bool = True  # DreamBooth class images can be generated and trained
     # The denoiser's top-level blocks in the block notation (`down_blocks.1`, `transformer_blocks.12-23`).
     block_roots: tuple[str, ...] = ("down_blocks", "mid_block", "up_blocks")
@@ -41,9 +44,10 @@ _TWO = ("text_encoder", "text_encoder_2")
 _ONE_CACHE = ("text_encoder", "tokenizer")
 _TWO_CACHE = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("sd1", "Stable Diffusion 1.x", "sd", "StableDiffusionPipeline", "unet", _ONE, _ONE_CACHE),
-    Family("sd2", "Stable Diffusion 2.x", "sd", "StableDiffusionPipeline", "unet", _ONE, _ONE_CACHE),
-    Family("sdxl", "Stable Diffusion XL", "sdxl", "StableDiffusionXLPipeline", "unet", _TWO, _TWO_CACHE),
+    Family("sd1", "Stable Diffusion 1.x", "sd", "StableDiffusionPipeline", "unet", _ONE, _ONE_CACHE, lycoris=True),
+    Family("sd2", "Stable Diffusion 2.x", "sd", "StableDiffusionPipeline", "unet", _ONE, _ONE_CACHE, lycoris=True),
+    Family("sdxl", "Stable Diffusion XL", "sdxl", "StableDiffusionXLPipeline", "unet", _TWO, _TWO_CACHE,
+           lycoris=True),
     Family("sd3", "Stable Diffusion 3/3.5", "sd3", "StableDiffusion3Pipeline", "transformer", _TWO, _TWO_CACHE,
            t5_folders=("text_encoder_3", "tokenizer_3"), size_multiple=16, block_roots=("transformer_blocks",),
            t5_tokens=256, swap_blocks=("transformer_blocks",)),

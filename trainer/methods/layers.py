@@ -16,7 +16,7 @@ from pathlib import Path
 from ..blocks import BlockEntryError, block_children, resolve_block
 from ..families.detect import check_model_path, safetensors_shapes
 from ..families.table import FAMILIES
-from ..job import Job, JobError
+from ..job import ADAPTER_KINDS, Job, JobError
 
 # Projections inside attention modules: diffusers (SD3's joint attention adds the add_* ones), CLIP, T5.
 ATTENTION_PROJECTIONS = {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
@@ -119,9 +119,9 @@ def count_trainable(table: list[Module], job: Job) -> int:
     for m in table:
         if m.name not in names:
             continue
-        if job.network.kind == "lora":
+        if job.network.kind in ADAPTER_KINDS:
             out_dim, in_dim, *kernel = dict(m.shapes)["weight"]
-            total += rank * (in_dim * math.prod(kernel) + out_dim)  # a linear has no kernel: prod() is 1
+            total += _adapter_params(job.network, out_dim, in_dim, math.prod(kernel))  # a linear's prod() is 1
         else:
             total += m.params
     return total
@@ -149,7 +149,8 @@ def describe_trainable(job: Job, family_name: str) -> list[str]:
         raise _nothing_selected(table, job, net.kind)
     count = count_trainable(table, job)
     total = sum(m.params for m in table)
-    what = f"{len(names)} LoRA layers" if net.kind == "lora" else f"{len(names)} layers (full fine-tuning)"
+    adapter = "DoRA" if net.dora else {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}.get(net.kind)
+    what = f"{len(names)} {adapter} layers" if adapter else f"{len(names)} layers (full fine-tuning)"
     return [f"trainable: {count:,} parameters in {what} of the {component} (of {total:,} in the model)"]
 
 
@@ -170,7 +171,7 @@ def _select(table: list[Module], job: Job, kind: str) -> list[str]:
             continue
         if any(fnmatchcase(m.name, p) for p in spec.exclude_patterns):
             continue
-        if kind == "lora" and not _is_lora_target(m, targets):
+        if kind in ADAPTER_KINDS and not _is_lora_target(m, targets):
             continue
         out.append(m.name)
     return out
@@ -205,7 +206,7 @@ def _is_lora_target(m: Module, targets: list[str]) -> bool:
 
 def _nothing_selected(table: list[Module], job: Job, kind: str) -> JobError:
     """Say which part of the job leaves nothing to train."""
-    if kind == "lora" and not any(_is_lora_target(m, job.network.target_modules) for m in table):
+    if kind in ADAPTER_KINDS and not any(_is_lora_target(m, job.network.target_modules) for m in table):
         return JobError(f"network.target_modules: none of {', '.join(job.network.target_modules)} is a linear or "
                         "conv layer of the denoiser")
     spec = job.layers
@@ -215,7 +216,7 @@ def _nothing_selected(table: list[Module], job: Job, kind: str) -> JobError:
                                        ("include_patterns", spec.include_patterns),
                                        ("exclude_patterns", spec.exclude_patterns)) if value]
     among = f" among network.target_modules ({', '.join(job.network.target_modules)})" if (
-        kind == "lora" and job.network.target_modules) else ""
+        kind in ADAPTER_KINDS and job.network.target_modules) else ""
     return JobError(f"{', '.join('layers.' + f for f in fields) or 'layers'}: the layer selection leaves nothing "
                     f"in the denoiser to train{among}")
 
@@ -312,3 +313,39 @@ def _natural(name: str) -> tuple:
 
 def _segment_key(segment: str) -> tuple:
     return (0, int(segment), "") if segment.isdigit() else (1, 0, segment)
+
+
+def _adapter_params(net, out_dim: int, in_dim: int, kernel: int) -> int:
+    """Parameters of one adapter as peft builds it (conv kernels without the Tucker form): LoRA rank*(in*k+out)
+    (lora_A carries the kernel, lora_B is 1x1) plus DoRA's magnitude per output; LoHa two such pairs; LoKr a small
+    and a large Kronecker factor of the weight's factorised sides, each a full matrix or a low-rank pair."""
+    r = net.rank
+    if net.kind == "lora":
+        return r * (in_dim * kernel + out_dim) + (out_dim if net.dora else 0)
+    if net.kind == "loha":
+        return 2 * r * (in_dim * kernel + out_dim)
+    out_l, out_k = _factorization(out_dim, net.lokr_factor)
+    in_m, in_n = _factorization(in_dim, net.lokr_factor)
+    small_full = not (net.lokr_decompose_both and r < max(out_l, in_m) / 2)
+    large_full = not r < max(out_k, in_n) / 2
+    small = out_l * in_m if small_full else r * (out_l + in_m)
+    large = out_k * in_n * kernel if large_full else r * (out_k + in_n * kernel)
+    return small + large
+
+
+def _factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """LyCORIS's (and peft's) split of a side into m <= n with m * n == dimension: `factor` itself when it
+    divides, else the most balanced pair whose smaller side is at most `factor` (-1: no limit)."""
+    if factor > 0 and dimension % factor == 0:
+        return tuple(sorted((factor, dimension // factor)))
+    limit = dimension if factor == -1 else factor
+    m, n = 1, dimension
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > m + n or new_m > limit:
+            break
+        m, n = new_m, new_n
+    return (m, n) if m <= n else (n, m)

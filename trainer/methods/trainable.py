@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..job import Job, JobError
+from ..job import ADAPTER_KINDS, Job, JobError
 
 
 @dataclass
@@ -51,12 +51,13 @@ def setup(family, parts, job: Job, total_steps: int) -> Trainable:
         from .base_weights import quantize
 
         quantize(denoiser, job.memory.base_weights)
-    if net.kind == "lora":
+    if net.kind in ADAPTER_KINDS:
         from .layers import lora_target_names
 
         targets = lora_target_names(denoiser, job)  # exact module names: the layer selection already applied
-        _add_lora(denoiser, net.rank, net.alpha, net.dropout, targets, "network")
-        tr.lora_configs[denoiser_name] = _adapter_meta(net.rank, net.alpha, net.dropout, targets)
+        config = adapter_config(net, targets)
+        _inject(config, denoiser, "network")
+        tr.lora_configs[denoiser_name] = adapter_meta(net, targets)
     elif net.kind == "full":
         from .layers import full_trainable_names
 
@@ -176,17 +177,52 @@ def _add_group(tr: Trainable, name: str, component: str, module, lr: float, stop
 
 
 def _add_lora(module, rank: int, alpha: float, dropout: float, targets: list[str], field_name: str) -> None:
-    """LoRA layers on `module` through peft's own API, for diffusers and transformers models alike: the models'
+    """LoRA layers on a text encoder (the network's rank and alpha; LoHa, LoKr and DoRA are the denoiser's)."""
+    from peft import LoraConfig
+
+    _inject(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
+                       target_modules=targets), module, field_name)
+
+
+def adapter_config(net, targets: list[str]):
+    """peft's own config for the network's kind: LoRA (with DoRA when asked), LoHa or LoKr. LoHa and LoKr keep
+    peft's default initialisation (one factor zero, so training starts from the base model, as LoRA's does);
+    their convolutions use the plain, not the Tucker, form, which is what the LyCORIS layout below writes."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    if net.kind == "lora":
+        return LoraConfig(r=net.rank, lora_alpha=net.alpha, lora_dropout=net.dropout, init_lora_weights="gaussian",
+                          use_dora=net.dora, target_modules=targets)
+    if net.kind == "loha":
+        return LoHaConfig(r=net.rank, alpha=net.alpha, rank_dropout=net.dropout, target_modules=targets)
+    return LoKrConfig(r=net.rank, alpha=net.alpha, rank_dropout=net.dropout, decompose_factor=net.lokr_factor,
+                      decompose_both=net.lokr_decompose_both, target_modules=targets)
+
+
+def _inject(config, module, field_name: str) -> None:
+    """Adapter layers on `module` through peft's own API, for diffusers and transformers models alike: the models'
     `add_adapter` glue checks library versions against each other (transformers 5.24 refuses peft 0.21), and a
     new release must not be able to switch text-encoder training off. The layers and keys are the same."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import inject_adapter_in_model
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
-                        target_modules=targets)
     try:
         inject_adapter_in_model(config, module)
     except ValueError as exc:
         raise JobError(f"{field_name}.target_modules: {exc}".splitlines()[0]) from None
+
+
+def adapter_meta(net, targets: list[str]) -> dict:
+    """What an adapter file records about the denoiser's adapter: diffusers' LoRA adapter metadata (it builds a
+    LoraConfig from these keys), or the LoKrConfig keyword arguments diffusers builds a LoKr from."""
+    if net.kind == "lokr":
+        return {"r": net.rank, "alpha": net.alpha, "decompose_factor": net.lokr_factor,
+                "decompose_both": net.lokr_decompose_both, "target_modules": sorted(targets)}
+    if net.kind == "loha":
+        return {"r": net.rank, "alpha": net.alpha, "target_modules": sorted(targets)}
+    meta = _adapter_meta(net.rank, net.alpha, net.dropout, targets)
+    if net.dora:
+        meta["use_dora"] = True
+    return meta
 
 
 def _adapter_meta(rank: int, alpha: float, dropout: float, targets: list[str]) -> dict:
