@@ -83,3 +83,12 @@ def test_bad_input_is_one_line_and_exit_2(demo_template, tmp_path, capsys, extra
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and expected in err and "\n" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_stable_cascade_is_pointed_at_sample_cascade(tmp_path, capsys):
+    model = tmp_path / "cascade"
+    model.mkdir()
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "StableCascadePriorPipeline"}))
+    assert main(["sample", "--model", str(model), "--prompt", "x", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --model: Stable Cascade") and "sample-cascade" in err and "\n" not in err
