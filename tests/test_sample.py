@@ -92,3 +92,24 @@ def test_stable_cascade_is_pointed_at_sample_cascade(tmp_path, capsys):
     assert main(["sample", "--model", str(model), "--prompt", "x", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --model: Stable Cascade") and "sample-cascade" in err and "\n" not in err
+
+
+def test_an_sdxl_lora_through_its_fp32_decode_pipeline(tmp_path, capsys, one_torch_thread):
+    """SDXL's validation pipeline is a wrapper (its VAE decodes in fp32): the LoRA still loads and acts."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from trainer.demo import build_tiny_sdxl
+
+    model = build_tiny_sdxl(tmp_path / "model")
+    pipe = StableDiffusionXLPipeline.from_pretrained(model)
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_v"]))
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "lora",
+                                                unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    assert main(["sample", "--model", str(model), "--lora", str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"),
+                 "--prompt", "a red circle", "--steps", "2", "--out", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    off, on = (_pixels(tmp_path / "out" / f"00-a-red-circle-{s}.png") for s in (0, 1))
+    assert np.abs(on - off).mean() > 1
