@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import sys
 import traceback
@@ -366,6 +367,35 @@ def cmd_sample_cascade(args) -> int:
     return EXIT_OK
 
 
+def cmd_sample(args) -> int:
+    from pydantic import ValidationError
+
+    from .job import ValidationSpec, first_error
+
+    try:  # the job's own bounds for the sampling and APG settings
+        val = ValidationSpec(negative_prompt=args.negative, seed=args.seed, steps=args.steps,
+                             guidance_scale=args.guidance_scale, guidance=args.guidance, apg_eta=args.apg_eta,
+                             apg_norm_threshold=args.apg_norm_threshold, apg_momentum=args.apg_momentum)
+    except ValidationError as exc:
+        raise JobError(f"--{first_error(exc).replace('_', '-')}") from None
+    _quiet_libraries()
+    from .sample import sample
+
+    model = ModelSpec(path=args.model, config=args.config or "")
+    try:
+        for image in sample(model, args.prompt, Path(args.out), val, args.lora or "", tuple(args.lora_scale),
+                            args.height, args.width):
+            if args.json:
+                print(json.dumps({"path": str(image.path), "prompt": image.prompt, "scale": image.scale,
+                                  "seed": image.seed}), flush=True)
+            else:
+                print(f"wrote {image.path} (scale {image.scale:g}, seed {image.seed})", flush=True)
+    except JobError as exc:  # the model's checks name the job's field; here it is the option
+        raise JobError(str(exc).replace("model.path:", "--model:", 1).replace("model.config:", "--config:", 1)) \
+            from None
+    return EXIT_OK
+
+
 def _quiet_libraries(need_bitsandbytes: bool = False) -> None:
     """The libraries' import-time notices (no torchvision, no optional kernels, loading bars) bury our own
     progress; real problems still reach the user as errors. Call before importing them."""
@@ -517,6 +547,35 @@ def _parser() -> argparse.ArgumentParser:
     cascade.add_argument("--width", type=int, default=1024, help="image width in pixels (default 1024)")
     cascade.add_argument("--seed", type=int, default=0)
     cascade.set_defaults(func=cmd_sample_cascade)
+
+    smp = sub.add_parser("sample", help="render prompts with a base model and a trained LoRA at several strengths "
+                         "(scale 0: the base model), as validation renders them (CFG or APG)")
+    smp.add_argument("--model", required=True, help="base model: diffusers folder, model id or single-file "
+                     ".safetensors checkpoint")
+    smp.add_argument("--config", metavar="DIR", help="for a single-file checkpoint: a diffusers folder or id "
+                     "whose configs describe it")
+    smp.add_argument("--lora", metavar="FILE", help="a LoRA .safetensors file, diffusers or kohya format "
+                     "(default: none, the base model only)")
+    smp.add_argument("--lora-scale", type=float, nargs="+", default=[0.0, 1.0], metavar="S",
+                     help="LoRA strengths, each prompt rendered at each (default 0 1)")
+    smp.add_argument("--prompt", required=True, action="append", help="a prompt; repeat for several")
+    smp.add_argument("--negative", default="", help="negative prompt")
+    smp.add_argument("--out", required=True, metavar="DIR", help="folder for the images, NN-prompt-scale.png")
+    smp.add_argument("--json", action="store_true", help="one JSON object a line per image")
+    val = ValidationSpec.model_fields
+    smp.add_argument("--seed", type=int, default=0, help="prompt N uses seed + N at every scale (default 0)")
+    smp.add_argument("--steps", type=int, default=val["steps"].default,
+                     help=f"sampling steps (default {val['steps'].default})")
+    smp.add_argument("--guidance-scale", type=float, default=val["guidance_scale"].default,
+                     help=f"guidance scale (default {val['guidance_scale'].default:g})")
+    smp.add_argument("--guidance", choices=("cfg", "apg"), default="cfg", help="classifier-free guidance, or "
+                     "adaptive projected guidance (as validation.guidance)")
+    for name in ("apg_eta", "apg_norm_threshold", "apg_momentum"):
+        smp.add_argument(f"--{name.replace('_', '-')}", type=float, default=val[name].default,
+                         help=f"{val[name].description} (default {val[name].default:g})")
+    smp.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
+    smp.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
+    smp.set_defaults(func=cmd_sample)
 
     caption = sub.add_parser("caption", help="write captions for the images that have none, with an image-to-text "
                              "model through transformers (BLIP-style: BLIP, BLIP-2, GIT; not Florence-2 or chat "

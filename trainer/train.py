@@ -32,10 +32,11 @@ from .families.table import FAMILIES
 from .job import Job, JobError
 from .methods import ema, prior, trainable
 from .plan import Plan, class_layout, holdout_spec
-from .run import checkpoint, guidance, nonfinite, optimizers, ranks, speed, throughput
+from .run import checkpoint, nonfinite, optimizers, ranks, speed, throughput
 from .run.block_swap import BlockSwap, Mover, swap_blocks
-from .run.fused_backward import FusedBackward, stepping
 from .run.checkpoint_files import newest_good
+from .run.fused_backward import FusedBackward, stepping
+from .sample import render
 
 
 @dataclass
@@ -692,10 +693,9 @@ def _validate(run: _Run, step: int) -> None:
         with _exported_weights(run):
             for i, prompt in enumerate(val.prompts):
                 seed = val.seed + i
-                with accelerator.autocast(), guidance.guided(model, val, FAMILIES[run.plan.family].cfg_halves):
-                    image = pipe(_expand(run, prompt), negative_prompt=val.negative_prompt or None,
-                                 num_inference_steps=val.steps, guidance_scale=val.guidance_scale, height=res,
-                                 width=res, generator=torch.Generator().manual_seed(seed)).images[0]
+                with accelerator.autocast():
+                    image = render(pipe, model, FAMILIES[run.plan.family].cfg_halves, _expand(run, prompt), val,
+                                   seed, res, res)
                 path = samples / f"step-{step:06d}-{i:02d}.png"
                 image.save(path)
                 run.reporter.emit("sample", step=step, prompt=prompt, seed=seed, path=str(path))

@@ -117,6 +117,9 @@ class _Fp32Decode:
     def __init__(self, pipe):
         self.pipe = pipe
 
+    def __getattr__(self, name):  # the pipeline's own LoRA methods (trainer sample loads a LoRA file through them)
+        return getattr(self.pipe, name)
+
     def __call__(self, *args, output_type: str = "pil", **kwargs):
         from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
 

@@ -1,0 +1,115 @@
+"""`trainer sample`: the base model and a LoRA file at several strengths, with CFG or APG, and its refusals."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from trainer.cli import main
+
+
+@pytest.fixture(scope="module")
+def lora_file(demo_template, tmp_path_factory):
+    """A diffusers LoRA file for the demo model whose weights all differ from zero (a freshly initialised LoRA's
+    up-projections are zero and would change nothing)."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionPipeline.from_pretrained(demo_template / "model", safety_checker=None)
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    folder = tmp_path_factory.mktemp("lora")
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def _sample(demo_template, out, *extra) -> int:
+    args = ["sample", "--model", str(demo_template / "model"), "--steps", "2", "--guidance-scale", "9",
+            "--out", str(out), "--json", *extra]
+    return main(args)
+
+
+def _pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path), dtype=int)
+
+
+def test_each_prompt_at_each_scale_and_scale_0_is_the_base_model(demo_template, lora_file, tmp_path, capsys,
+                                                                one_torch_thread):
+    assert _sample(demo_template, tmp_path / "base", "--prompt", "a red circle") == 0
+    base_line = json.loads(capsys.readouterr().out.strip())
+    assert base_line["scale"] == 0 and base_line["seed"] == 0
+
+    assert _sample(demo_template, tmp_path / "lora", "--prompt", "a red circle", "--prompt", "a shape", "--lora",
+                   str(lora_file), "--lora-scale", "0", "1", "--seed", "5") == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [(x["prompt"], x["scale"], x["seed"]) for x in lines] == [
+        ("a red circle", 0, 5), ("a red circle", 1, 5), ("a shape", 0, 6), ("a shape", 1, 6)]
+    assert [p.name for p in sorted((tmp_path / "lora").iterdir())] == [
+        "00-a-red-circle-0.png", "00-a-red-circle-1.png", "01-a-shape-0.png", "01-a-shape-1.png"]
+    off, on = _pixels(lines[0]["path"]), _pixels(lines[1]["path"])
+    assert np.abs(on - off).mean() > 1, "the LoRA at scale 1 changes the image"
+
+    # seed 5 for the base-only render: the LoRA's scale-0 image of the first prompt must be it exactly
+    assert _sample(demo_template, tmp_path / "base5", "--prompt", "a red circle", "--seed", "5") == 0
+    capsys.readouterr()
+    np.testing.assert_array_equal(_pixels(tmp_path / "base5" / "00-a-red-circle-0.png"), off)
+
+
+def test_apg_with_eta_1_and_no_cap_or_momentum_is_cfg(demo_template, tmp_path, capsys, one_torch_thread):
+    assert _sample(demo_template, tmp_path / "cfg", "--prompt", "a red circle") == 0
+    assert _sample(demo_template, tmp_path / "as-cfg", "--prompt", "a red circle", "--guidance", "apg",
+                   "--apg-eta", "1", "--apg-norm-threshold", "0", "--apg-momentum", "0") == 0
+    assert _sample(demo_template, tmp_path / "apg", "--prompt", "a red circle", "--guidance", "apg") == 0
+    capsys.readouterr()
+    name = "00-a-red-circle-0.png"
+    cfg, as_cfg, apg = (_pixels(tmp_path / d / name) for d in ("cfg", "as-cfg", "apg"))
+    assert np.abs(as_cfg - cfg).max() <= 1
+    assert np.abs(apg - cfg).mean() > 1, "APG's defaults change the image"
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--model", "no/such/folder"], "--model: no/such/folder: not found"),
+    (["--lora", "missing.safetensors"], "--lora: missing.safetensors: no such file"),
+    (["--apg-eta", "2"], "--apg-eta"),
+    (["--width", "60"], "--width: 60 is not a positive multiple of 8"),
+])
+def test_bad_input_is_one_line_and_exit_2(demo_template, tmp_path, capsys, extra, expected):
+    args = ["sample", "--model", str(demo_template / "model"), "--prompt", "x", "--out", str(tmp_path / "o"), *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and expected in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_stable_cascade_is_pointed_at_sample_cascade(tmp_path, capsys):
+    model = tmp_path / "cascade"
+    model.mkdir()
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "StableCascadePriorPipeline"}))
+    assert main(["sample", "--model", str(model), "--prompt", "x", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --model: Stable Cascade") and "sample-cascade" in err and "\n" not in err
+
+
+def test_an_sdxl_lora_through_its_fp32_decode_pipeline(tmp_path, capsys, one_torch_thread):
+    """SDXL's validation pipeline is a wrapper (its VAE decodes in fp32): the LoRA still loads and acts."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from trainer.demo import build_tiny_sdxl
+
+    model = build_tiny_sdxl(tmp_path / "model")
+    pipe = StableDiffusionXLPipeline.from_pretrained(model)
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_v"]))
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "lora",
+                                                unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    assert main(["sample", "--model", str(model), "--lora", str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"),
+                 "--prompt", "a red circle", "--steps", "2", "--out", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    off, on = (_pixels(tmp_path / "out" / f"00-a-red-circle-{s}.png") for s in (0, 1))
+    assert np.abs(on - off).mean() > 1
