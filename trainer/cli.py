@@ -9,6 +9,7 @@ memory-estimate line and `estimate` trace one step on fake tensors (seconds).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -425,16 +426,22 @@ def _hide_bitsandbytes(hide: bool) -> None:
 def _provenance() -> dict:
     import platform
     import time
+
+    return {"written_by": "python -m trainer run", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "python": platform.python_version(), "packages": dict(_package_versions()), "argv": sys.argv[1:]}
+
+
+@functools.cache  # one process, one install: reading the metadata (tens of ms) once is enough
+def _package_versions() -> tuple[tuple[str, str], ...]:
     from importlib.metadata import PackageNotFoundError, version
 
-    versions = {}
+    versions = []
     for name in ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "pydantic"):
         try:
-            versions[name] = version(name)
+            versions.append((name, version(name)))
         except PackageNotFoundError:
             pass
-    return {"written_by": "python -m trainer run", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "python": platform.python_version(), "packages": versions, "argv": sys.argv[1:]}
+    return tuple(versions)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,0 +1,7 @@
+"""The checkpoints users bring, SD1, SD3 and Flux: each stored in fp32, fp16 and bf16 as a folder, a variant folder
+and (SD1) an original-layout single file, trains a LoRA that loads (tests/stored_matrix.py; the matrix is split in
+two modules of about equal time, one for each of the suite's workers)."""
+
+import stored_matrix
+
+test_stored_model_trains_a_lora_that_loads = stored_matrix.matrix_test(("sd1", "sd3", "flux"))
