@@ -544,12 +544,7 @@ def _parser() -> argparse.ArgumentParser:
     cascade.add_argument("--negative-prompt", default="")
     cascade.add_argument("--steps", type=int, default=20, help="stage C sampling steps (default 20)")
     cascade.add_argument("--guidance-scale", type=float, default=4.0, help="stage C guidance (default 4)")
-    apg = ValidationSpec.model_fields
-    cascade.add_argument("--guidance", choices=("cfg", "apg"), default="cfg", help="classifier-free guidance, or "
-                         "adaptive projected guidance (as validation.guidance)")
-    for name in ("apg_eta", "apg_norm_threshold", "apg_momentum"):
-        cascade.add_argument(f"--{name.replace('_', '-')}", type=float, default=apg[name].default,
-                             help=f"{apg[name].description} (default {apg[name].default:g})")
+    _guidance_options(cascade)
     cascade.add_argument("--height", type=int, default=1024, help="image height in pixels (default 1024)")
     cascade.add_argument("--width", type=int, default=1024, help="image width in pixels (default 1024)")
     cascade.add_argument("--seed", type=int, default=0)
@@ -575,11 +570,7 @@ def _parser() -> argparse.ArgumentParser:
                      help=f"sampling steps (default {val['steps'].default})")
     smp.add_argument("--guidance-scale", type=float, default=val["guidance_scale"].default,
                      help=f"guidance scale (default {val['guidance_scale'].default:g})")
-    smp.add_argument("--guidance", choices=("cfg", "apg"), default="cfg", help="classifier-free guidance, or "
-                     "adaptive projected guidance (as validation.guidance)")
-    for name in ("apg_eta", "apg_norm_threshold", "apg_momentum"):
-        smp.add_argument(f"--{name.replace('_', '-')}", type=float, default=val[name].default,
-                         help=f"{val[name].description} (default {val[name].default:g})")
+    _guidance_options(smp)
     smp.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
     smp.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
     smp.set_defaults(func=cmd_sample)
@@ -650,6 +641,19 @@ def _parser() -> argparse.ArgumentParser:
                              "trains with random weights, built on the training device in the frozen dtype: the "
                              "memory and speed of a real-size model without its weights (bench/gpu_check.py)")
     return p
+
+
+
+def _guidance_options(parser: argparse.ArgumentParser) -> None:
+    """--guidance and the APG options, with validation's defaults and descriptions (trainer/job.py)."""
+    from .job import ValidationSpec
+
+    val = ValidationSpec.model_fields
+    parser.add_argument("--guidance", choices=("cfg", "apg"), default="cfg", help="classifier-free guidance, or "
+                        "adaptive projected guidance (as validation.guidance)")
+    for name in ("apg_eta", "apg_norm_threshold", "apg_momentum"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=val[name].default,
+                            help=f"{val[name].description} (default {val[name].default:g})")
 
 
 if __name__ == "__main__":
