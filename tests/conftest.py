@@ -7,6 +7,12 @@ _home = tempfile.mkdtemp(prefix="sdtrainer-test-home-")
 os.environ["XDG_CONFIG_HOME"] = os.path.join(_home, "config")
 os.environ["XDG_DATA_HOME"] = os.path.join(_home, "data")
 os.environ["XDG_CACHE_HOME"] = os.path.join(_home, "cache")  # the trainer's latent and text caches
+# Under pytest-xdist each worker already keeps a core busy: torch in the worker and in every trainer it starts
+# computes on one thread, so that two workers' runs do not each try to use both cores (measured: a demo run took
+# 112 s beside the other worker with torch's two threads, 25 s alone).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _threads in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_threads] = "1"
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -102,7 +102,7 @@ def test_two_processes_write_one_clean_run_that_matches_one_process_with_twice_t
     assert kinds.count("run_started") == 1 and kinds.count("run_finished") == 1
     assert events[-1]["status"] == "completed"
     assert sorted(_steps(events)) == list(range(1, STEPS + 1))
-    assert sorted(p.name for p in two.iterdir()) == ["checkpoints", "events.jsonl", "final", "job.json", "logs"]
+    assert sorted(p.name for p in two.iterdir()) == ["checkpoints", "events.jsonl", "final", "job.json", "logs", "tensorboard"]
     assert [p.name for p in (two / "logs").iterdir()] == ["rank-1.log"]
     assert json.loads((two / "job.json").read_text())["schedule"]["batch_size"] == 2  # the job as given
 

@@ -10,7 +10,7 @@ import torch
 from trainer import train
 from trainer.cli import main
 from trainer.events import encode, make_event, read_events
-from trainer.job import OptimizerSpec
+from trainer.job import AdamWOptions
 from trainer.methods.trainable import Group
 from trainer.run import checkpoint
 from trainer.run.checkpoint_files import damage
@@ -104,7 +104,7 @@ def test_every_process_takes_the_same_branch_and_prints_the_mean_loss(tmp_path):
     weight = torch.nn.Parameter(torch.ones(2))
     weight.grad = torch.ones(2)
     groups = [Group("denoiser", {"w": weight}, 1e-4, 0)]
-    guard = Guard(OptimizerSpec(on_nonfinite="skip", max_skipped_steps=3), None, tmp_path)
+    guard = Guard(AdamWOptions(on_nonfinite="skip", max_skipped_steps=3), None, tmp_path)
     healthy = _TwoProcesses(torch.tensor([3.0, 1.0, 1.0]))  # its loss 3.0, loss and gradients finite
     assert guard.skip(healthy, [torch.tensor(1.0), torch.tensor(2.0)], groups, 1) == (False, 2.25)
     sick = _TwoProcesses(torch.tensor([float("nan"), 0.0, 1.0]))  # its loss is NaN: this process skips too
