@@ -53,7 +53,12 @@ def sshd(tmp_path_factory):
         f"AuthorizedKeysFile {d / 'authorized_keys'}", "PasswordAuthentication no",
         "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no", "PermitRootLogin prohibit-password",
         "PidFile none", "LogLevel ERROR",
-        f"SetEnv XDG_CACHE_HOME={d / 'cache'}",  # the remote trainer's caches stay in this test's folder too
+        # One SetEnv line (sshd takes a keyword's first line only): the remote trainer's caches stay in this
+        # test's folder, and it computes on as many threads as the local run it is compared with (one under the
+        # suite's workers): another thread count sums in another order, and the losses would differ in the last bits.
+        " ".join([f"SetEnv XDG_CACHE_HOME={d / 'cache'}",
+                  *(f"{name}={os.environ[name]}" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+                    if name in os.environ)]),
     ]) + "\n")
     host_pub = (d / "host_key.pub").read_text().split()
     (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
