@@ -1,9 +1,12 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 # Qt tests run without a display, and never touch the user's settings or presets.
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 _home = tempfile.mkdtemp(prefix="sdtrainer-test-home-")
+atexit.register(shutil.rmtree, _home, True)  # its caches reach hundreds of MB over many suite runs
 os.environ["XDG_CONFIG_HOME"] = os.path.join(_home, "config")
 os.environ["XDG_DATA_HOME"] = os.path.join(_home, "data")
 os.environ["XDG_CACHE_HOME"] = os.path.join(_home, "cache")  # the trainer's latent and text caches
