@@ -161,6 +161,10 @@ def cmd_run(args) -> int:
             raise JobError(str(exc)) from None
     started = time.time()
     ranks.join()  # several processes: one run over them all, or one line why not
+    from .run import sharding
+
+    if sharding.active():
+        sharding.check_job(job)
     # Only rank 0 checks and creates the run folder; the others read the plan once it stands, and every rank
     # must have worked out the same one (on several machines: the same files at the same paths).
     plan = ranks.on_main(lambda: _claim_folder(job, args.resume, args.random_weights))
