@@ -127,7 +127,9 @@ def cmd_caption(args) -> int:
 
 
 def cmd_devices(args) -> int:
-    """The CUDA GPUs this process sees: the window asks here, so it never imports torch itself."""
+    """The CUDA GPUs this process sees, and whether DeepSpeed is installed: the window asks here, so it never
+    imports torch itself."""
+    import importlib.util
     import json
 
     import torch
@@ -135,13 +137,16 @@ def cmd_devices(args) -> int:
     gpus = [{"index": i, "name": torch.cuda.get_device_name(i),
              "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)}
             for i in range(torch.cuda.device_count())]
+    deepspeed = importlib.util.find_spec("deepspeed") is not None
     if args.json:
-        print(json.dumps({"gpus": gpus}))
+        print(json.dumps({"gpus": gpus, "deepspeed": deepspeed}))
     else:
         for gpu in gpus:
             print(f"{gpu['index']}: {gpu['name']}, {gpu['memory_gib']:g} GiB")
         if not gpus:
             print("no CUDA GPU: training runs on the CPU")
+        print("DeepSpeed: " + ("installed" if deepspeed else "not installed (presets/accelerate/fsdp.yaml needs "
+                               "nothing more)"))
     return EXIT_OK
 
 
@@ -598,7 +603,7 @@ def _parser() -> argparse.ArgumentParser:
     caption.set_defaults(func=cmd_caption)
 
     devices = sub.add_parser("devices", help="list the CUDA GPUs this machine's trainer sees")
-    devices.add_argument("--json", action="store_true", help='print {"gpus": [{"index", "name", "memory_gib"}]}')
+    devices.add_argument("--json", action="store_true", help='print {"gpus": [{"index", "name", "memory_gib"}], "deepspeed": installed}')
     devices.set_defaults(func=cmd_devices)
 
     estimate = sub.add_parser("estimate", help="the GPU memory and time of one training step, from the model's "
