@@ -87,7 +87,10 @@ def _memory_line(job, plan) -> str:
         _quiet_libraries()
         from .estimate import estimate
 
-        return estimate(job, plan).summary()
+        result = estimate(job, plan)
+        if plan.world_size > 1 and job.network.kind == "full":  # what presets/accelerate/fsdp.yaml would change
+            return result.summary() + "\n" + result.fsdp_line(plan.world_size)
+        return result.summary()
     except Exception as exc:  # noqa: BLE001 - said in one line; `estimate` itself exits 2 on it
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return f"memory estimate: not available ({text})"
@@ -170,6 +173,7 @@ def cmd_run(args) -> int:
 
     if sharding.active():
         sharding.check_job(job)
+    ranks.deepspeed_checkpoints(job)
     # Only rank 0 checks and creates the run folder; the others read the plan once it stands, and every rank
     # must have worked out the same one (on several machines: the same files at the same paths).
     plan = ranks.on_main(lambda: _claim_folder(job, args.resume, args.random_weights))
@@ -603,7 +607,8 @@ def _parser() -> argparse.ArgumentParser:
     caption.set_defaults(func=cmd_caption)
 
     devices = sub.add_parser("devices", help="list the CUDA GPUs this machine's trainer sees")
-    devices.add_argument("--json", action="store_true", help='print {"gpus": [{"index", "name", "memory_gib"}], "deepspeed": installed}')
+    devices.add_argument("--json", action="store_true",
+                         help='print {"gpus": [{"index", "name", "memory_gib"}], "deepspeed": installed}')
     devices.set_defaults(func=cmd_devices)
 
     estimate = sub.add_parser("estimate", help="the GPU memory and time of one training step, from the model's "

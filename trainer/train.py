@@ -229,6 +229,9 @@ def _trainables(run: _Run) -> None:
         FusedBackward(list(tr.params.values()), stepping(optimizer))
     run.lr_scheduler = optimizers.scheduler(job, optimizer, run.plan.total_steps)
     run.denoiser = run.parts.denoiser
+    if ranks.deepspeed_launch():  # accelerate reads DeepSpeed's micro-batch from a prepared DataLoader, and we
+        # prepare none (each epoch's batches are built by the loop)
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = job.schedule.batch_size
     if tr.groups[0].name == "denoiser" and not sharding.active():  # FSDP needs no DDP wrapper; with block
         # swap, the swapped blocks' weights stay where they are
         run.denoiser, run.optimizer = accelerator.prepare(run.denoiser, optimizer,
@@ -663,6 +666,11 @@ _COMMAND_FIELDS = {"continue": "proceed"}
 
 def _save_checkpoint(run: _Run) -> None:
     """Rank 0 writes it; under FSDP every process first helps make the sharded tensors whole."""
+    if ranks.deepspeed_launch():  # a stop or a Save under DeepSpeed (ranks.deepspeed_checkpoints)
+        if run.main:
+            run.reporter.log("no checkpoint under DeepSpeed: its optimizer state is split in its own layout",
+                             "warning")
+        return
     if run.main or sharding.active():
         with optimizers.eval_mode(run.optimizer):  # the weights to use; resume rebuilds the training point
             weights, optimizer_state, shadow = _checkpointed(run)

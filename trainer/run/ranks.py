@@ -78,14 +78,27 @@ def join() -> None:
 DEEPSPEED_ENV = "ACCELERATE_USE_DEEPSPEED"  # what `accelerate launch` sets for a config with distributed_type DEEPSPEED
 
 
+def deepspeed_launch() -> bool:
+    return os.environ.get(DEEPSPEED_ENV, "false").lower() == "true"
+
+
 def deepspeed_missing() -> None:
     """A launch that asks for DeepSpeed where it is not installed: one line, before anything loads."""
     import importlib.util
 
-    if os.environ.get(DEEPSPEED_ENV, "false").lower() == "true" and importlib.util.find_spec("deepspeed") is None:
+    if deepspeed_launch() and importlib.util.find_spec("deepspeed") is None:
         raise JobError("DeepSpeed was chosen (presets/accelerate/deepspeed_zero2.yaml) but is not installed: "
                        "`pip install deepspeed` on a machine with CUDA, or launch with "
                        "presets/accelerate/fsdp.yaml (FSDP needs nothing more)")
+
+
+def deepspeed_checkpoints(job) -> None:
+    """ZeRO-2 splits the optimizer state by rank in DeepSpeed's own layout, which this trainer's whole-file
+    checkpoints do not gather: a DeepSpeed run must not promise checkpoints it cannot resume exactly."""
+    if deepspeed_launch() and job.output.checkpoint_every:
+        raise JobError(f"output.checkpoint_every: {job.output.checkpoint_every}; under DeepSpeed no checkpoints are "
+                       "written (set 0: the final files are still written), or launch with "
+                       "presets/accelerate/fsdp.yaml, whose checkpoints resume exactly")
 
 
 def on_main(decide: Callable[[], T]) -> T | None:
