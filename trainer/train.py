@@ -231,7 +231,8 @@ def _trainables(run: _Run) -> None:
     run.denoiser = run.parts.denoiser
     if ranks.deepspeed_launch():  # accelerate reads DeepSpeed's micro-batch from a prepared DataLoader, and we
         # prepare none (each epoch's batches are built by the loop)
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = job.schedule.batch_size
+        config = accelerator.state.deepspeed_plugin.deepspeed_config
+        config["train_micro_batch_size_per_gpu"] = job.schedule.batch_size
     if tr.groups[0].name == "denoiser" and not sharding.active():  # FSDP needs no DDP wrapper; with block
         # swap, the swapped blocks' weights stay where they are
         run.denoiser, run.optimizer = accelerator.prepare(run.denoiser, optimizer,
@@ -262,8 +263,8 @@ def _resume(run: _Run) -> None:
     if optimizers.has_eval_mode(run.optimizer):  # saved in eval mode: the training point is rebuilt from it
         run.optimizer.optimizer.train()
     if run.shadow is not None and ema_tensors is not None:
-        run.shadow.update({k: sharding.like(run.shadow[k], v.to(run.shadow[k].device)) for k, v in ema_tensors.items()
-                           if k in run.shadow})
+        run.shadow.update({k: sharding.like(run.shadow[k], v.to(run.shadow[k].device))
+                           for k, v in ema_tensors.items() if k in run.shadow})
     trainable.apply_stops(run.tr, run.optimizer, run.start_step)
     run.reporter.log(f"resumed from {run.found}")
 
@@ -696,9 +697,6 @@ def _checkpointed_optimizer(run: _Run):
     """What a checkpoint saves and loads the optimizer state through: the optimizer, or under FSDP its
     shards seen as one optimizer."""
     return sharding.WholeOptimizer(run.denoiser, run.optimizer.optimizer) if sharding.active() else run.optimizer
-
-
-
 
 
 @contextmanager
