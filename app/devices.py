@@ -1,7 +1,9 @@
-"""Run → Devices…: which GPUs a run started from the window uses, and how (one, or data-parallel over several).
+"""Run → Devices…: which GPUs a run started from the window uses, and how (one; data-parallel, FSDP or DeepSpeed
+ZeRO-2 over several).
 
-A window setting, not a job field: the job says what to train and stays the same on any hardware. The GPUs are
-listed by asking the trainer (`python -m trainer devices --json`), so the window never imports torch.
+A window setting, not a job field: the job says what to train and stays the same on any hardware. The GPUs, and
+whether DeepSpeed is installed, are asked of the trainer (`python -m trainer devices --json`), so the window never
+imports torch.
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ from PySide6.QtWidgets import (QButtonGroup, QDialog, QDialogButtonBox, QLabel, 
 
 from .settings import REPO_ROOT, settings
 
-MODES = {"one": "One GPU", "data_parallel": "Data-parallel: every chosen GPU trains its share of each batch"}
+MODES = {"one": "One GPU", "data_parallel": "Data-parallel: every chosen GPU trains its share of each batch",
+         "fsdp": "FSDP: a full fine-tune split across the chosen GPUs (weights, gradients, optimizer state)",
+         "deepspeed": "DeepSpeed ZeRO-2: optimizer state and gradients split across the chosen GPUs"}
+# The shipped accelerate config each sharded mode launches with (presets/accelerate/, see the README).
+CONFIGS = {"fsdp": "fsdp.yaml", "deepspeed": "deepspeed_zero2.yaml"}
 
 
 @dataclass(frozen=True)
@@ -26,19 +32,24 @@ class Launch:
 
     def command(self, prefix: list[str]) -> tuple[list[str], dict[str, str]]:
         """The trainer command `prefix` (interpreter first) under this launch, and the environment it adds.
-        Data-parallel runs it under torchrun with one process per chosen GPU, on a free port."""
+        Data-parallel runs it under torchrun with one process per chosen GPU, on a free port; FSDP and DeepSpeed
+        under `accelerate launch` with their shipped config."""
         env = {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in self.gpus)} if self.gpus else {}
-        if self.mode != "data_parallel" or len(self.gpus) < 2:
+        if self.mode == "one" or len(self.gpus) < 2:
             return list(prefix), env
-        python, rest = prefix[0], prefix[1:]
-        return [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(len(self.gpus)),
-                *rest], env
+        python, rest, count = prefix[0], prefix[1:], str(len(self.gpus))
+        if self.mode in CONFIGS:
+            config = REPO_ROOT / "presets" / "accelerate" / CONFIGS[self.mode]
+            return [python, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
+                    count, "--main_process_port", "0", *rest], env
+        return [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", count, *rest], env
 
     def describe(self) -> str:
         if not self.gpus:
             return "the default device"
         names = ", ".join(str(i) for i in self.gpus)
-        return f"GPU {names}" if self.mode == "one" or len(self.gpus) == 1 else f"data-parallel on GPUs {names}"
+        how = {"data_parallel": "data-parallel", "fsdp": "FSDP", "deepspeed": "DeepSpeed ZeRO-2"}.get(self.mode)
+        return f"GPU {names}" if how is None or len(self.gpus) == 1 else f"{how} on GPUs {names}"
 
 
 def saved_launch() -> Launch:
@@ -75,6 +86,8 @@ class DevicesDialog(QDialog):
             button.setChecked(key == launch.mode)
             self.modes.addButton(button)
             layout.addWidget(button)
+        self._deepspeed = self.findChild(QRadioButton, "deepspeed")
+        self._deepspeed.setEnabled(False)  # until the trainer says DeepSpeed is installed
         layout.addWidget(QLabel("Several machines start from the command line: see the README's \"Several GPUs "
                                 "and machines\"; File → Open run folder follows such a run."))
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
@@ -104,11 +117,17 @@ class DevicesDialog(QDialog):
     def _listed(self, code: int, _status) -> None:
         self._read()
         try:
-            gpus = json.loads(self._out.decode("utf-8", "replace").strip().splitlines()[-1])["gpus"]
+            answer = json.loads(self._out.decode("utf-8", "replace").strip().splitlines()[-1])
+            gpus = answer["gpus"]
         except (ValueError, IndexError, KeyError, TypeError):
             err = bytes(self.process.readAllStandardError()).decode("utf-8", "replace").strip().splitlines()
             self.status.setText(f"the trainer could not list its GPUs (exit {code}): {err[-1] if err else 'no output'}")
             return
+        self._deepspeed.setEnabled(bool(answer.get("deepspeed")))
+        if not self._deepspeed.isEnabled():
+            self._deepspeed.setText(MODES["deepspeed"] + " (DeepSpeed is not installed for the trainer)")
+            if self._deepspeed.isChecked():
+                self.findChild(QRadioButton, "one").setChecked(True)
         for gpu in gpus:
             item = QListWidgetItem(f"{gpu['index']}: {gpu['name']} ({gpu['memory_gib']:g} GiB)")
             item.setData(Qt.ItemDataRole.UserRole, int(gpu["index"]))

@@ -21,6 +21,26 @@ def test_the_launch_builds_the_trainer_command():
                     "trainer"]
     assert env == {"CUDA_VISIBLE_DEVICES": "0,2"}
     assert Launch("data_parallel", (1,)).command(prefix) == (prefix, {"CUDA_VISIBLE_DEVICES": "1"})
+    from app.settings import REPO_ROOT
+
+    for mode, config in (("fsdp", "fsdp.yaml"), ("deepspeed", "deepspeed_zero2.yaml")):
+        args, env = Launch(mode, (1, 3)).command(prefix)
+        assert args == [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                        str(REPO_ROOT / "presets" / "accelerate" / config), "--num_processes", "2",
+                        "--main_process_port", "0", "-m", "trainer"]
+        assert env == {"CUDA_VISIBLE_DEVICES": "1,3"}
+        assert (REPO_ROOT / "presets" / "accelerate" / config).is_file()
+    assert Launch("fsdp", (0, 1)).describe() == "FSDP on GPUs 0, 1"
+
+
+def test_the_trainer_says_which_gpus_it_sees_and_whether_deepspeed_is_installed(capsys):
+    import importlib.util
+
+    from trainer.cli import main
+
+    assert main(["devices", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer == {"gpus": answer["gpus"], "deepspeed": importlib.util.find_spec("deepspeed") is not None}
 
 
 def test_the_dialog_lists_the_trainers_gpus_and_returns_the_choice(qtbot):
@@ -36,6 +56,17 @@ def test_the_dialog_lists_the_trainers_gpus_and_returns_the_choice(qtbot):
     assert dialog.chosen() == Launch("one", (0,)), "one GPU: the first ticked"
     dialog.findChild(type(dialog.modes.buttons()[0]), "data_parallel").setChecked(True)
     assert dialog.chosen() == Launch("data_parallel", (0, 1))
+    dialog.findChild(type(dialog.modes.buttons()[0]), "fsdp").setChecked(True)
+    assert dialog.chosen() == Launch("fsdp", (0, 1))
+    deepspeed = dialog.findChild(type(dialog.modes.buttons()[0]), "deepspeed")
+    assert not deepspeed.isEnabled() and "not installed" in deepspeed.text(), "this answer does not report it"
+
+    installed = DevicesDialog(Launch("deepspeed", (0, 1)), devices_command=[
+        sys.executable, "-c", f"print({json.dumps(json.dumps({**GPUS, 'deepspeed': True}))})"])
+    qtbot.addWidget(installed)
+    qtbot.waitUntil(lambda: installed.gpu_list.count() == 3, timeout=20000)
+    assert installed.findChild(type(dialog.modes.buttons()[0]), "deepspeed").isEnabled()
+    assert installed.chosen() == Launch("deepspeed", (0, 1))
 
 
 def test_no_gpus_and_a_failing_trainer_are_said(qtbot):

@@ -19,7 +19,7 @@ def _save(root, steps, keep_last=3):
     param.grad = torch.ones(3)
     opt.step()
     for step in steps:
-        checkpoint.save(root, step, {"p": param}, opt, sched, {"epoch": 0}, keep_last=keep_last)
+        checkpoint.save(root, step, {"p": param}, opt.state_dict(), sched, {"epoch": 0}, keep_last=keep_last)
 
 
 def _truncate(path, size=1000):

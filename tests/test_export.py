@@ -180,7 +180,8 @@ def test_full_finetune_checkpoint_exports_its_ema_unless_raw(sd15, tmp_path):
     ema = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in trainable.tensors(tr).items()}
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    step = checkpoint.save(run / "checkpoints", 3, raw, optimizer, lr_scheduler, {"epoch": 0}, keep_last=1, ema=ema)
+    step = checkpoint.save(run / "checkpoints", 3, raw, optimizer.state_dict(), lr_scheduler, {"epoch": 0},
+                           keep_last=1, ema=ema)
 
     single = export(step, "single-file")[0]
     loaded = StableDiffusionPipeline.from_single_file(str(single), config=str(sd15), local_files_only=True,

@@ -79,7 +79,7 @@ def test_optimizer_state_round_trips_through_a_checkpoint(tmp_path, name):
     for grad in grads[:2]:
         step(params, opt, sched, grad)
     with optimizers.eval_mode(opt):
-        checkpoint.save(tmp_path, 2, {"a": params[0], "b": params[1]}, opt, sched, {}, keep_last=1)
+        checkpoint.save(tmp_path, 2, {"a": params[0], "b": params[1]}, opt.state_dict(), sched, {}, keep_last=1)
     assert len(opt.state) == 2 and all(opt.state[p] for p in params)
     params2, opt2, sched2 = make()
     _, weights, _ = checkpoint.load(tmp_path / "step-2", opt2, sched2)

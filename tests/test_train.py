@@ -123,7 +123,7 @@ def test_checkpoint_keeps_the_last_k(tmp_path):
     param.grad = torch.ones(3)
     opt.step()
     for step in (1, 2, 3):
-        checkpoint.save(tmp_path, step, {"p": param}, opt, sched, {"epoch": 0}, keep_last=2)
+        checkpoint.save(tmp_path, step, {"p": param}, opt.state_dict(), sched, {"epoch": 0}, keep_last=2)
     assert [p.name for p in checkpoint.complete(tmp_path)] == ["step-2", "step-3"]
     fresh = torch.nn.Parameter(torch.zeros(3))
     opt2 = torch.optim.AdamW([fresh], lr=0.1)
@@ -154,7 +154,7 @@ def test_8bit_adam_state_round_trips_through_a_checkpoint(tmp_path):
     for _ in range(2):
         param.grad, other.grad = torch.randn(5000), torch.randn(5000)
         opt.step()
-    checkpoint.save(tmp_path, 2, {"p": param, "o": other}, opt, sched, {}, keep_last=1)
+    checkpoint.save(tmp_path, 2, {"p": param, "o": other}, opt.state_dict(), sched, {}, keep_last=1)
     copies = [torch.nn.Parameter(p.detach().clone()) for p in (param, other)]
     opt2 = bnb.optim.AdamW8bit(copies, lr=1e-3)
     checkpoint.load(tmp_path / "step-2", opt2, torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0))

@@ -87,7 +87,10 @@ def _memory_line(job, plan) -> str:
         _quiet_libraries()
         from .estimate import estimate
 
-        return estimate(job, plan).summary()
+        result = estimate(job, plan)
+        if plan.world_size > 1 and job.network.kind == "full":  # what presets/accelerate/fsdp.yaml would change
+            return result.summary() + "\n" + result.fsdp_line(plan.world_size)
+        return result.summary()
     except Exception as exc:  # noqa: BLE001 - said in one line; `estimate` itself exits 2 on it
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return f"memory estimate: not available ({text})"
@@ -127,7 +130,9 @@ def cmd_caption(args) -> int:
 
 
 def cmd_devices(args) -> int:
-    """The CUDA GPUs this process sees: the window asks here, so it never imports torch itself."""
+    """The CUDA GPUs this process sees, and whether DeepSpeed is installed: the window asks here, so it never
+    imports torch itself."""
+    import importlib.util
     import json
 
     import torch
@@ -135,13 +140,16 @@ def cmd_devices(args) -> int:
     gpus = [{"index": i, "name": torch.cuda.get_device_name(i),
              "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)}
             for i in range(torch.cuda.device_count())]
+    deepspeed = importlib.util.find_spec("deepspeed") is not None
     if args.json:
-        print(json.dumps({"gpus": gpus}))
+        print(json.dumps({"gpus": gpus, "deepspeed": deepspeed}))
     else:
         for gpu in gpus:
             print(f"{gpu['index']}: {gpu['name']}, {gpu['memory_gib']:g} GiB")
         if not gpus:
             print("no CUDA GPU: training runs on the CPU")
+        print("DeepSpeed: " + ("installed" if deepspeed else "not installed (presets/accelerate/fsdp.yaml needs "
+                               "nothing more)"))
     return EXIT_OK
 
 
@@ -161,6 +169,11 @@ def cmd_run(args) -> int:
             raise JobError(str(exc)) from None
     started = time.time()
     ranks.join()  # several processes: one run over them all, or one line why not
+    from .run import sharding
+
+    if sharding.active():
+        sharding.check_job(job)
+    ranks.deepspeed_checkpoints(job)
     # Only rank 0 checks and creates the run folder; the others read the plan once it stands, and every rank
     # must have worked out the same one (on several machines: the same files at the same paths).
     plan = ranks.on_main(lambda: _claim_folder(job, args.resume, args.random_weights))
@@ -594,7 +607,8 @@ def _parser() -> argparse.ArgumentParser:
     caption.set_defaults(func=cmd_caption)
 
     devices = sub.add_parser("devices", help="list the CUDA GPUs this machine's trainer sees")
-    devices.add_argument("--json", action="store_true", help='print {"gpus": [{"index", "name", "memory_gib"}]}')
+    devices.add_argument("--json", action="store_true",
+                         help='print {"gpus": [{"index", "name", "memory_gib"}], "deepspeed": installed}')
     devices.set_defaults(func=cmd_devices)
 
     estimate = sub.add_parser("estimate", help="the GPU memory and time of one training step, from the model's "

@@ -26,6 +26,7 @@ CONTEXT_BYTES = int(0.75 * GIB)
 FRAGMENTATION = 0.10  # of the counted peak
 UTILISATION = 0.40  # the share of a GPU's peak bf16 throughput a training step reaches (a typical 35-45%)
 PARTS = ("frozen weights", "trainable weights", "gradients", "optimizer state", "activations", "encoders")
+SHARDED_PARTS = PARTS[:4]  # what FSDP splits across the processes (the denoiser's; trainer/run/sharding.py)
 # bitsandbytes' 8-bit AdamW (it cannot run on fake tensors): two 1-byte states per element with one fp32 scale per
 # block of 256, for tensors of at least 4096 elements; smaller ones keep two fp32 states.
 BNB_BLOCK, BNB_MIN_SIZE = 256, 4096
@@ -69,6 +70,16 @@ class Estimate:
         return (f"memory estimate: {self.total / GIB:.1f} GiB peak on the GPU ({self.counted / GIB:.1f} GiB of "
                 f"tensors + allowance) at {w}x{h}, batch {self.batch_size}, {self.precision}; "
                 f"{self.flops / 1e12:.1f} TFLOP per step")
+
+    def fsdp_line(self, processes: int) -> str:
+        """The peak per GPU when `processes` share the denoiser under FSDP: its weights, gradients and optimizer
+        state divided among them; activations and the encoders as they are."""
+        split = sum(self.peak.get(part, 0) for part in SHARDED_PARTS)
+        counted = self.counted - split + split // processes
+        total = int(counted * (1 + FRAGMENTATION)) + CONTEXT_BYTES
+        return (f"under FSDP over {processes} processes: about {total / GIB:.1f} GiB peak per GPU (weights, "
+                f"gradients and optimizer state, {_size(split)}, divided by {processes}; plus one block's "
+                "whole weights while it runs, not counted)")
 
     def lines(self, gpu: Gpu | None = None, memory_gib: float | None = None) -> list[str]:
         out = [self.summary()]

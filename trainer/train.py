@@ -32,7 +32,7 @@ from .families.table import FAMILIES
 from .job import Job, JobError
 from .methods import ema, prior, trainable
 from .plan import Plan, class_layout, holdout_spec
-from .run import checkpoint, nonfinite, optimizers, ranks, speed, throughput
+from .run import checkpoint, nonfinite, optimizers, ranks, sharding, speed, throughput
 from .run.block_swap import BlockSwap, Mover, swap_blocks
 from .run.checkpoint_files import newest_good
 from .run.fused_backward import FusedBackward, stepping
@@ -215,6 +215,12 @@ def _trainables(run: _Run) -> None:
         p.data = p.data.to(run.held.trained)  # trained weights stay fp32 under mixed precision
     if swapping:
         _block_swap(run)
+    if sharding.active():  # before the optimizer, which must hold the sharded parameters
+        units = sharding.shard(run.parts.denoiser, FAMILIES[run.plan.family].swap_blocks)
+        trainable.reread(tr)
+        if run.main:
+            run.reporter.log(f"FSDP: the denoiser's weights, gradients and optimizer state split over "
+                             f"{accelerator.num_processes} processes, {units} blocks and the rest as units")
     optimizer = optimizers.build(job, trainable.optimizer_groups(tr))
     if job.memory.fused_backward:
         if accelerator.num_processes > 1:  # DDP averages gradients after the hooks would have stepped them
@@ -223,7 +229,12 @@ def _trainables(run: _Run) -> None:
         FusedBackward(list(tr.params.values()), stepping(optimizer))
     run.lr_scheduler = optimizers.scheduler(job, optimizer, run.plan.total_steps)
     run.denoiser = run.parts.denoiser
-    if tr.groups[0].name == "denoiser":  # with block swap, the swapped blocks' weights stay where they are
+    if ranks.deepspeed_launch():  # accelerate reads DeepSpeed's micro-batch from a prepared DataLoader, and we
+        # prepare none (each epoch's batches are built by the loop)
+        config = accelerator.state.deepspeed_plugin.deepspeed_config
+        config["train_micro_batch_size_per_gpu"] = job.schedule.batch_size
+    if tr.groups[0].name == "denoiser" and not sharding.active():  # FSDP needs no DDP wrapper; with block
+        # swap, the swapped blocks' weights stay where they are
         run.denoiser, run.optimizer = accelerator.prepare(run.denoiser, optimizer,
                                                           device_placement=[not swapping, True])
     else:
@@ -247,12 +258,13 @@ def _block_swap(run: _Run) -> None:
 
 
 def _resume(run: _Run) -> None:
-    _, tensors, ema_tensors = checkpoint.load(run.found, run.optimizer, run.lr_scheduler)
+    _, tensors, ema_tensors = checkpoint.load(run.found, _checkpointed_optimizer(run), run.lr_scheduler)
     trainable.load_tensors(run.tr, tensors, str(run.found))
     if optimizers.has_eval_mode(run.optimizer):  # saved in eval mode: the training point is rebuilt from it
         run.optimizer.optimizer.train()
     if run.shadow is not None and ema_tensors is not None:
-        run.shadow.update({k: v.to(run.shadow[k].device) for k, v in ema_tensors.items() if k in run.shadow})
+        run.shadow.update({k: sharding.like(run.shadow[k], v.to(run.shadow[k].device))
+                           for k, v in ema_tensors.items() if k in run.shadow})
     trainable.apply_stops(run.tr, run.optimizer, run.start_step)
     run.reporter.log(f"resumed from {run.found}")
 
@@ -354,7 +366,7 @@ def _finish(run: _Run, status: str) -> str:
             _validate(run, run.step)
         if run.holdout is not None:
             _val_loss(run, run.step)
-        if run.main:
+        if run.main or sharding.active():
             outputs = _export(run)
     if run.main:
         run.reporter.emit("run_finished", status=status, outputs={k: str(v) for k, v in outputs.items()})
@@ -386,23 +398,23 @@ def _val_loss(run: _Run, step: int) -> None:
     validation.loss_draws (timestep, noise) draws, each from its own generator seeded by (validation.seed,
     image, draw), so every evaluation, in this run or another, sees the same timesteps and noise."""
     accelerator, val = run.accelerator, run.job.validation
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(run.denoiser)
-        modules = list(run.tr.modules.values()) or [model]
-        for module in modules:
-            module.eval()  # no LoRA dropout
-        losses = []
-        with _exported_weights(run):
-            for index in range(len(run.holdout)):
-                batch = collate([run.holdout[(index, 0)]])
-                for draw in range(val.loss_draws):
-                    seed = (val.seed * 1_000_003 + index * 7919 + draw) % (2**63)
-                    gen = torch.Generator(device=accelerator.device).manual_seed(seed)
-                    losses.append(_batch_loss(run, batch, gen, False, denoiser=model, dropout=False))
-        for module in modules:
-            module.train()
-        value = torch.stack(losses).mean().item()  # one read per evaluation, not per step
-        run.reporter.emit("val_loss", step=step, loss=value, images=len(run.holdout))
+    if run.main or sharding.active():
+        with _exported_denoiser(run, accelerator.device) as model:
+            if run.main:
+                modules = list(run.tr.modules.values()) or [model]
+                for module in modules:
+                    module.eval()  # no LoRA dropout
+                losses = []
+                for index in range(len(run.holdout)):
+                    batch = collate([run.holdout[(index, 0)]])
+                    for draw in range(val.loss_draws):
+                        seed = (val.seed * 1_000_003 + index * 7919 + draw) % (2**63)
+                        gen = torch.Generator(device=accelerator.device).manual_seed(seed)
+                        losses.append(_batch_loss(run, batch, gen, False, denoiser=model, dropout=False))
+                for module in modules:
+                    module.train()
+                value = torch.stack(losses).mean().item()  # one read per evaluation, not per step
+                run.reporter.emit("val_loss", step=step, loss=value, images=len(run.holdout))
     accelerator.wait_for_everyone()
 
 
@@ -412,7 +424,8 @@ def _grad_norm(run: _Run) -> torch.Tensor | None:
     each gradient as it stepped its weight."""
     if getattr(run.accelerator, "scaler", None) is not None or run.job.memory.fused_backward:
         return None
-    return torch.nn.utils.get_total_norm([p.grad for p in run.tr.params.values() if p.grad is not None])
+    norm = torch.nn.utils.get_total_norm([p.grad for p in run.tr.params.values() if p.grad is not None])
+    return sharding.full(norm)  # under FSDP, the norm of every shard's gradients
 
 
 def _clip(run: _Run, norm: torch.Tensor | None) -> None:
@@ -653,13 +666,51 @@ _COMMAND_FIELDS = {"continue": "proceed"}
 
 
 def _save_checkpoint(run: _Run) -> None:
+    """Rank 0 writes it; under FSDP every process first helps make the sharded tensors whole."""
+    if ranks.deepspeed_launch():  # a stop or a Save under DeepSpeed (ranks.deepspeed_checkpoints)
+        if run.main:
+            run.reporter.log("no checkpoint under DeepSpeed: its optimizer state is split in its own layout",
+                             "warning")
+        return
+    if run.main or sharding.active():
+        with optimizers.eval_mode(run.optimizer):  # the weights to use; resume rebuilds the training point
+            weights, optimizer_state, shadow = _checkpointed(run)
     if run.main:
         info = {"epoch": run.epoch, "job": run.job.model_dump(mode="json")}
-        with optimizers.eval_mode(run.optimizer):  # the weights to use; resume rebuilds the training point
-            path = checkpoint.save(run.out / "checkpoints", run.step, trainable.tensors(run.tr), run.optimizer,
-                                   run.lr_scheduler, info, run.job.output.keep_last, ema=run.shadow)
+        path = checkpoint.save(run.out / "checkpoints", run.step, weights, optimizer_state, run.lr_scheduler,
+                               info, run.job.output.keep_last, ema=shadow)
         run.reporter.emit("checkpoint", step=run.step, path=str(path))
     run.accelerator.wait_for_everyone()
+
+
+def _checkpointed(run: _Run) -> tuple[dict, dict, dict | None]:
+    """The trained tensors, the optimizer state and the EMA, whole (on rank 0 under FSDP)."""
+    weights, shadow = trainable.tensors(run.tr), run.shadow
+    optimizer_state = _checkpointed_optimizer(run).state_dict()
+    if not sharding.active():
+        return weights, optimizer_state, shadow
+    return (sharding.whole(weights, run.main), optimizer_state,
+            sharding.whole(shadow, run.main) if shadow is not None else None)
+
+
+def _checkpointed_optimizer(run: _Run):
+    """What a checkpoint saves and loads the optimizer state through: the optimizer, or under FSDP its
+    shards seen as one optimizer."""
+    return sharding.WholeOptimizer(run.denoiser, run.optimizer.optimizer) if sharding.active() else run.optimizer
+
+
+@contextmanager
+def _exported_denoiser(run: _Run, device):
+    """The denoiser as one module holding the weights to export, to render or export with. Under FSDP every
+    process enters it: they gather an unsharded copy, which rank 0 gets (on `device`) and the others do not
+    (None); otherwise only rank 0 enters it and gets the prepared denoiser itself."""
+    if not sharding.active():
+        with _exported_weights(run):
+            yield run.accelerator.unwrap_model(run.denoiser)
+        return
+    with _exported_weights(run):
+        copy = sharding.whole_module(run.denoiser, run.main)
+    yield copy.to(device) if copy is not None else None
 
 
 @contextmanager
@@ -678,36 +729,46 @@ def _exported_weights(run: _Run):
 def _validate(run: _Run, step: int) -> None:
     """Render the validation prompts with the weights that would be exported now."""
     accelerator, parts, job = run.accelerator, run.parts, run.job
-    if accelerator.is_main_process:
-        val = job.validation
-        model = accelerator.unwrap_model(run.denoiser)
-        modules = list(run.tr.modules.values()) or [model]
-        for module in modules:
-            module.eval()
-        for name in run.released:  # the VAE / text encoder wait on the CPU while their outputs are cached
-            getattr(parts, name).to(accelerator.device)
-        pipe = run.family.validation_pipeline(parts, model)
-        samples = run.out / "samples"
-        samples.mkdir(parents=True, exist_ok=True)
-        res = job.dataset.resolution
-        with _exported_weights(run):
-            for i, prompt in enumerate(val.prompts):
-                seed = val.seed + i
-                with accelerator.autocast():
-                    image = render(pipe, model, FAMILIES[run.plan.family].cfg_halves, _expand(run, prompt), val,
-                                   seed, res, res)
-                path = samples / f"step-{step:06d}-{i:02d}.png"
-                image.save(path)
-                run.reporter.emit("sample", step=step, prompt=prompt, seed=seed, path=str(path))
-        for name in run.released:
-            getattr(parts, name).to("cpu")
-        for module in modules:
-            module.train()
+    if run.main or sharding.active():
+        with _exported_denoiser(run, accelerator.device) as model:
+            if run.main:
+                _render_prompts(run, step, model)
     accelerator.wait_for_everyone()
 
 
+def _render_prompts(run: _Run, step: int, model) -> None:
+    """Rank 0: the validation images of `model` (holding the weights to export), saved and announced."""
+    accelerator, parts, job = run.accelerator, run.parts, run.job
+    val = job.validation
+    modules = list(run.tr.modules.values()) or [model]
+    for module in modules:
+        module.eval()
+    for name in run.released:  # the VAE / text encoder wait on the CPU while their outputs are cached
+        getattr(parts, name).to(accelerator.device)
+    pipe = run.family.validation_pipeline(parts, model)
+    samples = run.out / "samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    res = job.dataset.resolution
+    for i, prompt in enumerate(val.prompts):
+        seed = val.seed + i
+        with accelerator.autocast():
+            image = render(pipe, model, FAMILIES[run.plan.family].cfg_halves, _expand(run, prompt), val, seed,
+                           res, res)
+        path = samples / f"step-{step:06d}-{i:02d}.png"
+        image.save(path)
+        run.reporter.emit("sample", step=step, prompt=prompt, seed=seed, path=str(path))
+    for name in run.released:
+        getattr(parts, name).to("cpu")
+    for module in modules:
+        module.train()
+
+
 def _export(run: _Run) -> dict:
-    """The final files: LoRA files for adapters, whole models for full fine-tunes, embeddings for new tokens."""
+    """The final files: LoRA files for adapters, whole models for full fine-tunes, embeddings for new tokens.
+    Rank 0 writes them; under FSDP the others help gather the fine-tuned denoiser and return nothing."""
+    if not run.main:
+        with _exported_denoiser(run, "cpu"):
+            return {}
     job, plan, tr, final = run.job, run.plan, run.tr, run.out / "final"
     captions: dict[str, list[str]] = {}
     for item in plan.scan.items:
@@ -718,12 +779,12 @@ def _export(run: _Run) -> dict:
             "num_class_images": run.num_class_images,
             "folders": {str(s.folder): (s.repeats, s.images) for s in plan.scan.subsets}}
     outputs: dict = {}
-    with _exported_weights(run):
+    with _exported_denoiser(run, "cpu") as denoiser:
         if tr.lora_configs:
             outputs.update(lora_files.write_lora(final, run.family, run.parts, trainable.lora_states(tr),
                                              tr.lora_configs, job, info))
         if tr.full:
-            pipe = run.family.pipeline(run.parts, run.accelerator.unwrap_model(run.denoiser))
+            pipe = run.family.pipeline(run.parts, denoiser)
             from .export.single_file import original_layout
 
             single = job.output.save_single_file and original_layout(pipe) is not None

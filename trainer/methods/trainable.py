@@ -104,6 +104,13 @@ def gradient_checkpointing(tr: Trainable) -> None:
             module.gradient_checkpointing_enable()
 
 
+def reread(tr: Trainable) -> None:
+    """Point the groups at their modules' parameters again, after FSDP replaced them (by DTensors)."""
+    now = {f"{component}.{n}": p for component, module in tr.modules.items() for n, p in module.named_parameters()}
+    for group in tr.groups:
+        group.params = {key: now[key] for key in group.params}
+
+
 def optimizer_groups(tr: Trainable) -> list[dict]:
     return [{"params": list(g.params.values()), "lr": g.lr, "name": g.name} for g in tr.groups]
 
@@ -152,10 +159,12 @@ def load_tensors(tr: Trainable, saved: dict[str, torch.Tensor], source: str) -> 
     if missing:
         raise JobError(f"{source}: lacks {len(missing)} of the {len(expected)} trained tensors "
                        f"(e.g. {sorted(missing)[0]}); was it made by a different job?")
+    from ..run.sharding import like
+
     params = tr.params
     for key in expected:
         if key in params:
-            params[key].copy_(saved[key].to(params[key].device, params[key].dtype))
+            params[key].copy_(like(params[key], saved[key].to(params[key].device, params[key].dtype)))
     if tr.tokens is not None:
         from . import tokens
 

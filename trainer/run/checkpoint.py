@@ -22,16 +22,18 @@ __all__ = ["STATE_FILE", "complete", "latest", "save", "load", "read_state", "lo
 EMA_FILE = "ema.safetensors"
 
 
-def save(root: Path, step: int, weights: dict[str, torch.Tensor], optimizer, lr_scheduler, info: dict,
+def save(root: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict, lr_scheduler, info: dict,
          keep_last: int, ema: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoints/step-N atomically and keep the newest `keep_last` intact ones. `weights` are keyed
-    "component.parameter" (see trainer/methods/trainable.py); `info` (epoch, the job) goes into state.json. A write that
-    fails (a full disk) leaves no partial checkpoint and every earlier one as it was."""
+    "component.parameter" (see trainer/methods/trainable.py); `optimizer_state` is a one-process optimizer's
+    `state_dict()` (under FSDP, trainer/run/sharding.py's whole one, made by every process before rank 0 saves);
+    `info` (epoch, the job) goes into state.json. A write that fails (a full disk) leaves no partial checkpoint and
+    every earlier one as it was."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
     files = {"weights.safetensors": _cpu(weights), "optimizer.safetensors": opt_tensors}
     if ema is not None:
         files[EMA_FILE] = _cpu(ema)

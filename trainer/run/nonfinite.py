@@ -14,6 +14,7 @@ import torch
 
 from ..events import Reporter
 from ..job import OptimizerSpec, RunFailed
+from .sharding import local
 
 
 def find(losses: list[torch.Tensor], groups) -> str | None:
@@ -84,7 +85,7 @@ def _readings(losses: list[torch.Tensor], groups) -> torch.Tensor:
     loss = torch.stack([loss.detach().float() for loss in losses])
     flags = [torch.isfinite(loss).all()]
     for group in groups:
-        grads = [p.grad for p in group.params.values() if p.grad is not None]
+        grads = [local(p.grad) for p in group.params.values() if p.grad is not None]  # FSDP: this shard's
         flags.append(torch.stack([torch.isfinite(g).all() for g in grads]).all().to(loss.device) if grads
                      else torch.ones((), dtype=torch.bool, device=loss.device))
     return torch.cat([loss.mean().reshape(1), torch.stack(flags).float()])

@@ -46,9 +46,14 @@ def join() -> None:
 
     Without CUDA, accelerate treats a torchrun or `accelerate launch --multi_gpu` child as alone
     (DistributedType.NO) unless ACCELERATE_USE_CPU is set: every process would train the same run by itself.
-    Setting it makes them one data-parallel run over gloo."""
+    Setting it makes them one data-parallel run over gloo. An FSDP launch is taken over from accelerate here
+    (trainer/run/sharding.py), before accelerate reads it."""
+    from . import sharding
+
+    deepspeed_missing()
     if world_size() == 1:
         return
+    sharding.claim()
     from datetime import timedelta
 
     import torch
@@ -68,6 +73,32 @@ def join() -> None:
     if state.num_processes != world_size():
         raise JobError(f"launched as {world_size()} processes, but accelerate sees {state.num_processes} "
                        f"({state.distributed_type}); check the launcher's config")
+
+
+DEEPSPEED_ENV = "ACCELERATE_USE_DEEPSPEED"  # what `accelerate launch` sets for a config with distributed_type DEEPSPEED
+
+
+def deepspeed_launch() -> bool:
+    return os.environ.get(DEEPSPEED_ENV, "false").lower() == "true"
+
+
+def deepspeed_missing() -> None:
+    """A launch that asks for DeepSpeed where it is not installed: one line, before anything loads."""
+    import importlib.util
+
+    if deepspeed_launch() and importlib.util.find_spec("deepspeed") is None:
+        raise JobError("DeepSpeed was chosen (presets/accelerate/deepspeed_zero2.yaml) but is not installed: "
+                       "`pip install deepspeed` on a machine with CUDA, or launch with "
+                       "presets/accelerate/fsdp.yaml (FSDP needs nothing more)")
+
+
+def deepspeed_checkpoints(job) -> None:
+    """ZeRO-2 splits the optimizer state by rank in DeepSpeed's own layout, which this trainer's whole-file
+    checkpoints do not gather: a DeepSpeed run must not promise checkpoints it cannot resume exactly."""
+    if deepspeed_launch() and job.output.checkpoint_every:
+        raise JobError(f"output.checkpoint_every: {job.output.checkpoint_every}; under DeepSpeed no checkpoints are "
+                       "written (set 0: the final files are still written), or launch with "
+                       "presets/accelerate/fsdp.yaml, whose checkpoints resume exactly")
 
 
 def on_main(decide: Callable[[], T]) -> T | None:
