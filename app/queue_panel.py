@@ -59,11 +59,13 @@ class QueuePanel(QWidget):
         self.table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QTableWidget.SelectionMode.SingleSelection)
         self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
-        self.table.verticalHeader().setVisible(True)
+        self.table.setWordWrap(False)
+        self.table.setTextElideMode(Qt.TextElideMode.ElideMiddle)  # a folder's start and its own name show
         header = self.table.horizontalHeader()
         header.setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
         header.setSectionResizeMode(1, QHeaderView.ResizeMode.ResizeToContents)
         header.setSectionResizeMode(2, QHeaderView.ResizeMode.Interactive)
+        header.resizeSection(2, 340)
         header.setStretchLastSection(True)
         self.table.itemSelectionChanged.connect(self.update_buttons)
 
@@ -96,7 +98,7 @@ class QueuePanel(QWidget):
         layout.addLayout(run_row)
 
         runner.finished.connect(self._on_trainer_finished)
-        runner.stateChanged.connect(lambda _state: self.update_buttons())
+        runner.stateChanged.connect(self._on_trainer_state)
         self.load()
 
     def _button(self, text: str, slot, tip: str) -> QPushButton:
@@ -157,7 +159,7 @@ class QueuePanel(QWidget):
         if job is None:
             self.host.show_message("Cannot queue the job", "Fix the fields marked in red first")
             return None
-        return self.add_job(job, Path(getattr(self.host, "current_preset", "") or "editor job").stem)
+        return self.add_job(job, job.output.name)  # the editor's job has no file name of its own
 
     def add_files(self, paths: list[str | Path]) -> list[Queued]:
         added = []
@@ -252,9 +254,12 @@ class QueuePanel(QWidget):
         return self._start_next()
 
     def stop(self) -> None:
-        if self.running is not None:
-            self._stopping = True
-            self.runner.stop()
+        self.runner.stop()  # the window's Stop does the same; _on_trainer_state ends the queue for both
+
+    def _on_trainer_state(self, state: str) -> None:
+        if state == "stopping" and self.running is not None:
+            self._stopping = True  # asked to stop, or terminated before it connected: the queue ends too
+        self.update_buttons()
 
     def _start_next(self, resume_entry: Queued | None = None) -> bool:
         if self.running is not None or self.runner.state != "idle":

@@ -175,3 +175,17 @@ def test_the_demo_runs_from_the_queue_twice_with_a_changed_rank(qtbot, demo_job)
             down = sorted(k for k in f.keys() if "lora_A" in k or "lora.down" in k)
             shapes.append({tuple(f.get_slice(k).get_shape()) for k in down})
     assert {s[0] for s in shapes[0]} == {2} and {s[0] for s in shapes[1]} == {4}
+
+
+def test_a_queued_job_left_training_is_followed_and_marked_when_it_ends(app_window, demo_job, qtbot):
+    queue = app_window.queue
+    assert app_window.load_preset(demo_job)
+    entry = queue.add_current()
+    entry.status = "running"  # as an earlier window left it, its trainer still going (the window offers to follow)
+    run = demo_job.parent / "run"
+    app_window.live_run_dir = run
+    queue.followed([{"type": "step", "step": 3, "loss": 0.1}])
+    assert entry.status == "running"
+    queue.followed([{"type": "run_finished", "status": "failed", "outputs": {}}])
+    assert entry.status == "failed" and queue.table.item(0, 1).text() == "failed"
+    assert new_window(qtbot).queue.entries[0].status == "failed"  # saved
