@@ -19,8 +19,8 @@ from pathlib import Path
 
 from PySide6.QtCore import Qt, QTimer
 from PySide6.QtGui import QBrush, QColor, QFont
-from PySide6.QtWidgets import QHBoxLayout, QHeaderView, QInputDialog, QLabel, QPushButton, QTableWidget, \
-    QTableWidgetItem, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QFileDialog, QHBoxLayout, QHeaderView, QInputDialog, QLabel, QPushButton, \
+    QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
 
 from trainer.events import read_events
 from trainer.job import Job, JobError, apply_override, from_sparse, load_job, save_job
@@ -147,7 +147,7 @@ class QueuePanel(QWidget):
             check_all([str(self.folder / e.file) for e in self.entries if e.status == "waiting"] + [str(path)], [])
         except JobError as exc:
             path.unlink()
-            self.host.show_message("Cannot queue this job", f"{name}: {_without_folder(str(exc), self.folder)}")
+            self.host.show_message("Cannot queue this job", self._rows_named(str(exc), entry, name))
             return None
         self.entries.insert(len(self.entries) if at is None else at, entry)
         self.save()
@@ -175,8 +175,6 @@ class QueuePanel(QWidget):
         return added
 
     def add_files_dialog(self) -> None:
-        from PySide6.QtWidgets import QFileDialog
-
         paths, _ = QFileDialog.getOpenFileNames(self, "Queue job files", str(Path.home()),
                                                 "Job files (*.json);;All files (*)")
         self.add_files(paths)
@@ -248,7 +246,7 @@ class QueuePanel(QWidget):
         try:
             check_all([str(self.folder / e.file) for e in waiting], [])
         except JobError as exc:
-            self.host.show_message("Cannot run the queue", _without_folder(str(exc), self.folder))
+            self.host.show_message("Cannot run the queue", self._rows_named(str(exc)))
             return False
         self._stopping = False
         return self._start_next()
@@ -345,6 +343,14 @@ class QueuePanel(QWidget):
                 self.save()
                 self._refresh()
 
+    def _rows_named(self, text: str, new: Queued | None = None, name: str = "") -> str:
+        """check_all names the queue's own copies of the job files; the user knows them by row and name."""
+        for row, entry in enumerate(self.entries):
+            text = text.replace(str(self.folder / entry.file), f"row {row + 1} ({entry.name})")
+        if new is not None:
+            text = text.replace(str(self.folder / new.file), f"the new job ({name})")
+        return text
+
     # ---- the table -----------------------------------------------------------------------------------
 
     def update_buttons(self) -> None:
@@ -384,6 +390,3 @@ def _joined(note: str, why: str) -> str:
     return f"{note}: {why}" if note else why
 
 
-def _without_folder(text: str, folder: Path) -> str:
-    """check_all names the queue's own copies; the user knows them by the table's row numbers."""
-    return text.replace(f"{folder}/", "queued ")

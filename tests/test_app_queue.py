@@ -97,7 +97,8 @@ def test_a_job_with_another_jobs_output_folder_is_refused(app_window, demo_job):
     assert app_window.queue.add_current() is not None
     assert app_window.queue.add_current() is None
     assert len(app_window.queue.entries) == 1
-    assert "is also the output folder of queued 001.json" in app_window.messages[-1]
+    assert "the new job (demo_lora): output.output_dir: " in app_window.messages[-1]
+    assert "is also the output folder of row 1 (demo_lora)" in app_window.messages[-1]
     app_window.queue.duplicate(0, "network.rankk", ["4"])
     assert "network.rankk" in app_window.messages[-1] and len(app_window.queue.entries) == 1
 
