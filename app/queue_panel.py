@@ -288,14 +288,16 @@ class QueuePanel(QWidget):
         entry = self.running
         if entry is None:
             return  # a run the editor's Start began: not the queue's
-        status = "stopped" if self._stopping else STATUS.get(code, "failed")
+        status = STATUS.get(code, "failed")
+        if self._stopping and code < 0:
+            status = "stopped"  # terminated on Stop before it connected: it trained nothing, so nothing failed
         entry.status = SHOWN[status]
         if status == "failed":
             entry.note = _joined(entry.note, summary)
         self.running = None
         self.save()
         self._refresh()
-        if status != "stopped":
+        if not self._stopping and status != "stopped":
             # Later, not inside the trainer's own finished signal: the window's slot for it clears the record of
             # the live run, which must name the next job's trainer, not be cleared after it was written.
             QTimer.singleShot(0, self._start_next)
