@@ -39,3 +39,11 @@ def logs_dir() -> Path:
 def autosave_path() -> Path:
     # Beside the window's other per-user state, not in a run or preset folder: it belongs to no job file.
     return data_dir() / "autosave-job.json"
+
+
+def queue_dir() -> Path:
+    # The queue's list and its own copies of the queued job files: editing the job in the window later must not
+    # change a job already queued.
+    path = data_dir() / "queue"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

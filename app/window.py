@@ -25,6 +25,7 @@ from .autosave import Autosave
 from .dataset_view import DatasetView
 from .devices import DevicesDialog, save_launch, saved_launch
 from .job_form import JobForm
+from .queue_panel import QueuePanel
 from .run_folder import RunFolder
 from .run_panel import RunPanel
 from .remote_panel import RemotePanel
@@ -65,6 +66,8 @@ class MainWindow(QMainWindow):
         self.remote = RemotePanel(self)
         self.remote.job_file = self._remote_job
         self.tabs.addTab(self.remote, "Remote")
+        self.queue = QueuePanel(self, self.runner)
+        self.tabs.addTab(self.queue, "Queue")
         self.splitter = QSplitter(Qt.Orientation.Horizontal)
         self.splitter.addWidget(self.form)
         self.splitter.addWidget(self.tabs)
@@ -104,6 +107,7 @@ class MainWindow(QMainWindow):
         self.follower.eventsRead.connect(self.run_panel.add_events)
         self.follower.eventsRead.connect(self._on_followed)
         self.follower.failed.connect(self._notice)
+        self.follower.eventsRead.connect(self.queue.followed)
         self.remote.runFolderReady.connect(self.open_run_folder)  # a remote run's mirror feeds the same run view
 
         self.resize(1400, 900)
@@ -115,6 +119,7 @@ class MainWindow(QMainWindow):
             # (tests, one-off) neither reads nor leaves an autosave.
             QTimer.singleShot(0, self.offer_autosave)
             QTimer.singleShot(0, self.offer_to_follow)  # once shown: a run left going by an earlier window
+            QTimer.singleShot(0, self.queue.offer_resume)  # or a queued job it was running, cut short
             QTimer.singleShot(0, self.remote.follow_recorded)  # and one on another machine
         self._on_form_changed()
         self._on_state("idle")
@@ -431,6 +436,10 @@ class MainWindow(QMainWindow):
                 job = self.job
             else:
                 return False
+        return self.run_job(job, run_dir, resume)
+
+    def run_job(self, job: Job, run_dir: Path, resume: bool = False) -> bool:
+        """The trainer on `job` in `run_dir`, shown in the Run tab: Start after its checks, and the queue."""
         job_path = run_dir / "job.json"
         save_job(job, job_path)
         self.follower.close()

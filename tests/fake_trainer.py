@@ -12,6 +12,7 @@ Behaviour comes from the environment:
   FAKE_MODE              "" | "crash" (traceback at step 3) | "error" (error event then exit 1) |
                          "kill" (SIGKILL itself at step 3) | "invalid" (exit 2 before connecting) |
                          "wrongtoken" (connect with a wrong token) | "forever" (run until stopped)
+  FAKE_FAIL_IF           a job whose output_dir ends with this runs in mode "error" (one failing job of a queue)
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def main(argv: list[str]) -> int:
     if mode == "wrongtoken":
         os.environ[TOKEN_ENV] = "not-the-token"
     out = Path(job["output"]["output_dir"])
+    if os.environ.get("FAKE_FAIL_IF") and str(out).endswith(os.environ["FAKE_FAIL_IF"]):
+        mode = "error"
     prompts = job["validation"]["prompts"] or ["a prompt"]
     reporter = Reporter(out / "events.jsonl", address, total_steps=steps, stream=sys.stderr)
     reporter.emit("run_started", job=job, total_steps=steps, start_step=0, output_dir=str(out))

@@ -1,6 +1,7 @@
 """The architecture: app/ is the window, importing Qt and the trainer's torch-free contracts only (the job schema,
-the event stream, the family table, the block notation, the dataset scanner, so the dataset view lists what
-training will read by the trainer's own rules, and the config importer); trainer/ never imports Qt."""
+the event stream, the family table, the block notation, the headless queue's rules, the dataset scanner, so the
+dataset view lists what training will read by the trainer's own rules, and the config importer); trainer/ never
+imports Qt."""
 
 import ast
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CONTRACTS = {"trainer.job", "trainer.events", "trainer.blocks", "trainer.families.table", "trainer.data.files",
              "trainer.data.masks",  # which mask belongs to which image: the dataset view's overlay
+             "trainer.job_queue",  # the Queue tab checks and names exits by the headless queue's rules
              # File > Import... maps other trainers' configs by the same tables as `trainer import` (json, tomllib)
              "trainer.imports.command", "trainer.imports.report", "trainer.imports.kohya", "trainer.imports.sd_scripts",
              "trainer.imports.onetrainer", "trainer.imports.simpletuner", "trainer.imports.ai_toolkit"}
