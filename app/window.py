@@ -15,7 +15,7 @@ from PySide6.QtWidgets import QComboBox, QFileDialog, QLabel, QMainWindow, QMess
     QTabWidget, QToolBar
 
 from trainer.data.files import scan_dataset
-from trainer.events import read_events
+from trainer.events import COMMAND_DIR, read_events
 from trainer.imports.command import import_files
 from trainer.job import (DEMO_METHODS, PRESETS_DIR, Job, JobError, from_sparse, list_presets, load_job, run_leftovers,
                          save_job, to_sparse)
@@ -626,6 +626,9 @@ class MainWindow(QMainWindow):
                               ["Stop the run", "Leave it running", "Cancel"])
             if answer == "Stop the run":
                 self.runner.stop()
+                # The socket closes with the window; if events the window has not read are pending, Linux resets
+                # the connection and the trainer can lose the unread stop. The run folder's command file holds.
+                self._command_file("stop")
                 self.runner.detach()
             elif answer == "Leave it running":
                 self.runner.detach()
@@ -643,6 +646,14 @@ class MainWindow(QMainWindow):
             self._demo.kill()
             self._demo.waitForFinished(2000)
         event.accept()
+
+    def _command_file(self, name: str) -> None:
+        if self.live_run_dir is not None:
+            try:
+                (self.live_run_dir / COMMAND_DIR).mkdir(exist_ok=True)
+                (self.live_run_dir / COMMAND_DIR / name).touch()
+            except OSError as exc:  # the socket's command is still on its way
+                self._notice(f"cannot write {self.live_run_dir / COMMAND_DIR / name}: {exc.strerror or exc}")
 
     def _save_settings(self, keep_form: bool = True) -> None:
         s = settings()

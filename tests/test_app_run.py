@@ -210,6 +210,7 @@ def test_closing_while_training_can_stop_the_run(app_window, qtbot, tmp_path, mo
     _, status = os.waitpid(pid, 0)  # the trainer got the stop command although the window is gone
     assert os.waitstatus_to_exitcode(status) == 3
     assert '"status":"stopped"' in (tmp_path / "run" / "events.jsonl").read_text()
+    assert not (tmp_path / "run" / "commands" / "stop").exists()  # the same stop, taken once: none left over
 
 
 def test_live_log_shows_trainer_output_once(app_window, qtbot, tmp_path, monkeypatch):

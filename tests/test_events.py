@@ -117,3 +117,24 @@ def test_commands_as_files_in_the_run_folder_are_taken_once(tmp_path):
     assert reporter.commands() == []
     assert list((tmp_path / COMMAND_DIR).iterdir()) == []
     reporter.close()
+
+
+def test_a_command_file_older_than_the_run_is_dropped(tmp_path):
+    # A window closed with "Stop the run" writes commands/stop too; a run that had already stopped must not find
+    # it when it resumes and stop again at its first step.
+    import os
+
+    from trainer.events import COMMAND_DIR, Reporter, read_events
+
+    (tmp_path / COMMAND_DIR).mkdir()
+    stale = tmp_path / COMMAND_DIR / "stop"
+    stale.touch()
+    os.utime(stale, (stale.stat().st_mtime - 60,) * 2)
+    reporter = Reporter(tmp_path / "events.jsonl", stream=None)
+    (tmp_path / COMMAND_DIR / "save").touch()
+    assert reporter.commands() == ["save"]
+    assert not stale.exists()
+    reporter.close()
+    warnings = [e["message"] for e in read_events(tmp_path / "events.jsonl")[0]
+                if e["type"] == "log"]
+    assert warnings == [f"{COMMAND_DIR}/stop was written before this run started: ignored"]

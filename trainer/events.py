@@ -19,8 +19,10 @@ from pathlib import Path
 TOKEN_ENV = "SDTRAINER_EVENTS_TOKEN"
 COMMANDS = ("stop", "save", "sample", "pause", "continue")
 # A run with no window takes the same commands as files: `touch RUN/commands/save` (how a remote run is steered
-# over SSH). The trainer deletes each file as it takes the command.
+# over SSH). The trainer deletes each file as it takes the command; one written before the trainer started was
+# meant for an earlier run (a window's stop that arrived after it ended) and is dropped, so a resume does not stop.
 COMMAND_DIR = "commands"
+STALE_SLACK_S = 2.0
 
 # Every event has `type` and `time`; these are the other fields each type carries.
 EVENT_FIELDS: dict[str, tuple[str, ...]] = {
@@ -173,6 +175,8 @@ class Reporter:
         self._total = total_steps
         self._last_line = 0.0
         self._listeners: list = []
+        # File times come from a coarser clock than time.time() (a file made just now can look a few ms older)
+        self._opened = time.time() - STALE_SLACK_S
         if address:
             self._connect(address)
 
@@ -218,11 +222,15 @@ class Reporter:
             return []
         out = []
         for name in names:
+            path = self.path.parent / COMMAND_DIR / name
             try:
-                os.unlink(self.path.parent / COMMAND_DIR / name)
+                written = path.stat().st_mtime
+                os.unlink(path)
             except OSError:
                 continue  # taken already, or not ours to delete: acted on by no one twice
-            if name in COMMANDS:
+            if name in COMMANDS and written < self._opened:
+                self.log(f"{COMMAND_DIR}/{name} was written before this run started: ignored", "warning")
+            elif name in COMMANDS:
                 out.append(name)
         return out
 
