@@ -24,6 +24,7 @@ from . import live_run
 from .autosave import Autosave
 from .dataset_view import DatasetView
 from .devices import DevicesDialog, save_launch, saved_launch
+from .essentials import EssentialsPage
 from .job_form import JobForm
 from .run_folder import RunFolder
 from .run_panel import RunPanel
@@ -57,6 +58,10 @@ class MainWindow(QMainWindow):
         self.follower = RunFolder(self)
         self.form = JobForm()
         self.autosave = Autosave(self.form, autosave_path(), self)
+        self.essentials = EssentialsPage(self.form)
+        self.editor_tabs = QTabWidget()  # the essentials first; the whole schema a tab away
+        self.editor_tabs.addTab(self.essentials, "Essentials")
+        self.editor_tabs.addTab(self.form, "All settings")
         self.dataset = DatasetView(trainer_command=self.runner.command_prefix)
         self.run_panel = RunPanel()
         self.tabs = QTabWidget()
@@ -66,7 +71,7 @@ class MainWindow(QMainWindow):
         self.remote.job_file = self._remote_job
         self.tabs.addTab(self.remote, "Remote")
         self.splitter = QSplitter(Qt.Orientation.Horizontal)
-        self.splitter.addWidget(self.form)
+        self.splitter.addWidget(self.editor_tabs)
         self.splitter.addWidget(self.tabs)
         self.splitter.setStretchFactor(0, 0)
         self.splitter.setStretchFactor(1, 1)
