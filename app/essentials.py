@@ -9,7 +9,7 @@ back. The form stays the one job the window validates, saves and runs.
 from __future__ import annotations
 
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QFormLayout, QGroupBox, QHeaderView, QLabel, QPushButton, QScrollArea, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QBoxLayout, QFormLayout, QGroupBox, QHeaderView, QLabel, QPushButton, QScrollArea, QVBoxLayout, QWidget
 
 from trainer.job import essential_fields, essential_mark
 
@@ -95,6 +95,11 @@ class EssentialsPage(QWidget):
             header.setSectionResizeMode(editor.columns.index(column), QHeaderView.ResizeMode.ResizeToContents)
         if "path" in editor.columns:
             header.setSectionResizeMode(editor.columns.index("path"), QHeaderView.ResizeMode.Stretch)
+        # The row buttons go under the table, in a line, so the table has the page's width.
+        editor.row.setDirection(QBoxLayout.Direction.TopToBottom)
+        buttons = editor.row.itemAt(editor.row.count() - 1).widget().layout()
+        buttons.setDirection(QBoxLayout.Direction.LeftToRight)
+        buttons.setContentsMargins(0, 0, 0, 0)
 
     # ---- one job: the form's ---------------------------------------------------------------------------
 
