@@ -9,7 +9,8 @@ back. The form stays the one job the window validates, saves and runs.
 from __future__ import annotations
 
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QBoxLayout, QFormLayout, QGroupBox, QHeaderView, QLabel, QPushButton, QScrollArea, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QBoxLayout, QFormLayout, QGroupBox, QHeaderView, QLabel, QPushButton, QScrollArea, \
+    QVBoxLayout, QWidget
 
 from trainer.job import essential_fields, essential_mark
 

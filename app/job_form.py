@@ -246,12 +246,12 @@ class NumberEditor(FieldEditor):
     def set(self, value):
         self.edit.setText(repr(float(value)) if self.kind is float else str(value))
 
-
     def raw(self):
         return self.edit.text()
 
     def set_raw(self, raw):
         self.edit.setText(raw)
+
 
 class TextEditor(FieldEditor):
     """A string; a path-like field (path, config, *_dir) gets a picker button."""
@@ -295,12 +295,12 @@ class TextEditor(FieldEditor):
     def set(self, value):
         self.edit.setText(str(value))
 
-
     def raw(self):
         return self.edit.text()
 
     def set_raw(self, raw):
         self.edit.setText(raw)
+
 
 class LinesEditor(FieldEditor):
     """A list of strings, one per line (empty lines dropped)."""
@@ -319,12 +319,12 @@ class LinesEditor(FieldEditor):
     def set(self, value):
         self.edit.setPlainText("\n".join(value))
 
-
     def raw(self):
         return self.edit.toPlainText()
 
     def set_raw(self, raw):
         self.edit.setPlainText(raw)
+
 
 class FloatListEditor(FieldEditor):
     def __init__(self, name, info):
@@ -344,12 +344,12 @@ class FloatListEditor(FieldEditor):
     def set(self, value):
         self.edit.setText(", ".join(repr(float(v)) for v in value))
 
-
     def raw(self):
         return self.edit.text()
 
     def set_raw(self, raw):
         self.edit.setText(raw)
+
 
 class JsonEditor(FieldEditor):
     """Any type this form has no editor for yet: its JSON text, so no field is ever hidden."""
@@ -369,12 +369,12 @@ class JsonEditor(FieldEditor):
     def set(self, value):
         self.edit.setText(json.dumps(value))
 
-
     def raw(self):
         return self.edit.text()
 
     def set_raw(self, raw):
         self.edit.setText(raw)
+
 
 class _Cell(QTableWidgetItem):
     """A table cell whose shown text may differ from its value (EditRole), e.g. repeats 0 shown as the times the

@@ -1,6 +1,6 @@
 """Pause and continue on a real demo run: over the socket (sampling and saving while paused), by SIGUSR1, by a
-`pause` file in the run folder, and from the window's Pause action. The model stays loaded, no step is taken while paused, and the loss curve is the
-one of a run never paused."""
+`pause` file in the run folder, and from the window's Pause action. The model stays loaded, no step is taken while
+paused, and the loss curve is the one of a run never paused."""
 
 import os
 import signal
