@@ -791,7 +791,7 @@ class JobForm(QWidget):
             try:
                 job = Job.model_validate(data)
             except ValidationError as exc:
-                errors = [(union_loc(tuple(e["loc"])), _message(e)) for e in exc.errors()]
+                errors = [_rule_field(union_loc(tuple(e["loc"])), _message(e)) for e in exc.errors()]
         self._show_errors(errors)
         reasons = [f"{'.'.join(str(p) for p in loc)}: {msg}" for loc, msg in errors]
         for (section, name), why in REQUIRED.items():
@@ -874,6 +874,16 @@ class JobForm(QWidget):
     def _on_edit(self) -> None:
         if not self._loading:
             self.changed.emit()
+
+
+def _rule_field(loc: tuple, msg: str) -> tuple[tuple, str]:
+    """A rule over the whole job has no location of its own; its message starts with the field it is about
+    ("prior.class_prompt: prior preservation needs a class prompt"): the error is shown at that field."""
+    head, sep, rest = msg.partition(": ")
+    parts = tuple(head.split("."))
+    if not loc and sep and len(parts) == 2 and all(p.isidentifier() for p in parts):
+        return parts, rest
+    return loc, msg
 
 
 def _message(err: dict) -> str:

@@ -66,6 +66,16 @@ def test_both_pages_edit_one_job_and_show_the_same_errors(app_window, qtbot, tmp
     assert "set max_steps or epochs" in page.step_errors["Training"][0].text()
     page.editors[("schedule", "epochs")].set(3)
     assert not page.step_errors["Training"][0].text()
+    # A rule over the whole job shows at the field it names, on both pages.
+    page.editors[("prior", "enabled")].check.setChecked(True)
+    assert form.editor("prior.enabled").get() is True
+    needs = "prior preservation needs a class prompt"
+    assert page.editors[("prior", "class_prompt")].error_label.text() == needs
+    assert form.editor("prior.class_prompt").error_state[0] == needs
+    assert f"prior.class_prompt: {needs}" in window.start_reasons
+    qtbot.keyClicks(page.editors[("prior", "class_prompt")].edit, "a photo of a dog")
+    assert page.editors[("prior", "class_prompt")].error_state[0] is None
+    page.editors[("prior", "enabled")].check.setChecked(False)
     # Rows of the dataset table: added on one page, edited on the other.
     folders = page.editors[("dataset", "folders")]
     folders.add_row({"path": str(tmp_path)})
