@@ -23,6 +23,7 @@ from PySide6.QtWidgets import QAbstractItemView, QCheckBox, QComboBox, QFileDial
 from trainer.job import UNIONS, Job, switch_choice, union_loc
 
 from .block_picker import BlockPicker
+from .repeats_cell import repeats_shown
 
 INT32_MAX = 2**31 - 1
 ERROR_STYLE = "border: 1px solid #c00000;"
@@ -47,6 +48,9 @@ SECTION_TITLES = {
 }
 # Block lists that get a "Pick blocks…" button (app/block_picker.py reads the model's block tree).
 BLOCK_FIELDS = {("layers", "train_blocks"), ("layers", "freeze_blocks")}
+# Table cells whose shown text is not their value: (section, list field, column) -> fn(row values) giving
+# (text, tooltip) or None to show the value itself.
+CELL_DISPLAY = {("dataset", "folders", "repeats"): repeats_shown}
 # Paths that must be set before a run can start, with the reason shown on the Start button.
 REQUIRED = {
     ("model", "path"): "Choose a base model (Model → path)",
@@ -135,6 +139,7 @@ class FieldEditor(QObject):
         box.addLayout(self.row)
         box.addWidget(self.error_label)
         self.input: QWidget = QWidget()
+        self.error_state: tuple[str | None, tuple] = (None, ())  # what set_error last showed
 
     def _place(self, widget: QWidget, *extra: QWidget) -> None:
         self.input = widget
@@ -149,7 +154,16 @@ class FieldEditor(QObject):
     def set(self, value) -> None:
         raise NotImplementedError
 
+    def raw(self):
+        """What the editor holds as typed, even when it is not a value (a number half typed): another editor of
+        the same field copies this, so both show the same text and the same error."""
+        return self.get()
+
+    def set_raw(self, raw) -> None:
+        self.set(raw)
+
     def set_error(self, message: str | None, sub: tuple = ()) -> None:
+        self.error_state = (message, tuple(sub))
         self.input.setStyleSheet(ERROR_STYLE if message else "")
         self.error_label.setText(message or "")
         self.error_label.setVisible(bool(message))
@@ -232,6 +246,12 @@ class NumberEditor(FieldEditor):
     def set(self, value):
         self.edit.setText(repr(float(value)) if self.kind is float else str(value))
 
+    def raw(self):
+        return self.edit.text()
+
+    def set_raw(self, raw):
+        self.edit.setText(raw)
+
 
 class TextEditor(FieldEditor):
     """A string; a path-like field (path, config, *_dir) gets a picker button."""
@@ -275,6 +295,12 @@ class TextEditor(FieldEditor):
     def set(self, value):
         self.edit.setText(str(value))
 
+    def raw(self):
+        return self.edit.text()
+
+    def set_raw(self, raw):
+        self.edit.setText(raw)
+
 
 class LinesEditor(FieldEditor):
     """A list of strings, one per line (empty lines dropped)."""
@@ -292,6 +318,12 @@ class LinesEditor(FieldEditor):
 
     def set(self, value):
         self.edit.setPlainText("\n".join(value))
+
+    def raw(self):
+        return self.edit.toPlainText()
+
+    def set_raw(self, raw):
+        self.edit.setPlainText(raw)
 
 
 class FloatListEditor(FieldEditor):
@@ -312,6 +344,12 @@ class FloatListEditor(FieldEditor):
     def set(self, value):
         self.edit.setText(", ".join(repr(float(v)) for v in value))
 
+    def raw(self):
+        return self.edit.text()
+
+    def set_raw(self, raw):
+        self.edit.setText(raw)
+
 
 class JsonEditor(FieldEditor):
     """Any type this form has no editor for yet: its JSON text, so no field is ever hidden."""
@@ -330,6 +368,31 @@ class JsonEditor(FieldEditor):
 
     def set(self, value):
         self.edit.setText(json.dumps(value))
+
+    def raw(self):
+        return self.edit.text()
+
+    def set_raw(self, raw):
+        self.edit.setText(raw)
+
+
+class _Cell(QTableWidgetItem):
+    """A table cell whose shown text may differ from its value (EditRole), e.g. repeats 0 shown as the times the
+    folder trains; editing it edits the value."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.shown: tuple[str, str] | None = None  # (text, tooltip)
+
+    def data(self, role):
+        if self.shown is not None and role == Qt.ItemDataRole.DisplayRole:
+            return self.shown[0]
+        if self.shown is not None and role == Qt.ItemDataRole.ToolTipRole:
+            return self.shown[1]
+        return super().data(role)
+
+    def value_text(self) -> str:
+        return str(super().data(Qt.ItemDataRole.EditRole) or "")
 
 
 class ModelListEditor(FieldEditor):
@@ -355,6 +418,8 @@ class ModelListEditor(FieldEditor):
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.verticalHeader().setVisible(False)
         self.table.setFixedHeight(120)
+        self.display: dict = {}  # column -> fn(row texts) -> (text, tooltip) or None (CELL_DISPLAY)
+        self.table.itemChanged.connect(lambda item: self._refresh_shown(item.row()))
         self.table.itemChanged.connect(self.changed)
         remove = QPushButton("Remove")
         remove.clicked.connect(self.remove_selected)
@@ -388,9 +453,24 @@ class ModelListEditor(FieldEditor):
         row = self.table.rowCount()
         self.table.insertRow(row)
         for col, column in enumerate(self.columns):
-            self.table.setItem(row, col, QTableWidgetItem(_cell_text(data.get(column, ""))))
+            self.table.setItem(row, col, _Cell(_cell_text(data.get(column, ""))))
         self.table.blockSignals(False)
+        self._refresh_shown(row)
         self.changed.emit()
+
+    def _row_texts(self, row: int) -> dict[str, str]:
+        return {column: self.table.item(row, col).value_text() for col, column in enumerate(self.columns)
+                if self.table.item(row, col) is not None}
+
+    def _refresh_shown(self, row: int) -> None:
+        if not self.display or row < 0:
+            return
+        texts = self._row_texts(row)
+        for column, shown in self.display.items():
+            cell = self.table.item(row, self.columns.index(column))
+            if cell is not None:
+                cell.shown = shown(texts)
+        self.table.viewport().update()
 
     def add_blank(self) -> None:
         self.add_row({})
@@ -407,7 +487,7 @@ class ModelListEditor(FieldEditor):
         if row < 0:
             return
         path = QFileDialog.getExistingDirectory(self.widget, "Choose the image folder",
-                                                self.table.item(row, 0).text())
+                                                self.table.item(row, 0).value_text())
         if path:
             self.table.item(row, self.columns.index("path")).setText(path)
 
@@ -422,7 +502,7 @@ class ModelListEditor(FieldEditor):
         for row in range(self.table.rowCount()):
             values = {}
             for col, column in enumerate(self.columns):
-                text = self.table.item(row, col).text().strip()
+                text = self.table.item(row, col).value_text().strip()
                 try:
                     values[column] = self._editors[column](text)
                 except ValueError as exc:
@@ -438,8 +518,25 @@ class ModelListEditor(FieldEditor):
             self.add_row(item if isinstance(item, dict) else item.model_dump(mode="json"))
         self.changed.emit()
 
+    def raw(self):
+        return [[self.table.item(row, col).value_text() for col in range(len(self.columns))]
+                for row in range(self.table.rowCount())]
+
+    def set_raw(self, raw):
+        self.table.blockSignals(True)
+        self.table.setRowCount(0)
+        for texts in raw:
+            row = self.table.rowCount()
+            self.table.insertRow(row)
+            for col, text in enumerate(texts):
+                self.table.setItem(row, col, _Cell(text))
+        self.table.blockSignals(False)
+        for row in range(self.table.rowCount()):
+            self._refresh_shown(row)
+        self.changed.emit()
+
     def set_error(self, message, sub=()):
-        super().set_error(message)
+        super().set_error(message, sub)
         # Colouring a cell is an item change too: keep it from re-triggering validation.
         blocker = QSignalBlocker(self.table)  # noqa: F841  (unblocks when it goes out of scope)
         for row in range(self.table.rowCount()):
@@ -506,6 +603,14 @@ def make_editor(name: str, info: FieldInfo) -> FieldEditor:
     return JsonEditor(name, info)
 
 
+def field_editor(section: str, name: str, info: FieldInfo) -> FieldEditor:
+    """The editor of one job field, as every page of the window shows it."""
+    editor = make_editor(name, info)
+    if isinstance(editor, ModelListEditor):
+        editor.display = {column: fn for (s, n, column), fn in CELL_DISPLAY.items() if (s, n) == (section, name)}
+    return editor
+
+
 def sections() -> list[tuple[str, type[BaseModel]]]:
     """The schema's sections with one set of fields, in the order the schema declares them (the ones whose
     fields follow a choice, like the optimizer's, are `union_sections`)."""
@@ -535,6 +640,7 @@ class JobForm(QWidget):
     """Emits `changed` on every edit; `check()` gives the job (or None) and the reasons it cannot run."""
 
     changed = Signal()
+    errorsShown = Signal()  # after each check: every editor's error_state is current
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
@@ -592,7 +698,7 @@ class JobForm(QWidget):
         self.set_job(Job())
 
     def _add_row(self, form: QFormLayout, section: str, name: str, info: FieldInfo) -> FieldEditor:
-        editor = make_editor(name, info)
+        editor = field_editor(section, name, info)
         editor.changed.connect(self._on_edit)
         if (section, name) in BLOCK_FIELDS:
             pick = QPushButton("Pick blocks…")
@@ -685,7 +791,7 @@ class JobForm(QWidget):
             try:
                 job = Job.model_validate(data)
             except ValidationError as exc:
-                errors = [(union_loc(tuple(e["loc"])), _message(e)) for e in exc.errors()]
+                errors = [_rule_field(union_loc(tuple(e["loc"])), _message(e)) for e in exc.errors()]
         self._show_errors(errors)
         reasons = [f"{'.'.join(str(p) for p in loc)}: {msg}" for loc, msg in errors]
         for (section, name), why in REQUIRED.items():
@@ -763,10 +869,21 @@ class JobForm(QWidget):
         for section, label in self.group_errors.items():
             label.setText(by_group.get(section, ""))
             label.setVisible(section in by_group)
+        self.errorsShown.emit()
 
     def _on_edit(self) -> None:
         if not self._loading:
             self.changed.emit()
+
+
+def _rule_field(loc: tuple, msg: str) -> tuple[tuple, str]:
+    """A rule over the whole job has no location of its own; its message starts with the field it is about
+    ("prior.class_prompt: prior preservation needs a class prompt"): the error is shown at that field."""
+    head, sep, rest = msg.partition(": ")
+    parts = tuple(head.split("."))
+    if not loc and sep and len(parts) == 2 and all(p.isidentifier() for p in parts):
+        return parts, rest
+    return loc, msg
 
 
 def _message(err: dict) -> str:

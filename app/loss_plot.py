@@ -84,6 +84,10 @@ class LossPlot(QWidget):
     def val_point_count(self) -> int:
         return len(self._val_steps)
 
+    def losses(self) -> dict[int, float]:
+        """The raw loss curve as plotted: step -> loss."""
+        return {int(step): float(loss) for step, loss in zip(self._steps[:self._n], self._loss[:self._n])}
+
     def clear(self) -> None:
         self._n = 0
         self._val_steps, self._val_loss = [], []

@@ -24,6 +24,7 @@ from . import live_run
 from .autosave import Autosave
 from .dataset_view import DatasetView
 from .devices import DevicesDialog, save_launch, saved_launch
+from .essentials import EssentialsPage
 from .job_form import JobForm
 from .queue_panel import QueuePanel
 from .run_folder import RunFolder
@@ -58,6 +59,10 @@ class MainWindow(QMainWindow):
         self.follower = RunFolder(self)
         self.form = JobForm()
         self.autosave = Autosave(self.form, autosave_path(), self)
+        self.essentials = EssentialsPage(self.form)
+        self.editor_tabs = QTabWidget()  # the essentials first; the whole schema a tab away
+        self.editor_tabs.addTab(self.essentials, "Essentials")
+        self.editor_tabs.addTab(self.form, "All settings")
         self.dataset = DatasetView(trainer_command=self.runner.command_prefix)
         self.run_panel = RunPanel()
         self.tabs = QTabWidget()
@@ -69,7 +74,7 @@ class MainWindow(QMainWindow):
         self.queue = QueuePanel(self, self.runner)
         self.tabs.addTab(self.queue, "Queue")
         self.splitter = QSplitter(Qt.Orientation.Horizontal)
-        self.splitter.addWidget(self.form)
+        self.splitter.addWidget(self.editor_tabs)
         self.splitter.addWidget(self.tabs)
         self.splitter.setStretchFactor(0, 0)
         self.splitter.setStretchFactor(1, 1)

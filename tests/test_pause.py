@@ -1,6 +1,6 @@
-"""Pause and continue on a real demo run: over the socket (sampling and saving while paused), by SIGUSR1 and by a
-`pause` file in the run folder. The model stays loaded, no step is taken while paused, and the loss curve is the
-one of a run never paused."""
+"""Pause and continue on a real demo run: over the socket (sampling and saving while paused), by SIGUSR1, by a
+`pause` file in the run folder, and from the window's Pause action. The model stays loaded, no step is taken while
+paused, and the loss curve is the one of a run never paused."""
 
 import os
 import signal
@@ -82,6 +82,40 @@ def test_sigusr1_and_the_pause_file_pause_a_headless_run(demo_job, unpaused):
         proc.kill()
     assert proc.returncode == 0, err[-2000:]
     assert _losses(run) == unpaused
+
+
+@pytest.mark.slow
+def test_pause_sample_continue_from_the_window(qtbot, demo_job, unpaused):
+    from app.window import MainWindow
+
+    window = MainWindow(restore=False)  # the real `python -m trainer`
+    qtbot.addWidget(window)
+    window.ask = lambda title, text, buttons: buttons[0]  # the demo leaves one image uncaptioned on purpose
+    assert window.load_preset(demo_job)
+    window.form.set_job(load_job(demo_job, QUICK[1::2]))  # the job of the unpaused run
+    assert window.act_start.isEnabled(), window.start_reasons
+    # Pause as soon as the trainer says it runs, so the pause lands inside the run (at its first step), not after
+    # its last; the window's action sends it.
+    window.runner.runStarted.connect(lambda _: window.act_pause.trigger())
+    with qtbot.waitSignal(window.runner.pauseChanged, timeout=240000) as paused:
+        assert window.start()
+    assert paused.args[0] is True
+    step = paused.args[1]
+    assert 1 <= step < max(unpaused) and window.act_pause.text() == "&Continue"
+    with qtbot.waitSignal(window.runner.sampleReceived, timeout=120000) as sample:
+        window.act_sample_now.trigger()  # sampling while paused, with the model still loaded
+    assert sample.args[0]["step"] == step
+    qtbot.wait(800)
+    assert window.run_panel.plot.point_count == step, "a paused run steps nothing"
+    with qtbot.waitSignal(window.runner.pauseChanged, timeout=60000) as continued:
+        window.act_pause.trigger()
+    assert continued.args == [False, step] and window.act_pause.text() == "&Pause"
+    with qtbot.waitSignal(window.runner.runFinished, timeout=240000) as finished:
+        pass
+    assert finished.args[0]["status"] == "completed"
+    qtbot.waitUntil(lambda: window.runner.state == "idle", timeout=30000)
+    assert window.run_panel.plot.losses() == unpaused  # the curve the window drew, step by step
+    assert _losses(demo_job.parent / "run") == unpaused
 
 
 def _events(run):

@@ -34,6 +34,22 @@ DEMO_METHODS = {
 }
 
 
+def essential(position: int, step: str) -> dict:
+    """Marks a field as one of the essentials (pass as `json_schema_extra`): the window's Essentials page shows
+    these, at `position` in the order a person fills them in, under the heading `step`. Inside a list of small
+    sections (dataset folders) it marks the columns that page shows."""
+    return {"essential": {"position": position, "step": step}}
+
+
+PRIOR_STEP = "Class images (DreamBooth prior preservation)"  # an essentials heading too long to repeat
+
+
+def essential_mark(info) -> dict | None:
+    """A field's essential marker ({"position", "step"}), or None."""
+    extra = info.json_schema_extra
+    return extra.get("essential") if isinstance(extra, dict) else None
+
+
 class _OneLineError(Exception):
     # The message quotes what the user wrote (a key, a path): a control character or line separator in it must
     # not split the one line the window and scripts read.
@@ -59,7 +75,7 @@ class _Section(BaseModel):
 
 class ModelSpec(_Section):
     path: str = Field("", description="Base model: a local diffusers folder, a Hugging Face model id, "
-                      "or a single-file .safetensors checkpoint.")
+                      "or a single-file .safetensors checkpoint.", json_schema_extra=essential(1, "Model"))
     family: FamilyChoice = Field(
         "auto", description="Model family; 'auto' reads it from the model's configs.")
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
@@ -101,16 +117,18 @@ class MetadataFilter(_Section):
 class DatasetFolder(_Section):
     path: str = Field(description="A folder of images with same-stem caption files (and any webdataset .tar "
                       "shards in it), or one .tar shard. Subfolders named 'N_name' (kohya style) are read too, "
-                      "each repeated N times.")
+                      "each repeated N times.", json_schema_extra=essential(1, "Dataset"))
     repeats: int = Field(0, ge=0, le=10000, description="Times each image is seen per epoch; 0 takes N from "
-                         "an 'N_name' folder name, else 1.")
+                         "an 'N_name' folder name, else 1.", json_schema_extra=essential(3, "Dataset"))
     caption_extension: str = Field(".txt", description="Extension of the caption file beside each image. A file "
-                                   "with several lines holds several captions; one is picked each epoch.")
+                                   "with several lines holds several captions; one is picked each epoch.",
+                                   json_schema_extra=essential(4, "Dataset"))
     caption_column: str = Field("text", min_length=1, max_length=200, description="A Hugging Face imagefolder "
                                 "(metadata.jsonl or metadata.csv beside the images, a file_name column): the "
                                 "column holding the captions.")
     instance_prompt: str = Field("", description="Caption used for images that have no caption file; it also "
-                                 "replaces the instance token (dataset.instance_token) inside captions.")
+                                 "replaces the instance token (dataset.instance_token) inside captions.",
+                                 json_schema_extra=essential(2, "Dataset"))
     weight: float = Field(1.0, gt=0, le=100, description="Loss weight of this folder's images: 2 pulls twice "
                           "as hard as the other folders, 0.5 half as hard.")
     mask: Literal["none", "folder", "alpha"] = Field(
@@ -123,10 +141,12 @@ class DatasetFolder(_Section):
 
 
 class DatasetSpec(_Section):
-    folders: list[DatasetFolder] = Field(default_factory=list, description="Image folders to train on.")
+    folders: list[DatasetFolder] = Field(default_factory=list, description="Image folders to train on.",
+                                         json_schema_extra=essential(2, "Dataset"))
     resolution: int = Field(512, ge=64, le=4096, multiple_of=8,
                             description="Training resolution: each bucket holds about resolution x resolution "
-                            "pixels (a square crop when aspect buckets are off).")
+                            "pixels (a square crop when aspect buckets are off).",
+                            json_schema_extra=essential(15, "Training"))
     aspect_buckets: bool = Field(True, description="Group images by aspect ratio so wide and tall images are "
                                  "not cropped square; a batch always comes from one bucket.")
     bucket_step: int = Field(64, ge=8, le=256, multiple_of=8, description="Bucket sides are multiples of this "
@@ -175,9 +195,11 @@ class NetworkSpec(_Section):
     kind: Literal["lora", "loha", "lokr", "full", "none"] = Field(
         "lora", description="What trains in the denoiser (UNet or transformer): a LoRA, a LoHa (Hadamard "
         "product of two low-rank pairs), a LoKr (Kronecker product), all of its selected weights (full "
-        "fine-tuning), or nothing (only new tokens: textual inversion).")
-    rank: int = Field(16, ge=1, le=1024, description="Adapter rank (network dim): capacity of the adapter.")
-    alpha: float = Field(16.0, gt=0, le=4096, description="Adapter alpha: the update is scaled by alpha/rank.")
+        "fine-tuning), or nothing (only new tokens: textual inversion).", json_schema_extra=essential(7, "Network"))
+    rank: int = Field(16, ge=1, le=1024, description="Adapter rank (network dim): capacity of the adapter.",
+                      json_schema_extra=essential(8, "Network"))
+    alpha: float = Field(16.0, gt=0, le=4096, description="Adapter alpha: the update is scaled by alpha/rank.",
+                         json_schema_extra=essential(9, "Network"))
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path during training (LoHa and "
                            "LoKr: dropout over the rank, peft's rank_dropout).")
     dora: bool = Field(False, description="LoRA only: DoRA, which trains each output row's magnitude apart "
@@ -198,9 +220,10 @@ class LayerSpec(_Section):
     train_blocks: list[str] = Field(default_factory=list, description="Train only inside these blocks, e.g. "
                                     "'down_blocks.1', 'mid_block', 'up_blocks.*', 'transformer_blocks.12-23' "
                                     "(an inclusive index range) or 'transformer_blocks[-8:]' (the last 8). "
-                                    "Empty: all blocks.")
+                                    "Empty: all blocks.", json_schema_extra=essential(10, "Layer freezing"))
     freeze_blocks: list[str] = Field(default_factory=list, description="Blocks that stay frozen, in the same "
-                                     "notation; wins over train_blocks.")
+                                     "notation; wins over train_blocks.",
+                                     json_schema_extra=essential(11, "Layer freezing"))
     module_kinds: Literal["all", "attention", "attention_mlp"] = Field(
         "all", description="Kinds of layers that train: all, attention projections only, or attention and "
         "feed-forward (MLP) layers.")
@@ -245,14 +268,16 @@ class TokensSpec(_Section):
 
 class PriorSpec(_Section):
     """DreamBooth prior preservation: images of the class, generated by the base model, keep it from forgetting."""
-    enabled: bool = Field(False, description="Train on class images alongside the instance images.")
+    enabled: bool = Field(False, description="Train on class images alongside the instance images.",
+                          json_schema_extra=essential(3, PRIOR_STEP))
     class_prompt: str = Field("", description="Prompt of the class, e.g. 'a photo of a dog'; also the class "
-                              "images' caption.")
+                              "images' caption.", json_schema_extra=essential(4, PRIOR_STEP))
     class_dir: str = Field("", description="Folder of class images; the missing ones are generated there with "
                            "the base model and reused by later runs (empty: a folder in the cache directory "
-                           "named for the model and prompt).")
+                           "named for the model and prompt).", json_schema_extra=essential(6, PRIOR_STEP))
     num_class_images: int = Field(0, ge=0, le=100000, description="Class images to train with; 0: "
-                                  "images_per_instance for each instance image, capped by max_class_images.")
+                                  "images_per_instance for each instance image, capped by max_class_images.",
+                                  json_schema_extra=essential(5, PRIOR_STEP))
     images_per_instance: int = Field(200, ge=1, le=10000, description="Class images per instance image when "
                                      "num_class_images is 0 (the DreamBooth recipe's 200).")
     max_class_images: int = Field(1000, ge=1, le=100000, description="Cap on the class images when counted "
@@ -320,7 +345,9 @@ class DiffusionSpec(_Section):
 class _OptimizerCommon(_Section):
     """What every optimizer shares: the learning rate, clipping and what a non-finite step does."""
     name: str = Field(description="The optimizer (each kind narrows this to its own names).")
-    learning_rate: float = Field(1e-4, gt=0, le=1, description="Peak learning rate.")
+    # The kinds that redefine learning_rate (another default or range) keep this mark: the window reads it here.
+    learning_rate: float = Field(1e-4, gt=0, le=1, description="Peak learning rate.",
+                                 json_schema_extra=essential(14, "Training"))
     max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm to this (0 turns clipping off).")
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="A NaN or infinite loss or gradient: stop the run (the last checkpoint is kept), or "
@@ -441,8 +468,10 @@ UNION_SHARED = {"optimizer": ("max_grad_norm", "on_nonfinite", "max_skipped_step
 
 
 class ScheduleSpec(_Section):
-    max_steps: int = Field(1000, ge=0, description="Optimizer steps to train; 0 means use epochs instead.")
-    epochs: int = Field(0, ge=0, description="Epochs to train when max_steps is 0.")
+    max_steps: int = Field(1000, ge=0, description="Optimizer steps to train; 0 means use epochs instead.",
+                           json_schema_extra=essential(12, "Training"))
+    epochs: int = Field(0, ge=0, description="Epochs to train when max_steps is 0.",
+                        json_schema_extra=essential(13, "Training"))
     batch_size: int = Field(1, ge=1, le=1024, description="Images per forward pass.")
     gradient_accumulation: int = Field(1, ge=1, le=1024,
                                        description="Forward passes summed into one optimizer step.")
@@ -482,7 +511,8 @@ class MemorySpec(_Section):
 
 
 class ValidationSpec(_Section):
-    prompts: list[str] = Field(default_factory=list, description="Prompts rendered at each validation.")
+    prompts: list[str] = Field(default_factory=list, description="Prompts rendered at each validation.",
+                               json_schema_extra=essential(16, "Validation"))
     negative_prompt: str = Field("", description="Negative prompt for validation images.")
     every_n_steps: int = Field(0, ge=0, description="Render validation images every N steps (0: only at "
                                "the start and the end).")
@@ -512,9 +542,11 @@ class ValidationSpec(_Section):
 
 
 class OutputSpec(_Section):
-    output_dir: str = Field("", description="Run folder: checkpoints, samples, events and final weights.")
+    output_dir: str = Field("", description="Run folder: checkpoints, samples, events and final weights.",
+                            json_schema_extra=essential(17, "Output"))
     name: str = Field("lora", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-                      description="File name of the exported LoRA (kohya format: NAME.safetensors).")
+                      description="File name of the exported LoRA (kohya format: NAME.safetensors).",
+                      json_schema_extra=essential(18, "Output"))
     checkpoint_every: int = Field(500, ge=0, description="Save a resumable checkpoint every N steps (0: off).")
     keep_last: int = Field(3, ge=1, le=1000, description="Checkpoints kept; older ones are deleted.")
     save_kohya: bool = Field(True, description="Also write the LoRA in kohya format for ComfyUI and A1111.")
@@ -604,6 +636,25 @@ class Job(_Section):
             raise ValueError("optimizer.relative_step: Adafactor's own learning rate cannot be set to 0 to stop "
                              "the text encoders or tokens early; set their stop_fraction to 1")
         return self
+
+
+def essential_fields() -> list[tuple[str, str, dict]]:
+    """(section, field, marker) of every field marked `essential`, in the order of their positions. A section
+    whose fields follow a choice (optimizer) counts a field marked in any of its kinds."""
+    found: dict[tuple[str, str], dict] = {}
+    for section, info in Job.model_fields.items():
+        if section in UNIONS:
+            models = list(UNIONS[section][1].values())
+        elif isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            models = [info.annotation]
+        else:
+            continue
+        for model in models:
+            for name, field in model.model_fields.items():
+                mark = essential_mark(field)
+                if mark is not None:
+                    found.setdefault((section, name), mark)
+    return sorted(((s, n, m) for (s, n), m in found.items()), key=lambda item: item[2]["position"])
 
 
 # A migration takes a job dict of version N and returns it as version N+1. Each one stays forever, so a job

@@ -120,7 +120,7 @@ def scan_dataset(spec: DatasetSpec) -> Scan:
         if not root.is_dir():
             raise JobError(f"dataset.folders.{index}.path: {root}: folder not found")
         table = imagefolder_captions(scan, root, folder_spec.caption_column)
-        for folder, repeats in _subset_folders(root, folder_spec.repeats):
+        for folder, repeats in folder_repeats(folder_spec):
             _scan_folder(scan, folder, repeats, folder_spec, spec, table)
         if table.names:
             unused = sorted(set(table.names) - table.used)
@@ -247,11 +247,18 @@ def _compare(left, op: str, right) -> bool:
     return {">": left > right, ">=": left >= right, "<": left < right, "<=": left <= right}[op]
 
 
-def _subset_folders(root: Path, repeats: int) -> list[tuple[Path, int]]:
-    """The folder itself and each `N_name` subfolder. An explicit repeats setting wins over N."""
+def folder_repeats(folder_spec: DatasetFolder) -> list[tuple[Path, int]]:
+    """How many times each part of a dataset folder trains per epoch: the folder itself and each `N_name`
+    subfolder. An explicit repeats setting wins over N; with neither, 1. (The window's dataset table shows
+    these; a folder that does not exist yet is just itself.)"""
+    root, repeats = Path(folder_spec.path).expanduser(), folder_spec.repeats
+    if root.is_file():  # a .tar shard
+        return [(root, repeats or 1)]
     match = _KOHYA_FOLDER.match(root.name)
     own = repeats or (int(match.group(1)) if match else 1)
     out = [(root, own)]
+    if not root.is_dir():
+        return out
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
         sub_match = _KOHYA_FOLDER.match(sub.name)
         if sub_match:
