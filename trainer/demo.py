@@ -261,8 +261,9 @@ MID_VAE = {"sd1": {"vae_factor": 8}, "sd2": {"vae_factor": 8}, "sdxl": {"vae_fac
 
 
 # And captions padded to 16 tokens, not CLIP's 77: encoding a caption costs its tokens times the width squared,
-# which at the real widths is most of a 2-step run, five times over in bf16 on a CPU without bf16 instructions.
-# The position table keeps CLIP's 77 rows, so the files hold the real encoders' shapes.
+# which at the real widths took a third or more of a 2-step bf16 run on a CPU without bf16 instructions (there bf16
+# matmuls are five times slower than fp32's). The position table keeps CLIP's 77 rows, so the files hold the real
+# encoders' shapes.
 MID_TOKENS = 16
 
 
