@@ -144,9 +144,12 @@ def stored_model(tmp_path_factory):
                 folder = Path(get(family, dtype, "folder")[0])
                 made[key] = (str(stored_models.as_variant(folder, root / family / f"{dtype}-variant", dtype)),
                              "", dtype)
-            else:
-                file = root / family / f"{dtype}.safetensors"
-                made[key] = (str(stored_models.single_file(base, file, dtype)), str(base), "")
+            elif dtype == "fp32":
+                made[key] = (str(stored_models.single_file(base, root / family / "fp32.safetensors")), str(base), "")
+            else:  # the fp32 file recast: the pipeline is loaded and converted once a family, not once a dtype
+                fp32 = Path(get(family, "fp32", "single")[0])
+                made[key] = (str(stored_models.recast(fp32, root / family / f"{dtype}.safetensors",
+                                                      stored_models.DTYPES[dtype])), str(base), "")
         return made[key]
 
     return get

@@ -3,10 +3,11 @@ folder and an original-layout single file, trains a LoRA under `mixed_precision`
 Two test modules run it, test_stored_precision_sd1_sd3_flux.py and test_stored_precision_sd2_sdxl_cascade.py:
 families split so that each of the suite's two workers takes about half of the time.
 
-The models are mid-size (each family's real text-encoder widths and 8x VAE, two layers deep), built once per session
-(conftest's `stored_model`). The matrix: per family, folder x {fp32, fp16, bf16}, a variant folder of fp16 files,
-and for SD1, SD2 and SDXL (the families our single-file writer lays out) a single file x {fp32, fp16, bf16}: 33
-stored models, each trained under both precisions: 66 runs of 2 steps, all of them in the full suite.
+The models are mid-size (each family's real text-encoder widths and 8x VAE, two layers deep, captions of 16 CLIP
+tokens), built once per session (conftest's `stored_model`). The matrix: per family, folder x {fp32, fp16, bf16}, a
+variant folder of fp16 files, and for SD1, SD2 and SDXL (the families our single-file writer lays out) a single file
+x {fp32, fp16, bf16}: 33 stored models, each trained under both precisions: 66 runs of 2 steps, all of them in the
+full suite.
 
 FAST, the 19 runs not marked slow, cover in a quick run: every family under both precisions and in all three
 dtypes; every dtype and every form under both precisions; SDXL's fp16 single file (an fp16 VAE baked in, as

@@ -48,11 +48,11 @@ def recast(src: Path, dst: Path, dtype: torch.dtype, drop_prefixes: tuple[str, .
     return dst
 
 
-def single_file(folder: Path, path: Path, dtype: str) -> Path:
-    """The folder's SD1/SD2/SDXL pipeline as one original-layout file (our writer), stored in `dtype`."""
+def single_file(folder: Path, path: Path) -> Path:
+    """The folder's SD1/SD2/SDXL pipeline (fp32) as one original-layout file (our writer); `recast` stores it in
+    another dtype."""
     from diffusers import DiffusionPipeline
 
     from trainer.export.single_file import write_single_file
 
-    write_single_file(DiffusionPipeline.from_pretrained(folder), path, {})
-    return recast(path, path, DTYPES[dtype])
+    return write_single_file(DiffusionPipeline.from_pretrained(folder), path, {})
