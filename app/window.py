@@ -24,6 +24,7 @@ from . import live_run
 from .autosave import Autosave
 from .dataset_view import DatasetView
 from .devices import DevicesDialog, save_launch, saved_launch
+from .estimate_panel import EstimatePanel
 from .job_form import JobForm
 from .run_folder import RunFolder
 from .run_panel import RunPanel
@@ -65,6 +66,8 @@ class MainWindow(QMainWindow):
         self.remote = RemotePanel(self)
         self.remote.job_file = self._remote_job
         self.tabs.addTab(self.remote, "Remote")
+        self.estimate = EstimatePanel(self.form, self)  # estimates only while its tab is shown
+        self.tabs.addTab(self.estimate, "Memory")
         self.splitter = QSplitter(Qt.Orientation.Horizontal)
         self.splitter.addWidget(self.form)
         self.splitter.addWidget(self.tabs)

@@ -103,7 +103,9 @@ def cmd_estimate(args) -> int:
     gpu = find_gpu(args.gpu) if args.gpu else None  # a wrong name answers before anything slow
     if args.memory is not None and not 0 < args.memory < 10_000:
         raise JobError(f"--memory: {args.memory:g} GiB is not a GPU's memory (0 to 10000)")
-    limit = gpu.memory_gib if gpu else args.memory
+    limit = args.memory if args.memory is not None else gpu.memory_gib if gpu else None
+    if args.suggest is not None and not 1 <= args.suggest <= 10:
+        raise JobError(f"--suggest: {args.suggest} is not a number of suggestions (1 to 10)")
     if args.suggest and limit is None:
         raise JobError("--suggest: say how much memory to fit, with --gpu NAME or --memory GIB")
     plan = make_plan(job, resume=True)  # writes nothing: a run folder already in use is no reason to refuse
@@ -124,7 +126,7 @@ def cmd_estimate(args) -> int:
             if args.json:
                 print(json.dumps({"suggestion": suggestion_json(suggestion, gpu, args.memory)}), flush=True)
 
-        search = suggest(job, plan, result, limit, found_one=found_one)
+        search = suggest(job, plan, result, limit, args.suggest, found_one=found_one)
         print(json.dumps({"search": search_json(search)}) if args.json else "\n".join(lines(search, limit, gpu)))
     return EXIT_OK
 
@@ -616,13 +618,13 @@ def _parser() -> argparse.ArgumentParser:
     estimate.add_argument("job", help="job file (JSON)")
     estimate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                           help="override a job field by its dotted path, e.g. network.rank=16")
-    card = estimate.add_mutually_exclusive_group()
-    card.add_argument("--gpu", metavar="NAME", help="a GPU of the table (e.g. 'RTX 4090', h100): its time per step "
-                      "and whether the run fits its memory")
-    card.add_argument("--memory", type=float, metavar="GIB", help="whether the run fits in this much GPU memory")
-    estimate.add_argument("--suggest", action="store_true", help="when the run does not fit, trace settings that "
-                          "make it fit (gradient checkpointing, 8-bit AdamW, fp8/NF4 base weights, block swap, ...) "
-                          "and print up to three, each with its estimate (with --json: one object a line, the estimate first, then "
+    estimate.add_argument("--gpu", metavar="NAME", help="a GPU of the table (e.g. 'RTX 4090', h100): its time per "
+                          "step and whether the run fits its memory")
+    estimate.add_argument("--memory", type=float, metavar="GIB", help="whether the run fits in this much GPU memory "
+                          "(with --gpu: in place of the card's nominal memory, e.g. what the driver reports)")
+    estimate.add_argument("--suggest", type=int, nargs="?", const=3, metavar="N", help="when the run does not fit, "
+                          "trace settings that make it fit (gradient checkpointing, 8-bit AdamW, fp8/NF4 base "
+                          "weights, block swap, ...) and print up to N (default 3), each with its estimate (with --json: one object a line, the estimate first, then "
                           "{\"suggestion\": ...} each, then {\"search\": ...})")
     estimate.add_argument("--json", action="store_true", help="print one JSON object")
     estimate.set_defaults(func=cmd_estimate)

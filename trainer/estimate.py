@@ -81,7 +81,7 @@ class Estimate:
                    f"{_size(self.between_steps.get('optimizer state', 0))})")
         out.append(f"trainable: {self.trainable:,} of {self.params:,} denoiser parameters")
         out += [f"note: {note}" for note in self.notes]
-        limit = gpu.memory_gib if gpu else memory_gib
+        limit = memory_gib if memory_gib is not None else gpu.memory_gib if gpu else None
         if gpu:
             out.append(f"{gpu.name}: {self.step_seconds(gpu):.2f} s per step at {UTILISATION:.0%} of its "
                        f"{gpu.tflops:g} bf16 TFLOPS")
@@ -99,7 +99,7 @@ class Estimate:
                "between_steps_bytes": {p: self.between_steps.get(p, 0) for p in PARTS},
                "trainable_params": self.trainable, "denoiser_params": self.params, "notes": self.notes,
                "utilisation": UTILISATION, "seconds": round(self.seconds, 2), "swappable_blocks": self.swappable}
-        limit = gpu.memory_gib if gpu else memory_gib
+        limit = memory_gib if memory_gib is not None else gpu.memory_gib if gpu else None
         if gpu:
             out["gpu"] = {**dataclasses.asdict(gpu), "step_seconds": round(self.step_seconds(gpu), 3)}
         if limit is not None:
