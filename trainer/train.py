@@ -215,6 +215,10 @@ def _trainables(run: _Run) -> None:
         p.data = p.data.to(run.held.trained)  # trained weights stay fp32 under mixed precision
     if swapping:
         _block_swap(run)
+    if job.speed.compile == "regional":  # after the adapters: the compiled blocks include their layers
+        note = speed.compile_repeated_blocks(run.parts.denoiser, FAMILIES[run.plan.family].repeated_blocks)
+        if run.main:
+            run.reporter.log(note)
     optimizer = optimizers.build(job, trainable.optimizer_groups(tr))
     if job.memory.fused_backward:
         if accelerator.num_processes > 1:  # DDP averages gradients after the hooks would have stepped them
