@@ -58,6 +58,13 @@ def test_every_family_has_repeated_blocks_to_compile(family, tmp_path, monkeypat
     assert compiled and f"of {len(compiled)} repeated blocks" in note
 
 
+def test_check_says_compile_is_on(demo_job, capsys):
+    assert main(["check", str(demo_job), "--no-estimate"]) == 0
+    assert "speed: torch.compile" not in capsys.readouterr().out
+    assert main(["check", str(demo_job), "--no-estimate", "--set", "speed.compile=regional"]) == 0
+    assert "speed: torch.compile of the denoiser's repeated blocks (regional)" in capsys.readouterr().out
+
+
 def test_compile_with_block_swap_is_refused_in_one_line(demo_job):
     with pytest.raises(JobError, match="speed.compile: regional compilation with memory.block_swap"):
         load_job(demo_job, ["speed.compile=regional", "memory.block_swap=2"])
