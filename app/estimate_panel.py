@@ -45,6 +45,7 @@ class EstimatePanel(QWidget):
         self.process: QProcess | None = None
         self.devices: QProcess | None = None
         self.detected: list[dict] = []
+        self.gpus_known = False  # the trainer has answered (or failed to) which GPUs it sees
         self.result: dict | None = None
         self.suggestions: list[tuple[dict, QPushButton]] = []
         self._stale = True  # the form changed since the last estimate started
@@ -150,11 +151,14 @@ class EstimatePanel(QWidget):
         self.devices = QProcess(self)
         self.devices.setWorkingDirectory(str(REPO_ROOT))
         self.devices.finished.connect(self._devices_listed)
+        self.devices.errorOccurred.connect(
+            lambda error: self._devices_listed(-1, None) if error == QProcess.ProcessError.FailedToStart else None)
         command = self.devices_command or [*self.trainer_command, "devices", "--json"]
         self.devices.start(command[0], command[1:])
 
     def _devices_listed(self, code: int, _status) -> None:
         out = bytes(self.devices.readAllStandardOutput()).decode("utf-8", "replace").strip().splitlines()
+        self.gpus_known = True  # asked once: the GPUs do not change while the window is open
         try:
             self.detected = json.loads(out[-1])["gpus"] if code == 0 else []
         except (ValueError, IndexError, KeyError, TypeError):
@@ -173,8 +177,7 @@ class EstimatePanel(QWidget):
 
     def _edited(self, at_once: bool = False) -> None:
         self._stale = True
-        if self.isVisible() and self.devices is not None and \
-                self.devices.state() == QProcess.ProcessState.NotRunning:
+        if self.isVisible() and self.gpus_known:
             self.timer.start(0 if at_once else self.debounce_ms)
 
     def start_estimate(self) -> None:
@@ -200,6 +203,7 @@ class EstimatePanel(QWidget):
         process.readyReadStandardOutput.connect(lambda: self._read(process))
         process.readyReadStandardError.connect(lambda: self._read_err(process))
         process.finished.connect(lambda code, _s: self._done(process, code))
+        process.errorOccurred.connect(lambda error: self._failed_to_start(process, error))
         self.process = process
         process.start(self.trainer_command[0], args)
 
@@ -256,6 +260,14 @@ class EstimatePanel(QWidget):
         self.process = None
         process.deleteLater()
         self.finished.emit(code)
+
+    def _failed_to_start(self, process: QProcess, error) -> None:
+        if process is self.process and error == QProcess.ProcessError.FailedToStart:
+            self.summary.setText("")
+            self.failure.setText(f"No estimate: the trainer did not start ({process.errorString()})")
+            self.process = None
+            process.deleteLater()
+            self.finished.emit(-1)
 
     # ---- showing it ------------------------------------------------------------------------------------------
 

@@ -68,16 +68,10 @@ def test_a_job_the_trainer_refuses_shows_its_line(app_window, demo_job, qtbot):
     window, panel = app_window, app_window.estimate
     assert window.load_preset(demo_job)
     window.form.editor("model.path").set(str(demo_job.parent / "no-such-model"))
-    panel.devices = panel.devices or _listed(panel)  # no need to ask for GPUs here
+    panel.devices_command = _devices(8.0)
     window.show()
     with qtbot.waitSignal(panel.finished, timeout=120_000) as done:
         window.tabs.setCurrentWidget(panel)
     assert done.args == [2]
     assert panel.failure.text().startswith("No estimate: ") and "model.path" in panel.failure.text()
-    assert window.act_start.toolTip()  # Start's state is the form's business, never the estimate's
-
-
-def _listed(panel):
-    from PySide6.QtCore import QProcess
-
-    return QProcess(panel)  # never started: NotRunning, as after the trainer answered
+    assert window.act_start.isEnabled() == (not window.start_reasons)  # the form decides Start, never the estimate
