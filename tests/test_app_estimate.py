@@ -5,10 +5,21 @@ whose new estimate fits. A job the trainer refuses shows the trainer's line."""
 import json
 import sys
 
+import pytest
+
 from app.estimate_panel import OTHER
+from app.settings import settings
 from trainer.estimate import GIB, estimate
 from trainer.job import load_job
 from trainer.plan import make_plan
+
+
+@pytest.fixture(autouse=True)
+def no_remembered_gpu():
+    """Each test starts from no saved GPU choice, and leaves none (the settings live as long as the session)."""
+    settings().remove("estimate")
+    yield
+    settings().remove("estimate")
 
 
 def _devices(memory_gib: float) -> list[str]:
