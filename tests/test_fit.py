@@ -108,3 +108,21 @@ def test_tiny_demo_suggestions_fit_by_their_own_traces(demo_job):
     first = search.suggestions[0]
     again = load_job(demo_job, UNCACHED + first.set_args())
     assert estimate(again, make_plan(again, resume=True)).total == first.estimate.total
+
+
+def test_caching_and_the_fused_backward_where_they_apply(demo_job):
+    from trainer.fit import _steps
+
+    job = load_job(demo_job, [*UNCACHED, "network.kind=full", "optimizer.on_nonfinite=skip"])
+    plan = make_plan(job, resume=True)
+    precision, checkpointing, caching, adamw8bit, fused, fp8, nf4, block_swap, batch = _steps(
+        job, plan, _sized(job, plan, swappable=3))
+    assert caching == [{"dataset.cache_latents": True, "dataset.cache_text": True}]
+    # A full fine-tune: the fused backward with what it needs; no quantized base weights (they would train).
+    assert fused == [{"memory.fused_backward": True, "optimizer.max_grad_norm": 0, "optimizer.on_nonfinite": "stop"}]
+    assert fp8 == nf4 == []
+    assert block_swap == [{"memory.block_swap": n} for n in (1, 2, 3)]
+    assert batch == [{"schedule.batch_size": 1, "schedule.gradient_accumulation": 2}]  # the demo's batch is 2
+    # Colour jitter renders every image anew: the latents cannot be cached, the text still can.
+    jitter = load_job(demo_job, [*UNCACHED, "dataset.color_jitter=0.1", "dataset.cache_text=true"])
+    assert _steps(jitter, make_plan(jitter, resume=True), _sized(jitter, plan))[2] == []

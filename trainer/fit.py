@@ -87,7 +87,7 @@ def suggest(job: Job, plan: Plan, base: Estimate, memory_gib: float, limit: int 
         stopped = out_of_time()
         if stopped:
             break
-        options = [{**kept, **option} for option in step(kept)]
+        options = [{**kept, **option} for option in step]
         if not options:
             continue
         # The options of a step save more memory the later they come: trace the last, then halve the range for
@@ -126,50 +126,29 @@ def _changed(job: Job, changes: Changes) -> tuple[Job, Plan] | None:
         return None
 
 
-def _steps(job: Job, plan: Plan, base: Estimate) -> list[Callable[[Changes], list[Changes]]]:
-    """The settings in the order they are tried: each gives, for the settings kept so far, its options (several
-    only where more of it saves more: block swap's block counts, smaller batches), or none when it does not apply."""
+def _steps(job: Job, plan: Plan, base: Estimate) -> list[list[Changes]]:
+    """The settings in the order they are tried, each as its options (several only where more of it saves more:
+    block swap's block counts, smaller batches), none where it does not apply to this job."""
     adapter = job.network.kind != "full"
-
-    def precision(kept):
-        return [{"precision.mixed_precision": "bf16"}] if job.precision.mixed_precision == "no" else []
-
-    def checkpointing(kept):
-        return [] if job.precision.gradient_checkpointing else [{"precision.gradient_checkpointing": True}]
-
-    def caching(kept):
-        # Only what the plan would then cache (random crops, colour jitter and shuffled tags keep it live).
-        change = {f"dataset.{name}": True for name, on in (("cache_latents", plan.caching.latents),
-                                                            ("cache_text", plan.caching.text)) if not on}
-        changed = _changed(job, change) if change else None
-        if changed is None or (changed[1].caching.latents, changed[1].caching.text) == \
-                (plan.caching.latents, plan.caching.text):
-            return []
-        return [change]
-
-    def adamw8bit(kept):
-        return [{"optimizer.name": "adamw8bit"}] if job.optimizer.name == "adamw" else []
-
-    def fused(kept):
-        if adapter or job.memory.fused_backward:
-            return []
-        change: Changes = {"memory.fused_backward": True, "optimizer.max_grad_norm": 0}
-        return [change | ({"optimizer.on_nonfinite": "stop"} if job.optimizer.on_nonfinite == "skip" else {})]
-
-    def base_weights(kind):
-        return lambda kept: ([{"memory.base_weights": kind}] if adapter and job.memory.base_weights == "auto"
-                             else [])
-
-    def block_swap(kept):
-        return [{"memory.block_swap": n} for n in range(job.memory.block_swap + 1, base.swappable + 1)]
-
-    def batch(kept):
-        size, accumulation = job.schedule.batch_size, job.schedule.gradient_accumulation
-        return [{"schedule.batch_size": d, "schedule.gradient_accumulation": accumulation * size // d}
-                for d in range(size - 1, 0, -1) if size % d == 0]
-
-    return [precision, checkpointing, caching, adamw8bit, fused, base_weights("fp8"), base_weights("nf4"),
-            block_swap, batch]
+    precision = [{"precision.mixed_precision": "bf16"}] if job.precision.mixed_precision == "no" else []
+    checkpointing = [] if job.precision.gradient_checkpointing else [{"precision.gradient_checkpointing": True}]
+    # Caching only where the plan would then cache (random crops, colour jitter and shuffled tags keep it live).
+    uncached = {f"dataset.{name}": True for name, on in (("cache_latents", plan.caching.latents),
+                                                          ("cache_text", plan.caching.text)) if not on}
+    changed = _changed(job, uncached) if uncached else None
+    caching = [uncached] if changed is not None and (changed[1].caching.latents, changed[1].caching.text) != \
+        (plan.caching.latents, plan.caching.text) else []
+    adamw8bit = [{"optimizer.name": "adamw8bit"}] if job.optimizer.name == "adamw" else []
+    fused = [] if adapter or job.memory.fused_backward else [
+        {"memory.fused_backward": True, "optimizer.max_grad_norm": 0,
+         **({"optimizer.on_nonfinite": "stop"} if job.optimizer.on_nonfinite == "skip" else {})}]
+    fp8, nf4 = ([[{"memory.base_weights": kind}] if adapter and job.memory.base_weights == "auto" else []
+                 for kind in ("fp8", "nf4")])
+    block_swap = [{"memory.block_swap": n} for n in range(job.memory.block_swap + 1, base.swappable + 1)]
+    size, accumulation = job.schedule.batch_size, job.schedule.gradient_accumulation
+    batch = [{"schedule.batch_size": d, "schedule.gradient_accumulation": accumulation * size // d}
+             for d in range(size - 1, 0, -1) if size % d == 0]
+    return [precision, checkpointing, caching, adamw8bit, fused, fp8, nf4, block_swap, batch]
 
 
 def lines(search: Search, memory_gib: float, gpu=None) -> list[str]:
