@@ -25,6 +25,7 @@ from .autosave import Autosave
 from .dataset_view import DatasetView
 from .devices import DevicesDialog, save_launch, saved_launch
 from .essentials import EssentialsPage
+from .estimate_panel import EstimatePanel
 from .job_form import JobForm
 from .queue_panel import QueuePanel
 from .run_folder import RunFolder
@@ -73,6 +74,8 @@ class MainWindow(QMainWindow):
         self.tabs.addTab(self.remote, "Remote")
         self.queue = QueuePanel(self, self.runner)
         self.tabs.addTab(self.queue, "Queue")
+        self.estimate = EstimatePanel(self.form, self)  # estimates only while its tab is shown
+        self.tabs.addTab(self.estimate, "Memory")
         self.splitter = QSplitter(Qt.Orientation.Horizontal)
         self.splitter.addWidget(self.editor_tabs)
         self.splitter.addWidget(self.tabs)

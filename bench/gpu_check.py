@@ -3,6 +3,7 @@ model (random weights, nothing downloaded), and the measured peak memory and spe
 
     .venv/bin/python bench/gpu_check.py                      # every preset that fits; under 10 minutes on an H100
     .venv/bin/python bench/gpu_check.py --only sdxl_lora_12gb flux_dev_lora_24gb --steps 8 --keep /tmp/gpu-check
+    .venv/bin/python bench/gpu_check.py --only sdxl_lora_24gb flux_dev_lora_40gb --compile   # + speed.compile
 
 Per preset: `trainer demo --real-size` writes the model's configs and a small dataset; the preset's job is pointed at
 them; `trainer estimate --json` gives the estimated peak (allowance included) and time per step for this GPU; then
@@ -11,6 +12,10 @@ dtype frozen weights are held in. Measured: the largest `peak_mem` of the step e
 allocated`, the peak of training: the trainer resets it once the encoders have cached and left the GPU) and the
 steady speed (steps after the second, from the events' times). Exit 0 when every estimate that ran is within
 --tolerance of its measurement, 1 otherwise, 2 without a CUDA GPU.
+
+--compile: each preset that ran trains again with `speed.compile: regional` (torch.compile of the denoiser's
+repeated blocks, inductor), and a second table gives both steady speeds and the compiled run's peak; the compile
+itself falls in the first two steps, which the steady speed leaves out, and its time is the runs' difference.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=0.10, help="largest relative error of the memory "
                         "estimate that passes (default 0.10)")
     parser.add_argument("--keep", metavar="DIR", help="work here and keep the runs (default: a temporary folder)")
+    parser.add_argument("--compile", action="store_true", help="also train each preset that ran with "
+                        "speed.compile=regional and print both speeds")
     args = parser.parse_args(argv)
     import torch
 
@@ -63,11 +70,17 @@ def main(argv: list[str] | None = None) -> int:
         for preset in args.only or sorted(PRESET_MODELS):
             rows.append(check_preset(preset, work / preset, args.steps, memory_gib, card.name))
             print(format_row(rows[-1]), flush=True)
+            if args.compile and rows[-1]["measured_s"] is not None:
+                rows[-1].update(compiled(work / preset))
+                print(compile_row(rows[-1]), flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print()
     print("\n".join(table(rows)))
+    if args.compile:
+        print()
+        print("\n".join(compile_table(rows)))
     bad = [r for r in rows if r.get("measured_gib") and abs(error(r)) > args.tolerance]
     failed = [r for r in rows if r["status"] == "failed"]
     return 1 if bad or failed else 0
@@ -96,6 +109,34 @@ def check_preset(preset: str, folder: Path, steps: int, memory_gib: float, gpu_n
     peak, seconds = measured(folder / "run" / "events.jsonl")
     return {**row, "status": f"ran ({time.perf_counter() - started:.0f} s)", "measured_gib": peak / GIB,
             "measured_s": seconds}
+
+
+def compiled(folder: Path) -> dict:
+    """The preset's job once more with regional compilation: its steady speed, peak and wall time."""
+    started = time.perf_counter()
+    run = _trainer(["run", str(folder / "job.json"), "--random-weights", "--set", "speed.compile=regional",
+                    "--set", f"output.output_dir={folder / 'run-compiled'}"])
+    if run.returncode != 0:
+        return {"compile_status": f"failed: {_last_line(run.stderr)}"}
+    peak, seconds = measured(folder / "run-compiled" / "events.jsonl")
+    return {"compile_status": f"ran ({time.perf_counter() - started:.0f} s)", "compiled_gib": peak / GIB,
+            "compiled_s": seconds}
+
+
+def compile_row(row: dict) -> str:
+    def sec(v):
+        return f"{v:.3f}" if v is not None else "-"
+
+    plain, fast = row.get("measured_s"), row.get("compiled_s")
+    ratio = f"{plain / fast:.2f}x" if plain and fast else "-"
+    peak = f"{row['compiled_gib']:.1f}" if row.get("compiled_gib") is not None else "-"
+    return (f"| {row['preset']} | {sec(plain)} | {sec(fast)} | {ratio} | {peak} | "
+            f"{row.get('compile_status', 'not run')} |")
+
+
+def compile_table(rows: list[dict]) -> list[str]:
+    return ["| preset | s/step | compiled s/step | speed-up | compiled peak GiB | status |",
+            "|---|---|---|---|---|---|", *(compile_row(r) for r in rows if "compile_status" in r)]
 
 
 def preset_job(preset: str, family: str, name: str, folder: Path, steps: int) -> Path:

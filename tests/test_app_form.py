@@ -69,7 +69,7 @@ def _non_default_job() -> dict:
 
 
 FUSED = {"memory": {"fused_backward": True}, "optimizer": {"max_grad_norm": 0.0}}
-PINNED = {"network.dora"}
+PINNED = {"network.dora", "speed.compile"}  # speed.compile: not with block_swap, which this job moves off 0
 
 
 def test_every_field_has_an_editor(qtbot):
@@ -105,6 +105,10 @@ def test_form_job_round_trip_every_field(qtbot):
     dora = Job.model_validate({**data, "network": {**data["network"], "kind": "lora", "dora": True}})
     form.set_job(dora)
     assert form.job_or_none() == dora
+    compiled = Job.model_validate({**data, "memory": {**data["memory"], "block_swap": 0},
+                                   "speed": {"compile": "regional"}})
+    form.set_job(compiled)
+    assert form.job_or_none() == compiled
 
 
 def test_tiny_learning_rates_round_trip_exactly(qtbot):

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONTRACTS = {"trainer.job", "trainer.events", "trainer.blocks", "trainer.families.table", "trainer.data.files",
              "trainer.data.masks",  # which mask belongs to which image: the dataset view's overlay
              "trainer.job_queue",  # the Queue tab checks and names exits by the headless queue's rules
+             "trainer.gpus",  # the Memory tab's table of common GPUs
              # File > Import... maps other trainers' configs by the same tables as `trainer import` (json, tomllib)
              "trainer.imports.command", "trainer.imports.report", "trainer.imports.kohya", "trainer.imports.sd_scripts",
              "trainer.imports.onetrainer", "trainer.imports.simpletuner", "trainer.imports.ai_toolkit"}

@@ -179,3 +179,24 @@ def test_real_size_folders_build_the_published_architectures(tmp_path):
             assert abs(stored / 1e9 - card) <= rounding, (name, stored)
             with pytest.raises(JobError, match="no weights"):
                 require_weights(spec)
+
+
+def test_gpu_with_its_reported_memory(tiny_job, estimates, capsys, monkeypatch):
+    # The window passes the card's name for its speed and the memory the driver reports.
+    monkeypatch.setattr("trainer.estimate.estimate", lambda job, plan: estimates["cached"])
+    assert main(["estimate", str(tiny_job), "--json", "--gpu", "rtx 4090", "--memory", "0.5"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["gpu"]["name"] == "RTX 4090" and data["gpu"]["step_seconds"] >= 0
+    assert data["memory_gib"] == 0.5 and data["fits"] is False
+
+
+def test_driver_names_match_the_table():
+    from trainer.gpus import match_gpu
+
+    names = {"NVIDIA GeForce RTX 4090": "RTX 4090", "NVIDIA A100-SXM4-80GB": "A100 80GB",
+             "NVIDIA A100-SXM4-40GB": "A100 40GB", "NVIDIA H100 80GB HBM3": "H100 SXM", "Tesla T4": "T4",
+             "NVIDIA GeForce RTX 4060 Ti": "RTX 4060 Ti 16GB", "NVIDIA GeForce RTX 3060": "RTX 3060 12GB"}
+    for reported, entry in names.items():
+        assert match_gpu(reported).name == entry, reported
+    for unknown in ("NVIDIA GeForce RTX 4060", "NVIDIA H200", "NVIDIA H100 PCIe", "NVIDIA A100 PCIe"):
+        assert match_gpu(unknown) is None, unknown  # not in the table, or more than one entry would do

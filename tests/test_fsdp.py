@@ -125,6 +125,10 @@ def test_fsdp_settings_and_jobs_it_does_not_shard_are_one_line_each(demo_job, mo
     job.text_encoder.mode = "lora"
     with pytest.raises(JobError, match=r"^text_encoder.mode: 'lora'; under FSDP only the denoiser trains"):
         sharding.check_job(job)
+    job.text_encoder.mode = "off"
+    job.speed.compile = "regional"
+    with pytest.raises(JobError, match=r"^speed.compile: not tried under FSDP yet"):
+        sharding.check_job(job)
 
 
 def test_check_says_what_fsdp_leaves_on_each_gpu(demo_job, capsys):

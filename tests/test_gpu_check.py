@@ -45,6 +45,8 @@ def test_the_measurement_is_read_from_the_step_events(tmp_path):
            "measured_s": seconds}
     assert gpu_check.error(row) == pytest.approx(0.1)
     assert "| x | 4.4 | 4.0 | +10% | - | 0.50 | ran |" in gpu_check.table([row])
+    row.update({"compile_status": "ran", "compiled_s": 0.4, "compiled_gib": 3.9})
+    assert "| x | 0.500 | 0.400 | 1.25x | 3.9 | ran |" in gpu_check.compile_table([row])
 
 
 def test_random_weights_train_a_model_folder_of_configs_alone(demo_job, capsys):

@@ -106,15 +106,31 @@ def cmd_estimate(args) -> int:
     gpu = find_gpu(args.gpu) if args.gpu else None  # a wrong name answers before anything slow
     if args.memory is not None and not 0 < args.memory < 10_000:
         raise JobError(f"--memory: {args.memory:g} GiB is not a GPU's memory (0 to 10000)")
+    limit = args.memory if args.memory is not None else gpu.memory_gib if gpu else None
+    if args.suggest is not None and not 1 <= args.suggest <= 10:
+        raise JobError(f"--suggest: {args.suggest} is not a number of suggestions (1 to 10)")
+    if args.suggest and limit is None:
+        raise JobError("--suggest: say how much memory to fit, with --gpu NAME or --memory GIB")
     plan = make_plan(job, resume=True)  # writes nothing: a run folder already in use is no reason to refuse
     _quiet_libraries()
     from .estimate import estimate
 
     result = estimate(job, plan)
     if args.json:
-        print(json.dumps(result.as_json(gpu, args.memory)))
+        print(json.dumps(result.as_json(gpu, args.memory)), flush=True)
     else:
-        print("\n".join(result.lines(gpu, args.memory)))
+        print("\n".join(result.lines(gpu, args.memory)), flush=True)
+    # Suggestions only when the job does not fit as it is; each is traced (seconds to a minute), so each is printed
+    # as soon as it is found (--json: one object a line, the window shows them as they come).
+    if args.suggest and result.total / 2**30 > limit:
+        from .fit import lines, search_json, suggest, suggestion_json
+
+        def found_one(suggestion) -> None:
+            if args.json:
+                print(json.dumps({"suggestion": suggestion_json(suggestion, gpu, args.memory)}), flush=True)
+
+        search = suggest(job, plan, result, limit, args.suggest, found_one=found_one)
+        print(json.dumps({"search": search_json(search)}) if args.json else "\n".join(lines(search, limit, gpu)))
     return EXIT_OK
 
 
@@ -616,10 +632,14 @@ def _parser() -> argparse.ArgumentParser:
     estimate.add_argument("job", help="job file (JSON)")
     estimate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                           help="override a job field by its dotted path, e.g. network.rank=16")
-    card = estimate.add_mutually_exclusive_group()
-    card.add_argument("--gpu", metavar="NAME", help="a GPU of the table (e.g. 'RTX 4090', h100): its time per step "
-                      "and whether the run fits its memory")
-    card.add_argument("--memory", type=float, metavar="GIB", help="whether the run fits in this much GPU memory")
+    estimate.add_argument("--gpu", metavar="NAME", help="a GPU of the table (e.g. 'RTX 4090', h100): its time per "
+                          "step and whether the run fits its memory")
+    estimate.add_argument("--memory", type=float, metavar="GIB", help="whether the run fits in this much GPU memory "
+                          "(with --gpu: in place of the card's nominal memory, e.g. what the driver reports)")
+    estimate.add_argument("--suggest", type=int, nargs="?", const=3, metavar="N", help="when the run does not fit, "
+                          "trace settings that make it fit (gradient checkpointing, 8-bit AdamW, fp8/NF4 base "
+                          "weights, block swap, ...) and print up to N (default 3), each with its estimate (with --json: one object a line, the estimate first, then "
+                          "{\"suggestion\": ...} each, then {\"search\": ...})")
     estimate.add_argument("--json", action="store_true", help="print one JSON object")
     estimate.set_defaults(func=cmd_estimate)
 

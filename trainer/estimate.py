@@ -52,6 +52,7 @@ class Estimate:
     between_steps: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0  # how long the estimate took
+    swappable: int = 0  # the denoiser's blocks that memory.block_swap can hold in CPU memory
 
     @property
     def counted(self) -> int:
@@ -91,7 +92,7 @@ class Estimate:
                    f"{_size(self.between_steps.get('optimizer state', 0))})")
         out.append(f"trainable: {self.trainable:,} of {self.params:,} denoiser parameters")
         out += [f"note: {note}" for note in self.notes]
-        limit = gpu.memory_gib if gpu else memory_gib
+        limit = memory_gib if memory_gib is not None else gpu.memory_gib if gpu else None
         if gpu:
             out.append(f"{gpu.name}: {self.step_seconds(gpu):.2f} s per step at {UTILISATION:.0%} of its "
                        f"{gpu.tflops:g} bf16 TFLOPS")
@@ -108,8 +109,8 @@ class Estimate:
                "total_bytes": self.total, "total_gib": round(self.total / GIB, 3), "flops_per_step": self.flops,
                "between_steps_bytes": {p: self.between_steps.get(p, 0) for p in PARTS},
                "trainable_params": self.trainable, "denoiser_params": self.params, "notes": self.notes,
-               "utilisation": UTILISATION, "seconds": round(self.seconds, 2)}
-        limit = gpu.memory_gib if gpu else memory_gib
+               "utilisation": UTILISATION, "seconds": round(self.seconds, 2), "swappable_blocks": self.swappable}
+        limit = memory_gib if memory_gib is not None else gpu.memory_gib if gpu else None
         if gpu:
             out["gpu"] = {**dataclasses.asdict(gpu), "step_seconds": round(self.step_seconds(gpu), 3)}
         if limit is not None:
@@ -252,8 +253,12 @@ def _trace(job: Job, plan: Plan, spec, real: bool) -> Estimate:
     between = counter.live_by_part()
     del state
     params = sum(p.numel() for name, p in parts.denoiser.named_parameters() if "lora_" not in name)
+    from .families.table import FAMILIES
+    from .run.block_swap import swap_blocks
+
     return Estimate(plan.family, (width, height), batch, job.precision.mixed_precision, peak, step_flops,
-                    tr.count(), params, between, notes)
+                    tr.count(), params, between, notes,
+                    swappable=len(swap_blocks(parts.denoiser, FAMILIES[plan.family].swap_blocks)))
 
 
 def _step_counter():

@@ -8,6 +8,7 @@ its fp16 figure. Memory is the card's nominal size.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .job import JobError
@@ -39,6 +40,24 @@ def find_gpu(name: str) -> Gpu:
         raise JobError(f"--gpu: {name!r} is {'ambiguous' if found else 'not in the table'}; known: "
                        f"{', '.join(GPUS)}")
     return found[0]
+
+
+def match_gpu(device_name: str) -> Gpu | None:
+    """The table's entry for a name the driver reports ("NVIDIA GeForce RTX 4090", "NVIDIA A100-SXM4-80GB"), or
+    None when no entry or several agree with it. An entry agrees when its model ("4090", "a100") is a word of the
+    name, both or neither say "Ti", and a memory size in both ("80GB") is the same (and an SXM entry is no PCIe card)."""
+    words = set(re.split(r"[^a-z0-9]+", device_name.lower()))
+    sizes = {w for w in words if re.fullmatch(r"\d+gb", w)}
+
+    def agrees(gpu: Gpu) -> bool:
+        table = gpu.name.lower().split()
+        model = next(w for w in table if any(c.isdigit() for c in w))
+        own_sizes = {w for w in table if re.fullmatch(r"\d+gb", w)}
+        return model in words and ("ti" in table) == ("ti" in words) and \
+            not (own_sizes and sizes and not own_sizes & sizes) and not ("sxm" in table and "pcie" in words)
+
+    found = [g for g in GPUS.values() if agrees(g)]
+    return found[0] if len(found) == 1 else None
 
 
 def _key(name: str) -> str:

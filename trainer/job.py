@@ -510,6 +510,14 @@ class MemorySpec(_Section):
                             "less GPU memory, more time for the copies (0: off).")
 
 
+class SpeedSpec(_Section):
+    """What may make a GPU run faster at no cost in memory or results; each is off until measured on a GPU."""
+    compile: Literal["none", "regional"] = Field(
+        "none", description="regional: torch.compile each of the denoiser's repeated blocks (its transformer "
+        "blocks) after the LoRA is attached: one compilation serves every block of a kind, so it compiles in "
+        "seconds to minutes rather than the whole model's. Off by default: not yet measured on a GPU.")
+
+
 class ValidationSpec(_Section):
     prompts: list[str] = Field(default_factory=list, description="Prompts rendered at each validation.",
                                json_schema_extra=essential(16, "Validation"))
@@ -579,6 +587,7 @@ class Job(_Section):
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     precision: PrecisionSpec = Field(default_factory=PrecisionSpec)
     memory: MemorySpec = Field(default_factory=MemorySpec)
+    speed: SpeedSpec = Field(default_factory=SpeedSpec)
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
@@ -614,6 +623,15 @@ class Job(_Section):
             if wrong:
                 raise ValueError(f"memory.fused_backward: each weight steps as soon as its gradient is ready, so it "
                                  f"needs {what}")
+        return self
+
+    @model_validator(mode="after")
+    def _compile_without_swap(self) -> "Job":
+        # Block swap's hooks move the weights of the very blocks regional compilation compiles (SD3's, Flux's):
+        # the two together are not tried yet.
+        if self.speed.compile != "none" and self.memory.block_swap:
+            raise ValueError("speed.compile: regional compilation with memory.block_swap is not supported yet; set "
+                             "one of them off")
         return self
 
     @model_validator(mode="after")

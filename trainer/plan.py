@@ -86,6 +86,8 @@ class Plan:
                      + (f", in {c.root}" if c.latents or c.text else ""))
         lines += [f"  note: {note}" for note in c.notes]
         lines.append(memory_line(self.job))
+        if self.job.speed.compile == "regional":
+            lines.append("speed: torch.compile of the denoiser's repeated blocks (regional), at the first steps")
         if self.job.prior.enabled:
             lines.append(f"prior preservation: {prior.class_image_count(self.job, s.num_images)} class images in "
                          f"{prior.class_dir(self.job)} ({prior.missing_count(self.job, s.num_images)} to generate)")

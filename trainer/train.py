@@ -221,6 +221,10 @@ def _trainables(run: _Run) -> None:
         if run.main:
             run.reporter.log(f"FSDP: the denoiser's weights, gradients and optimizer state split over "
                              f"{accelerator.num_processes} processes, {units} blocks and the rest as units")
+    if job.speed.compile == "regional":  # after the adapters: the compiled blocks include their layers
+        note = speed.compile_repeated_blocks(run.parts.denoiser, FAMILIES[run.plan.family].repeated_blocks)
+        if run.main:
+            run.reporter.log(note)
     optimizer = optimizers.build(job, trainable.optimizer_groups(tr))
     if job.memory.fused_backward:
         if accelerator.num_processes > 1:  # DDP averages gradients after the hooks would have stepped them

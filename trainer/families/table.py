@@ -37,6 +37,9 @@ class Family:
     cfg_halves: tuple[str, ...] = ("uncond", "cond")
     # What block swap streams to the accelerator, in forward order: lists of blocks, or one block (the UNet's mid).
     swap_blocks: tuple[str, ...] = ("down_blocks", "mid_block", "up_blocks")
+    # speed.compile "regional": the class names of the denoiser's repeated blocks where its diffusers class names
+    # none (`_repeated_blocks`: the UNet's BasicTransformerBlock and Flux's blocks are named there).
+    repeated_blocks: tuple[str, ...] = ()
 
 
 _ONE = ("text_encoder",)
@@ -50,13 +53,14 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            lycoris=True),
     Family("sd3", "Stable Diffusion 3/3.5", "sd3", "StableDiffusion3Pipeline", "transformer", _TWO, _TWO_CACHE,
            t5_folders=("text_encoder_3", "tokenizer_3"), size_multiple=16, block_roots=("transformer_blocks",),
-           t5_tokens=256, swap_blocks=("transformer_blocks",)),
+           t5_tokens=256, swap_blocks=("transformer_blocks",), repeated_blocks=("JointTransformerBlock",)),
     Family("flux", "Flux.1", "flux", "FluxPipeline", "transformer", _ONE, _TWO_CACHE, size_multiple=16,
            block_roots=("transformer_blocks", "single_transformer_blocks"), t5_tokens=512,  # FLUX.1-dev's
            cfg_halves=(), swap_blocks=("transformer_blocks", "single_transformer_blocks")),
     Family("cascade", "Stable Cascade stage C", "cascade", "StableCascadePriorPipeline", "prior", _ONE,
            _ONE_CACHE, image_encoder="effnet", size_multiple=32, kohya=False, class_images=False,
            block_roots=("down_blocks", "up_blocks"), swap_blocks=(),
+           repeated_blocks=("SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"),
            cfg_halves=("cond", "uncond")),  # StableCascadePriorPipeline
 )}
 

@@ -66,6 +66,7 @@ def check_job(job: Job) -> None:
         (job.memory.fused_backward, "memory.fused_backward: not under FSDP; set false"),
         (job.memory.base_weights != "auto", f"memory.base_weights: {job.memory.base_weights!r}; a full fine-tune "
          "trains every weight in full precision: set 'auto'"),
+        (job.speed.compile != "none", "speed.compile: not tried under FSDP yet; set 'none'"),
     ]
     for wrong, line in problems:
         if wrong:
