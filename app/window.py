@@ -30,6 +30,7 @@ from .run_panel import RunPanel
 from .remote_panel import RemotePanel
 from .settings import APPLICATION, RESOURCES, REPO_ROOT, autosave_path, data_dir, settings, user_presets_dir
 from .trainer_process import TrainerProcess
+from .try_panel import TryPanel
 
 _ICONS = QStyle.StandardPixmap
 STATE_TEXT = {"idle": "Idle", "starting": "Starting the trainer…", "running": "Training",
@@ -65,6 +66,9 @@ class MainWindow(QMainWindow):
         self.remote = RemotePanel(self)
         self.remote.job_file = self._remote_job
         self.tabs.addTab(self.remote, "Remote")
+        self.try_panel = TryPanel(trainer_command=self.runner.command_prefix)
+        self.try_panel.current_job = self.form.job_or_none
+        self.tabs.addTab(self.try_panel, "Try")
         self.splitter = QSplitter(Qt.Orientation.Horizontal)
         self.splitter.addWidget(self.form)
         self.splitter.addWidget(self.tabs)
@@ -629,6 +633,7 @@ class MainWindow(QMainWindow):
         self.dataset.close_captioner()
         self.remote.save()
         self.remote.stop_following()  # the remote run goes on; a later window follows it again
+        self.try_panel.kill()
         if self._demo is not None:  # a demo still building: its end must not reach a closed window
             self._demo.finished.disconnect()
             self._demo.kill()

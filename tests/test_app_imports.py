@@ -10,10 +10,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CONTRACTS = {"trainer.job", "trainer.events", "trainer.blocks", "trainer.families.table", "trainer.data.files",
              "trainer.data.masks",  # which mask belongs to which image: the dataset view's overlay
+             "trainer.run.checkpoint_files",  # which checkpoints are complete: the Try tab lists them
              # File > Import... maps other trainers' configs by the same tables as `trainer import` (json, tomllib)
              "trainer.imports.command", "trainer.imports.report", "trainer.imports.kohya", "trainer.imports.sd_scripts",
              "trainer.imports.onetrainer", "trainer.imports.simpletuner", "trainer.imports.ai_toolkit"}
-APP_MAY_IMPORT = CONTRACTS | {"trainer", "trainer.families", "trainer.data", "trainer.imports"}  # empty packages
+APP_MAY_IMPORT = CONTRACTS | {"trainer", "trainer.families", "trainer.data", "trainer.imports", "trainer.run"}  # empty packages
 
 
 def test_app_never_imports_torch():
