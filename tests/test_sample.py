@@ -173,6 +173,33 @@ def test_bad_runs_and_grids_are_one_line_and_exit_2(demo_template, tmp_path, cap
     save_job(job, run / "job.json")
     (run / "final" / "diffusers").mkdir(parents=True)
     _refused(["--run", str(run), *out], capsys, f"--run: {run}: the run trained no LoRA (network.kind full)")
-    _refused(["--model", str(demo_template / "model"), "--grid", str(tmp_path / "g.jpg"), *out], capsys,
+    model = ["--model", str(demo_template / "model")]
+    _refused([*model, "--grid", str(tmp_path / "g.jpg"), *out], capsys,
              f"--grid: {tmp_path / 'g.jpg'}: expected a .png file")
+    _refused([*model, "--embedding", str(tmp_path / "e.safetensors"), *out], capsys,
+             f"--embedding: {tmp_path / 'e.safetensors'}: no such file")
+    (tmp_path / "e.safetensors").write_bytes(b"not safetensors")
+    _refused([*model, "--embedding", str(tmp_path / "e.safetensors"), *out], capsys,
+             f"--embedding: {tmp_path / 'e.safetensors'}: not a readable safetensors file")
     assert not (tmp_path / "o").exists()
+
+
+def test_an_embedding_acts_where_a_prompt_names_its_token(demo_template, tmp_path, capsys, one_torch_thread):
+    from safetensors.torch import save_file
+
+    width = json.loads((demo_template / "model" / "text_encoder" / "config.json").read_text())["hidden_size"]
+    embedding = tmp_path / "shape.safetensors"
+    torch.manual_seed(0)
+    save_file({"emb_params": torch.randn(1, width)}, embedding, metadata={"token": "<shape>"})
+    prompts = ["--prompt", "a <shape>", "--prompt", "a red circle"]
+    assert _sample(demo_template, tmp_path / "plain", *prompts) == 0
+    assert _sample(demo_template, tmp_path / "with", *prompts, "--embedding", str(embedding), "--grid",
+                   str(tmp_path / "grid.png")) == 0
+    capsys.readouterr()
+    token, plain_token = _pixels(tmp_path / "with" / "00-a-shape-0.png"), _pixels(tmp_path / "plain" / "00-a-shape-0.png")
+    assert np.abs(token - plain_token).mean() > 0.5, "the embedding changes the prompt that names its token"
+    np.testing.assert_array_equal(_pixels(tmp_path / "with" / "01-a-red-circle-0.png"),
+                                  _pixels(tmp_path / "plain" / "01-a-red-circle-0.png"))
+    from trainer.sample_grid import read_settings
+
+    assert read_settings(tmp_path / "grid.png")["embeddings"] == [str(embedding)]

@@ -388,7 +388,8 @@ def cmd_sample(args) -> int:
     grid = Path(args.grid) if args.grid else None
     try:
         for image in sample(model, args.prompt, Path(args.out), val, args.lora or [], tuple(args.lora_scale),
-                            args.height, args.width, runs=args.run or [], grid=grid):
+                            args.height, args.width, runs=args.run or [], grid=grid,
+                            embeddings=args.embedding or []):
             if args.json:
                 print(json.dumps({"path": str(image.path), "prompt": image.prompt, "scale": image.scale,
                                   "seed": image.seed, "row": image.row, "column": image.column,
@@ -567,6 +568,9 @@ def _parser() -> argparse.ArgumentParser:
     smp.add_argument("--run", metavar="FOLDER", action="append", help="a run folder (its final/ LoRA, else its "
                      "newest checkpoint) or a checkpoint folder RUN/checkpoints/step-N; repeat for several side by "
                      "side")
+    smp.add_argument("--embedding", metavar="FILE", action="append", help="a textual-inversion embedding "
+                     ".safetensors file (ours, A1111's or ComfyUI's), loaded for every column: a prompt uses it by "
+                     "its token; repeat for several")
     smp.add_argument("--lora-scale", type=float, nargs="+", default=[0.0, 1.0], metavar="S",
                      help="LoRA strengths, each prompt rendered with each LoRA at each (0: the base model, once; "
                      "default 0 1)")

@@ -57,11 +57,30 @@ def _slug(text: str) -> str:
 
 
 def _check_lora_file(lora: str) -> Path:
-    path = Path(lora).expanduser()
+    return _check_file("--lora", lora)
+
+
+def _check_file(option: str, name: str) -> Path:
+    path = Path(name).expanduser()
     if not path.is_file():
-        raise JobError(f"--lora: {lora}: no such file")
+        raise JobError(f"{option}: {name}: no such file")
     if path.suffix.lower() != ".safetensors":
-        raise JobError(f"--lora: {lora}: expected a .safetensors LoRA file")
+        kind = "LoRA" if option == "--lora" else "embedding"
+        raise JobError(f"{option}: {name}: expected a .safetensors {kind} file")
+    return path
+
+
+def _check_embedding(name: str) -> Path:
+    """Readable before the model loads (its header only): a wrong file costs no wait."""
+    from safetensors import safe_open
+
+    path = _check_file("--embedding", name)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as exc:  # safetensors raises its own error type for a damaged file
+        raise JobError(f"--embedding: {path}: not a readable safetensors file "
+                       f"({str(exc).splitlines()[0][:200]})") from None
     return path
 
 
@@ -125,15 +144,18 @@ def run_model(runs: list[str]) -> ModelSpec:
 
 def sample(model: ModelSpec, prompts: list[str], out: Path, val: ValidationSpec, lora: str | list[str] = "",
            scales: tuple[float, ...] = (1.0,), height: int | None = None, width: int | None = None,
-           runs: list[str] | None = None, grid: Path | None = None):
+           runs: list[str] | None = None, grid: Path | None = None, embeddings: list[str] | None = None):
     """Yield each image as it is written: every prompt (seed val.seed + its index) in every column: the base model
     (when a scale is 0, or nothing else is given), then each LoRA file, run or checkpoint at each non-zero scale.
-    With `grid`, then write them all as one PNG with the settings in its metadata (sample_grid.py)."""
+    Embedding files (textual inversion) are loaded for every column: they act only where a prompt names their
+    token, so rows with and without it compare them. With `grid`, then write them all as one PNG with the
+    settings in its metadata (sample_grid.py)."""
     loras = [lora] if isinstance(lora, str) else list(lora)
     loras = [x for x in loras if x]
     runs = list(runs or [])
     for path in loras:
         _check_lora_file(path)
+    embedding_files = [_check_embedding(x) for x in embeddings or []]
     resolved = [(run, check_run(run)) for run in runs]
     if grid is not None and Path(grid).suffix.lower() != ".png":
         raise JobError(f"--grid: {grid}: expected a .png file")
@@ -150,12 +172,13 @@ def sample(model: ModelSpec, prompts: list[str], out: Path, val: ValidationSpec,
                            f"({family.title})")
     with tempfile.TemporaryDirectory(prefix="sdtrainer-sample-") as scratch:
         sources = lora_sources(loras, resolved, Path(scratch))
-        yield from _render_all(family_name, model, sources, prompts, out, val, scales, height, width, grid)
+        yield from _render_all(family_name, model, sources, prompts, out, val, scales, height, width, grid,
+                               embedding_files)
 
 
 def _render_all(family_name: str, model: ModelSpec, sources: list[LoraSource], prompts: list[str], out: Path,
                 val: ValidationSpec, scales: tuple[float, ...], height: int | None, width: int | None,
-                grid: Path | None):
+                grid: Path | None, embeddings: list[Path]):
     family = FAMILIES[family_name]
     module = family_module(family_name)
     parts = module.load(model.model_copy(update={"family": family_name}))
@@ -172,6 +195,13 @@ def _render_all(family_name: str, model: ModelSpec, sources: list[LoraSource], p
             option = "--lora" if source.file == Path(source.given).expanduser() else "--run"
             raise JobError(f"{option}: {source.given}: not a {family.title} LoRA "
                            f"({str(exc).splitlines()[0][:200]})") from None
+    if embeddings:
+        from .methods.tokens import load_embeddings_into
+
+        try:
+            load_embeddings_into(pipe, embeddings)
+        except JobError as exc:
+            raise JobError(f"--embedding: {exc}") from None
     # (source index or None for the base model, scale)
     columns: list[tuple[int | None, float]] = [(None, 0.0)] if not sources or 0 in scales else []
     columns += [(k, scale) for k in range(len(sources)) for scale in scales if scale != 0]
@@ -205,6 +235,7 @@ def _render_all(family_name: str, model: ModelSpec, sources: list[LoraSource], p
                     **({"apg_eta": val.apg_eta, "apg_norm_threshold": val.apg_norm_threshold,
                         "apg_momentum": val.apg_momentum} if val.guidance == "apg" else {}),
                     "width": size[0], "height": size[1], "scales": list(scales),
+                    "embeddings": [str(path) for path in embeddings],
                     "columns": [{"label": label, "source": "" if k is None else sources[k].given,
                                  "file": "" if k is None or sources[k].exported else str(sources[k].file),
                                  "scale": scale}
