@@ -53,7 +53,8 @@ class TryPanel(QWidget):
         self.checkpoints = QListWidget()
         self.checkpoints.setToolTip("Tick the run's final LoRA and the checkpoints to compare side by side")
         self.loras = QListWidget()
-        self.loras.setToolTip("LoRA .safetensors files (diffusers or kohya format) for the same base model")
+        self.loras.setToolTip("LoRA .safetensors files (diffusers or kohya format), each a column, and "
+                              "textual-inversion embeddings, used by every column where a prompt names their token")
         self.prompts = QPlainTextEdit()
         self.prompts.setPlaceholderText("one prompt a line")
         self.seed = QSpinBox()
@@ -74,11 +75,13 @@ class TryPanel(QWidget):
         self.scales = QLineEdit("0 0.5 1")
         self.scales.setToolTip("LoRA strengths, space-separated; 0 is the base model (the LoRA switched off)")
 
-        browse_run, browse_model, add_lora, remove_lora, from_job = (
-            QPushButton(text) for text in ("Browse…", "Browse…", "Add LoRA file…", "Remove", "From current job"))
+        browse_run, browse_model, add_lora, add_embedding, remove_lora, from_job = (
+            QPushButton(text) for text in ("Browse…", "Browse…", "Add LoRA…", "Add embedding…", "Remove",
+                                           "From current job"))
         browse_run.clicked.connect(self._browse_run)
         browse_model.clicked.connect(self._browse_model)
-        add_lora.clicked.connect(self._add_lora)
+        add_lora.clicked.connect(lambda: self._add_file("--lora"))
+        add_embedding.clicked.connect(lambda: self._add_file("--embedding"))
         remove_lora.clicked.connect(lambda: [self.loras.takeItem(self.loras.row(i))
                                              for i in self.loras.selectedItems()])
         from_job.clicked.connect(lambda: self.fill_from_job(force=True))
@@ -102,12 +105,13 @@ class TryPanel(QWidget):
         column = QVBoxLayout(lora_buttons)
         column.setContentsMargins(0, 0, 0, 0)
         column.addWidget(add_lora)
+        column.addWidget(add_embedding)
         column.addWidget(remove_lora)
         column.addStretch(1)
         form = QFormLayout()
         form.addRow("Run folder", _row(self.run, browse_run, from_job))
         form.addRow("Final / checkpoints", self.checkpoints)
-        form.addRow("LoRA files", _row(self.loras, lora_buttons))
+        form.addRow("LoRA / embedding files", _row(self.loras, lora_buttons))
         form.addRow("Base model", _row(self.model, browse_model))
         form.addRow("Prompts", self.prompts)
         form.addRow("Strengths", self.scales)
@@ -116,7 +120,7 @@ class TryPanel(QWidget):
         settings = QWidget()
         settings.setLayout(form)
         self.checkpoints.setMaximumHeight(72)
-        self.loras.setMaximumHeight(52)
+        self.loras.setMaximumHeight(78)
         self.prompts.setMaximumHeight(64)
 
         self.grid_widget = QWidget()
@@ -182,14 +186,19 @@ class TryPanel(QWidget):
             item = self.checkpoints.item(i)
             item.setCheckState(Qt.CheckState.Checked if item.text() in names else Qt.CheckState.Unchecked)
 
-    def add_lora(self, path: str) -> None:
-        self.loras.addItem(path)
+    def add_file(self, option: str, path: str) -> None:
+        """A LoRA file (`--lora`: a column of its own) or an embedding (`--embedding`: loaded for every column)."""
+        item = QListWidgetItem(f"{'LoRA' if option == '--lora' else 'embedding'}: {path}")
+        item.setData(Qt.ItemDataRole.UserRole, option)
+        item.setData(Qt.ItemDataRole.UserRole + 1, path)
+        self.loras.addItem(item)
 
     def arguments(self) -> list[str] | str:
         """`trainer sample`'s arguments for what the panel shows, or the one line saying what is missing."""
         runs = [self.checkpoints.item(i).data(Qt.ItemDataRole.UserRole) for i in range(self.checkpoints.count())
                 if self.checkpoints.item(i).checkState() == Qt.CheckState.Checked]
-        loras = [self.loras.item(i).text() for i in range(self.loras.count())]
+        files = [(item.data(Qt.ItemDataRole.UserRole), item.data(Qt.ItemDataRole.UserRole + 1))
+                 for item in map(self.loras.item, range(self.loras.count()))]
         prompts = [line.strip() for line in self.prompts.toPlainText().splitlines() if line.strip()]
         model = self.model.text().strip()
         if not prompts:
@@ -204,7 +213,7 @@ class TryPanel(QWidget):
             return "Strengths: give at least one (0 is the base model)."
         # `--option=value`: a prompt or path starting with '-' stays a value
         args = [*([f"--model={model}"] if model else []), *(f"--run={run}" for run in runs),
-                *(f"--lora={lora}" for lora in loras), *(f"--prompt={p}" for p in prompts),
+                *(f"{option}={path}" for option, path in files), *(f"--prompt={p}" for p in prompts),
                 "--lora-scale", *(f"{s:g}" for s in scales), f"--seed={self.seed.value()}",
                 f"--steps={self.steps.value()}", f"--guidance-scale={self.guidance.value():g}"]
         for option, box in (("--width", self.width_box), ("--height", self.height_box)):
@@ -367,10 +376,11 @@ class TryPanel(QWidget):
         if folder:
             self.model.setText(folder)
 
-    def _add_lora(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "LoRA file", self.run.text(), "LoRA files (*.safetensors)")
+    def _add_file(self, option: str) -> None:
+        kind = "LoRA" if option == "--lora" else "Embedding"
+        path, _ = QFileDialog.getOpenFileName(self, f"{kind} file", self.run.text(), f"{kind} files (*.safetensors)")
         if path:
-            self.add_lora(path)
+            self.add_file(option, path)
 
 
 def _row(*widgets: QWidget) -> QWidget:

@@ -88,6 +88,13 @@ def test_try_says_what_is_missing_and_shows_the_trainers_refusal(qtbot, window, 
     panel.scales.setText("0 half")
     assert not panel.start() and "Strengths" in panel.status.text()
     panel.scales.setText("0 1")
+    panel.add_file("--lora", "-odd/a.safetensors")
+    panel.add_file("--embedding", "e.safetensors")
+    args = panel.arguments()
+    assert args[:3] == [f"--model={tmp_path / 'no-model'}", "--lora=-odd/a.safetensors", "--embedding=e.safetensors"]
+    assert args[3:] == ["--prompt=a shape", "--lora-scale", "0", "1", "--seed=0", "--steps=20",
+                        "--guidance-scale=7.5"]
+    panel.loras.clear()
     with qtbot.waitSignal(panel.finished, timeout=120000) as done:
         assert panel.start()
     assert not done.args[0]
