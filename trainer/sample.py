@@ -1,5 +1,6 @@
-"""`trainer sample`: render prompts with a base model and, optionally, a LoRA file at several strengths, through
-the family's validation pipeline and the guidance validation uses (CFG or APG), so the images match a run's.
+"""`trainer sample`: render prompts with a base model and, side by side on one seed, LoRA files, runs and their
+checkpoints at several strengths, through the family's validation pipeline and the guidance validation uses (CFG
+or APG), so the images match a run's. A checkpoint is read the way `trainer export` reads it.
 
 `render` is the one place a prompt becomes an image: training's validation calls it too.
 """
