@@ -381,12 +381,16 @@ def cmd_sample(args) -> int:
         raise JobError(f"--{first_error(exc).replace('_', '-')}") from None
     if not args.model and not args.run:
         raise JobError("--model: required (or --run, whose job names the base model)")
-    _quiet_libraries()
-    from .sample import run_model, sample
+    from .families.detect import check_model_path
 
-    model = ModelSpec(path=args.model, config=args.config or "") if args.model else run_model(args.run)
     grid = Path(args.grid) if args.grid else None
     try:
+        if args.model:  # a wrong path answers at once, before the libraries load (the window waits for it)
+            check_model_path(ModelSpec(path=args.model))
+        _quiet_libraries()
+        from .sample import run_model, sample
+
+        model = ModelSpec(path=args.model, config=args.config or "") if args.model else run_model(args.run)
         for image in sample(model, args.prompt, Path(args.out), val, args.lora or [], tuple(args.lora_scale),
                             args.height, args.width, runs=args.run or [], grid=grid,
                             embeddings=args.embedding or []):
