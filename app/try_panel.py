@@ -237,8 +237,7 @@ class TryPanel(QWidget):
         self._clear_grid()
         self._out = QTemporaryDir()  # removed with the next render or the window
         out = Path(self._out.path())
-        self._grid_path = out / "grid.png"
-        args += [f"--out={out / 'images'}", f"--grid={self._grid_path}", "--json"]
+        args += [f"--out={out / 'images'}", f"--grid={out / 'grid.png'}", "--json"]
         self._lines, self._stderr = LineBuffer(MAX_LINE), b""
         self.process = QProcess(self)
         self.process.setWorkingDirectory(str(REPO_ROOT))  # where `-m trainer` is found

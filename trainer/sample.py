@@ -105,7 +105,8 @@ def check_run(run: str):
             job = src.job
     except JobError as exc:
         raise JobError(f"--run: {exc}") from None
-    if job.network.kind not in ADAPTER_KINDS and job.text_encoder.mode != "lora":
+    # a full fine-tune's LoRA (text encoders only) would be sampled without the weights it trained beside it
+    if job.network.kind == "full" or (job.network.kind not in ADAPTER_KINDS and job.text_encoder.mode != "lora"):
         raise JobError(f"--run: {run}: the run trained no LoRA (network.kind {job.network.kind}); sample its "
                        "final/diffusers folder as --model")
     if job.network.kind in LYCORIS_ONLY:
