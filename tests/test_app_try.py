@@ -2,7 +2,6 @@
 checkpoints beside the base model, on one seed; the saved grid carries its settings."""
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +9,6 @@ from PIL import Image
 
 from trainer.cli import main
 from trainer.sample_grid import read_settings
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
