@@ -26,6 +26,7 @@ def _pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"), dtype=int)
 
 
+@pytest.mark.slow  # the real trainer renders in a child process: 20-60 s on a shared 2-core CPU
 def test_try_grid_of_a_finished_demo_lora(qtbot, window, demo_run, tmp_path, capsys):
     assert window.load_preset(demo_run / "job.json")  # the run's own job: its output_dir is the run
     panel = window.try_panel
