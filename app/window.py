@@ -33,6 +33,7 @@ from .run_panel import RunPanel
 from .remote_panel import RemotePanel
 from .settings import APPLICATION, RESOURCES, REPO_ROOT, autosave_path, data_dir, settings, user_presets_dir
 from .trainer_process import TrainerProcess
+from .try_panel import TryPanel
 
 _ICONS = QStyle.StandardPixmap
 STATE_TEXT = {"idle": "Idle", "starting": "Starting the trainer…", "running": "Training",
@@ -66,16 +67,16 @@ class MainWindow(QMainWindow):
         self.editor_tabs.addTab(self.form, "All settings")
         self.dataset = DatasetView(trainer_command=self.runner.command_prefix)
         self.run_panel = RunPanel()
-        self.tabs = QTabWidget()
-        self.tabs.addTab(self.dataset, "Dataset")
-        self.tabs.addTab(self.run_panel, "Run")
         self.remote = RemotePanel(self)
         self.remote.job_file = self._remote_job
-        self.tabs.addTab(self.remote, "Remote")
+        self.try_panel = TryPanel(trainer_command=self.runner.command_prefix)
+        self.try_panel.current_job = self.form.job_or_none
         self.queue = QueuePanel(self, self.runner)
-        self.tabs.addTab(self.queue, "Queue")
         self.estimate = EstimatePanel(self.form, self)  # estimates only while its tab is shown
-        self.tabs.addTab(self.estimate, "Memory")
+        self.tabs = QTabWidget()  # in the order of the work: the data, will it fit, the run, more runs, the result
+        for widget, title in ((self.dataset, "Dataset"), (self.estimate, "Memory"), (self.run_panel, "Run"),
+                              (self.queue, "Queue"), (self.try_panel, "Try"), (self.remote, "Remote")):
+            self.tabs.addTab(widget, title)
         self.splitter = QSplitter(Qt.Orientation.Horizontal)
         self.splitter.addWidget(self.editor_tabs)
         self.splitter.addWidget(self.tabs)
@@ -649,6 +650,7 @@ class MainWindow(QMainWindow):
         self.dataset.close_captioner()
         self.remote.save()
         self.remote.stop_following()  # the remote run goes on; a later window follows it again
+        self.try_panel.kill()
         if self._demo is not None:  # a demo still building: its end must not reach a closed window
             self._demo.finished.disconnect()
             self._demo.kill()

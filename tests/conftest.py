@@ -65,14 +65,11 @@ def demo_template(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def demo_job(demo_template, tmp_path):
-    """A fresh copy of the demo whose job points at this test's own folder."""
+def _copy_demo(demo_template, root):
     import shutil
 
     from trainer.job import load_job, save_job
 
-    root = tmp_path / "demo"
     shutil.copytree(demo_template, root)
     job = load_job(root / "job.json")
     job.model.path = str(root / "model")
@@ -80,6 +77,24 @@ def demo_job(demo_template, tmp_path):
     job.output.output_dir = str(root / "run")
     save_job(job, root / "job.json")
     return root / "job.json"
+
+
+@pytest.fixture
+def demo_job(demo_template, tmp_path):
+    """A fresh copy of the demo whose job points at this test's own folder."""
+    return _copy_demo(demo_template, tmp_path / "demo")
+
+
+@pytest.fixture(scope="session")
+def demo_run(demo_template, tmp_path_factory):
+    """A finished demo LoRA run of two steps with checkpoints step-1 and step-2 (no validation images); read it,
+    don't write in it."""
+    from trainer.cli import main
+
+    job = _copy_demo(demo_template, tmp_path_factory.mktemp("demo-run") / "demo")
+    assert main(["run", str(job), "--set", "schedule.max_steps=2", "--set", "output.checkpoint_every=1",
+                 "--set", "validation.prompts=[]", "--set", "validation.at_start=false"]) == 0
+    return job.parent / "run"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -13,10 +13,11 @@ CONTRACTS = {"trainer.job", "trainer.events", "trainer.blocks", "trainer.familie
              "trainer.data.masks",  # which mask belongs to which image: the dataset view's overlay
              "trainer.job_queue",  # the Queue tab checks and names exits by the headless queue's rules
              "trainer.gpus",  # the Memory tab's table of common GPUs
+             "trainer.run.checkpoint_files",  # which checkpoints are complete: the Try tab lists them
              # File > Import... maps other trainers' configs by the same tables as `trainer import` (json, tomllib)
              "trainer.imports.command", "trainer.imports.report", "trainer.imports.kohya", "trainer.imports.sd_scripts",
              "trainer.imports.onetrainer", "trainer.imports.simpletuner", "trainer.imports.ai_toolkit"}
-APP_MAY_IMPORT = CONTRACTS | {"trainer", "trainer.families", "trainer.data", "trainer.imports"}  # empty packages
+APP_MAY_IMPORT = CONTRACTS | {"trainer", "trainer.families", "trainer.data", "trainer.imports", "trainer.run"}  # empty packages
 
 
 def test_app_never_imports_torch():

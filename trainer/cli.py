@@ -408,21 +408,32 @@ def cmd_sample(args) -> int:
                              apg_norm_threshold=args.apg_norm_threshold, apg_momentum=args.apg_momentum)
     except ValidationError as exc:
         raise JobError(f"--{first_error(exc).replace('_', '-')}") from None
-    _quiet_libraries()
-    from .sample import sample
+    if not args.model and not args.run:
+        raise JobError("--model: required (or --run, whose job names the base model)")
+    from .families.detect import check_model_path
 
-    model = ModelSpec(path=args.model, config=args.config or "")
+    grid = Path(args.grid) if args.grid else None
     try:
-        for image in sample(model, args.prompt, Path(args.out), val, args.lora or "", tuple(args.lora_scale),
-                            args.height, args.width):
+        if args.model:  # a wrong path answers at once, before the libraries load (the window waits for it)
+            check_model_path(ModelSpec(path=args.model))
+        _quiet_libraries()
+        from .sample import run_model, sample
+
+        model = ModelSpec(path=args.model, config=args.config or "") if args.model else run_model(args.run)
+        for image in sample(model, args.prompt, Path(args.out), val, args.lora or [], tuple(args.lora_scale),
+                            args.height, args.width, runs=args.run or [], grid=grid,
+                            embeddings=args.embedding or []):
             if args.json:
                 print(json.dumps({"path": str(image.path), "prompt": image.prompt, "scale": image.scale,
-                                  "seed": image.seed}), flush=True)
+                                  "seed": image.seed, "row": image.row, "column": image.column,
+                                  "label": image.label, "source": image.source}), flush=True)
             else:
-                print(f"wrote {image.path} (scale {image.scale:g}, seed {image.seed})", flush=True)
+                print(f"wrote {image.path} ({image.label}, scale {image.scale:g}, seed {image.seed})", flush=True)
     except JobError as exc:  # the model's checks name the job's field; here it is the option
         raise JobError(str(exc).replace("model.path:", "--model:", 1).replace("model.config:", "--config:", 1)) \
             from None
+    if grid is not None:
+        print(json.dumps({"grid": str(grid)}) if args.json else f"wrote {grid} (the grid)", flush=True)
     return EXIT_OK
 
 
@@ -581,18 +592,27 @@ def _parser() -> argparse.ArgumentParser:
 
     smp = sub.add_parser("sample", help="render prompts with a base model and a trained LoRA at several strengths "
                          "(scale 0: the base model), as validation renders them (CFG or APG)")
-    smp.add_argument("--model", required=True, help="base model: diffusers folder, model id or single-file "
-                     ".safetensors checkpoint")
+    smp.add_argument("--model", help="base model: diffusers folder, model id or single-file .safetensors checkpoint "
+                     "(default with --run: the model the run trained on)")
     smp.add_argument("--config", metavar="DIR", help="for a single-file checkpoint: a diffusers folder or id "
                      "whose configs describe it")
-    smp.add_argument("--lora", metavar="FILE", help="a LoRA .safetensors file, diffusers or kohya format "
-                     "(default: none, the base model only)")
+    smp.add_argument("--lora", metavar="FILE", action="append", help="a LoRA .safetensors file, diffusers or "
+                     "kohya format; repeat for several side by side (default: none, the base model only)")
+    smp.add_argument("--run", metavar="FOLDER", action="append", help="a run folder (its final/ LoRA, else its "
+                     "newest checkpoint) or a checkpoint folder RUN/checkpoints/step-N; repeat for several side by "
+                     "side")
+    smp.add_argument("--embedding", metavar="FILE", action="append", help="a textual-inversion embedding "
+                     ".safetensors file (ours, A1111's or ComfyUI's), loaded for every column: a prompt uses it by "
+                     "its token; repeat for several")
     smp.add_argument("--lora-scale", type=float, nargs="+", default=[0.0, 1.0], metavar="S",
-                     help="LoRA strengths, each prompt rendered at each (default 0 1)")
+                     help="LoRA strengths, each prompt rendered with each LoRA at each (0: the base model, once; "
+                     "default 0 1)")
     smp.add_argument("--prompt", required=True, action="append", help="a prompt; repeat for several")
     smp.add_argument("--negative", default="", help="negative prompt")
     smp.add_argument("--out", required=True, metavar="DIR", help="folder for the images, NN-prompt-scale.png")
     smp.add_argument("--json", action="store_true", help="one JSON object a line per image")
+    smp.add_argument("--grid", metavar="PNG", help="also write all images as one grid PNG (rows: prompts, "
+                     "columns: base and each LoRA at each scale) with the settings in its metadata")
     val = ValidationSpec.model_fields
     smp.add_argument("--seed", type=int, default=0, help="prompt N uses seed + N at every scale (default 0)")
     smp.add_argument("--steps", type=int, default=val["steps"].default,
