@@ -16,7 +16,7 @@ from PySide6.QtWidgets import QAbstractItemView, QDialog, QDialogButtonBox, QHBo
 
 from trainer.blocks import BlockEntryError, block_children, resolve_block
 
-from .settings import REPO_ROOT
+from .child import trainer_child
 
 NAME_ROLE = Qt.ItemDataRole.UserRole
 PARAMS_ROLE = Qt.ItemDataRole.UserRole + 1
@@ -120,10 +120,7 @@ class BlockPicker(QDialog):
         self._enable_tree(False)
         self.resize(560, 640)
 
-        self.process = QProcess(self)
-        self.process.setWorkingDirectory(str(REPO_ROOT))
-        self.process.finished.connect(self._on_finished)
-        self.process.errorOccurred.connect(self._on_process_error)
+        self.process = trainer_child(self, finished=self._on_finished, error=self._on_process_error)
         path = model_path.strip()
         if not path:
             self._fail("model.path: choose a base model first")

@@ -15,7 +15,7 @@ from PySide6.QtWidgets import QCheckBox, QDialog, QDialogButtonBox, QFormLayout,
 from trainer.events import LineBuffer, decode
 from trainer.job import DatasetSpec
 
-from .settings import REPO_ROOT
+from .child import trainer_child
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
 MAX_LINE = 1 << 16
@@ -64,12 +64,8 @@ class CaptionProcess(QObject):
             return
         args = self._queue.pop(0)
         self._lines, self._stderr = LineBuffer(MAX_LINE), b""
-        self.process = QProcess(self)
-        self.process.setWorkingDirectory(str(REPO_ROOT))  # where `-m trainer` is found
-        self.process.readyReadStandardOutput.connect(self._read)
-        self.process.readyReadStandardError.connect(self._read_errors)
-        self.process.finished.connect(self._done)
-        self.process.errorOccurred.connect(self._error)
+        self.process = trainer_child(self, stdout=self._read, stderr=self._read_errors, finished=self._done,
+                                     error=self._error)
         self.process.start(self.command_prefix[0], [*self.command_prefix[1:], *args])
 
     def _read(self) -> None:

@@ -12,10 +12,11 @@ import json
 import sys
 from dataclasses import dataclass
 
-from PySide6.QtCore import QProcess, Qt
+from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (QButtonGroup, QDialog, QDialogButtonBox, QLabel, QListWidget, QListWidgetItem,
                                QRadioButton, QVBoxLayout)
 
+from .child import trainer_child
 from .settings import REPO_ROOT, settings
 
 MODES = {"one": "One GPU", "data_parallel": "Data-parallel: every chosen GPU trains its share of each batch",
@@ -95,10 +96,7 @@ class DevicesDialog(QDialog):
         buttons.rejected.connect(self.reject)
         layout.addWidget(buttons)
         self._out = b""
-        self.process = QProcess(self)
-        self.process.setWorkingDirectory(str(REPO_ROOT))
-        self.process.readyReadStandardOutput.connect(self._read)
-        self.process.finished.connect(self._listed)
+        self.process = trainer_child(self, stdout=self._read, finished=self._listed)
         command = devices_command or [sys.executable, "-m", "trainer", "devices", "--json"]
         self.process.start(command[0], command[1:])
 

@@ -22,8 +22,9 @@ from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QFormLayout, QGridLayo
 from trainer.gpus import GPUS, match_gpu
 from trainer.job import save_job
 
+from .child import trainer_child
 from .job_form import JobForm
-from .settings import REPO_ROOT, settings
+from .settings import settings
 
 GIB = 2**30
 OTHER = "Other: memory in GiB"
@@ -148,11 +149,8 @@ class EstimatePanel(QWidget):
 
     def list_devices(self) -> None:
         """Ask the trainer which GPUs it sees; the estimate waits for the answer."""
-        self.devices = QProcess(self)
-        self.devices.setWorkingDirectory(str(REPO_ROOT))
-        self.devices.finished.connect(self._devices_listed)
-        self.devices.errorOccurred.connect(
-            lambda error: self._devices_listed(-1, None) if error == QProcess.ProcessError.FailedToStart else None)
+        self.devices = trainer_child(self, finished=self._devices_listed, error=lambda error: self._devices_listed(
+            -1, None) if error == QProcess.ProcessError.FailedToStart else None)
         command = self.devices_command or [*self.trainer_command, "devices", "--json"]
         self.devices.start(command[0], command[1:])
 
@@ -198,12 +196,9 @@ class EstimatePanel(QWidget):
         self.summary.setText(f"Estimating the job on {self.gpu.currentText()}… (the trainer traces one step on "
                              "fake tensors: seconds)")
         self._out, self._err = b"", b""
-        process = QProcess(self)
-        process.setWorkingDirectory(str(REPO_ROOT))
-        process.readyReadStandardOutput.connect(lambda: self._read(process))
-        process.readyReadStandardError.connect(lambda: self._read_err(process))
-        process.finished.connect(lambda code, _s: self._done(process, code))
-        process.errorOccurred.connect(lambda error: self._failed_to_start(process, error))
+        process = trainer_child(self, stdout=lambda: self._read(process), stderr=lambda: self._read_err(process),
+                                finished=lambda code, _s: self._done(process, code),
+                                error=lambda error: self._failed_to_start(process, error))
         self.process = process
         process.start(self.trainer_command[0], args)
 

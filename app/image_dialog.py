@@ -9,6 +9,17 @@ from PySide6.QtWidgets import QDialog, QLabel, QScrollArea, QVBoxLayout, QWidget
 MIN_SIDE = 512  # tiny images (demo samples are 64 px) are blown up with nearest-neighbour to this size
 
 
+def show_image(label: QLabel, pixmap: QPixmap, path: str, side: int) -> None:
+    """`pixmap` (read from `path`) on `label`: one smaller than `side` is blown up with nearest-neighbour so its
+    pixels stay sharp; one that cannot be read says so."""
+    if pixmap.isNull():
+        label.setText(f"Cannot read {path}")
+        return
+    if max(pixmap.width(), pixmap.height()) < side:
+        pixmap = pixmap.scaled(side, side, Qt.AspectRatioMode.KeepAspectRatio, Qt.TransformationMode.FastTransformation)
+    label.setPixmap(pixmap)
+
+
 class ImageDialog(QDialog):
     def __init__(self, path: str, caption: str = "", parent: QWidget | None = None, mask=None):
         """`mask`: a dataset image's mask (its file, or 'alpha'), shown as on the thumbnails."""
@@ -22,13 +33,7 @@ class ImageDialog(QDialog):
             pixmap = QPixmap.fromImage(with_mask(QImage(path), None if mask == "alpha" else str(mask)))
         image = QLabel()
         image.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        if pixmap.isNull():
-            image.setText(f"Cannot read {path}")
-        else:
-            if max(pixmap.width(), pixmap.height()) < MIN_SIDE:
-                pixmap = pixmap.scaled(MIN_SIDE, MIN_SIDE, Qt.AspectRatioMode.KeepAspectRatio,
-                                       Qt.TransformationMode.FastTransformation)
-            image.setPixmap(pixmap)
+        show_image(image, pixmap, path, MIN_SIDE)
         scroll = QScrollArea()
         scroll.setWidget(image)
         scroll.setWidgetResizable(True)

@@ -17,7 +17,8 @@ from PySide6.QtCore import QProcess, QTimer, Signal
 from PySide6.QtWidgets import (QFormLayout, QHBoxLayout, QLabel, QLineEdit, QPlainTextEdit, QPushButton, QSpinBox,
                                QVBoxLayout, QWidget)
 
-from .settings import REPO_ROOT, settings
+from .child import trainer_child
+from .settings import settings
 
 GROUP = "remote"
 FIELDS = ("host", "user", "port", "key", "folder", "python", "options")
@@ -71,14 +72,12 @@ class RemotePanel(QWidget):
         layout.addWidget(self.state_label)
         layout.addWidget(self.log, 1)
 
-        self.task = QProcess(self)  # one-shot commands: start, stop, save, ..., fetch
-        self.follower = QProcess(self)  # `remote follow` / `remote resume`: runs while the run does
-        for proc in (self.task, self.follower):
-            proc.setWorkingDirectory(str(REPO_ROOT))
-            proc.setProcessChannelMode(QProcess.ProcessChannelMode.MergedChannels)
-            proc.readyReadStandardOutput.connect(lambda p=proc: self._read(p))
-        self.task.finished.connect(self._task_finished)
-        self.follower.finished.connect(self._follow_finished)
+        # one-shot commands (start, stop, save, ..., fetch), and `remote follow` / `remote resume`, which run while
+        # the run does
+        self.task = trainer_child(self, stdout=lambda: self._read(self.task), finished=self._task_finished,
+                                  merged=True)
+        self.follower = trainer_child(self, stdout=lambda: self._read(self.follower),
+                                      finished=self._follow_finished, merged=True)
         self._retry = QTimer(self)
         self._retry.setSingleShot(True)
         self._retry.setInterval(RETRY_MS)

@@ -23,7 +23,8 @@ from trainer.events import LineBuffer
 from trainer.job import Job
 from trainer.run.checkpoint_files import complete
 
-from .settings import REPO_ROOT
+from .child import trainer_child
+from .image_dialog import show_image
 
 MAX_LINE = 1 << 16
 CELL = 128  # demo images are 64 px: shown larger, nearest-neighbour, so their pixels stay visible
@@ -239,12 +240,8 @@ class TryPanel(QWidget):
         out = Path(self._out.path())
         args += [f"--out={out / 'images'}", f"--grid={out / 'grid.png'}", "--json"]
         self._lines, self._stderr = LineBuffer(MAX_LINE), b""
-        self.process = QProcess(self)
-        self.process.setWorkingDirectory(str(REPO_ROOT))  # where `-m trainer` is found
-        self.process.readyReadStandardOutput.connect(self._read)
-        self.process.readyReadStandardError.connect(self._read_errors)
-        self.process.finished.connect(self._done)
-        self.process.errorOccurred.connect(self._error)
+        self.process = trainer_child(self, stdout=self._read, stderr=self._read_errors, finished=self._done,
+                                     error=self._error)
         self.render_button.setEnabled(False)
         self.stop_button.setEnabled(True)
         self.save_button.setEnabled(False)
@@ -334,15 +331,8 @@ class TryPanel(QWidget):
             prompt.setWordWrap(True)
             prompt.setMaximumWidth(180)
             self.grid.addWidget(prompt, row + 1, 0)
-        pixmap = QPixmap(item["path"])
         cell = QLabel()
-        if pixmap.isNull():
-            cell.setText(f"Cannot read {item['path']}")
-        else:
-            if max(pixmap.width(), pixmap.height()) < CELL:
-                pixmap = pixmap.scaled(CELL, CELL, Qt.AspectRatioMode.KeepAspectRatio,
-                                       Qt.TransformationMode.FastTransformation)
-            cell.setPixmap(pixmap)
+        show_image(cell, QPixmap(item["path"]), item["path"], CELL)
         cell.setToolTip(f"{item['prompt']} — seed {item.get('seed')}")
         self.grid.addWidget(cell, row + 1, column + 1)
         self.cells[(row, column)] = item["path"]

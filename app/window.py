@@ -22,15 +22,16 @@ from trainer.job import (DEMO_METHODS, PRESETS_DIR, Job, JobError, from_sparse, 
 
 from . import live_run
 from .autosave import Autosave
+from .child import trainer_child
 from .dataset_view import DatasetView
 from .devices import DevicesDialog, save_launch, saved_launch
 from .essentials import EssentialsPage
 from .estimate_panel import EstimatePanel
 from .job_form import JobForm
 from .queue_panel import QueuePanel
+from .remote_panel import RemotePanel
 from .run_folder import RunFolder
 from .run_panel import RunPanel
-from .remote_panel import RemotePanel
 from .settings import APPLICATION, RESOURCES, REPO_ROOT, autosave_path, data_dir, settings, user_presets_dir
 from .trainer_process import TrainerProcess
 from .try_panel import TryPanel
@@ -328,10 +329,8 @@ class MainWindow(QMainWindow):
     def create_demo(self, folder: str | Path, method: str = "lora") -> None:
         """`python -m trainer demo FOLDER --method METHOD` in the background; its job is loaded when it is done."""
         folder = Path(folder)
-        self._demo = QProcess(self)
-        self._demo.setWorkingDirectory(str(REPO_ROOT))
-        self._demo.setProcessChannelMode(QProcess.ProcessChannelMode.MergedChannels)
-        self._demo.finished.connect(lambda code, status: self._on_demo_built(folder, code))
+        self._demo = trainer_child(self, finished=lambda code, status: self._on_demo_built(folder, code),
+                                   merged=True)
         self.act_demo.setEnabled(False)
         self._notice(f"Building the demo in {folder} (a tiny model and dataset; a few seconds)…")
         self._demo.start(self.runner.command_prefix[0],
