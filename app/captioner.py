@@ -15,7 +15,7 @@ from PySide6.QtWidgets import QCheckBox, QDialog, QDialogButtonBox, QFormLayout,
 from trainer.events import LineBuffer, decode
 from trainer.job import DatasetSpec
 
-from .child import trainer_child
+from .child import failure, trainer_child
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
 MAX_LINE = 1 << 16
@@ -81,10 +81,10 @@ class CaptionProcess(QObject):
         self._read()
         self._read_errors()
         self.process = None
-        lines = [line for line in self._stderr.decode("utf-8", "replace").splitlines() if line.strip()]
-        if status != QProcess.ExitStatus.NormalExit or code != 0:
+        reason = failure(code, status, self._stderr, "caption")
+        if reason is not None:
             self._queue.clear()
-            self.finished.emit(False, lines[-1] if lines else f"the caption command stopped (exit code {code})")
+            self.finished.emit(False, reason)
             return
         self._next()
 

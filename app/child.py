@@ -22,3 +22,12 @@ def trainer_child(parent: QObject, *, stdout=None, stderr=None, finished=None, e
         if slot is not None:
             signal.connect(slot)
     return process
+
+
+def failure(code: int, status: QProcess.ExitStatus, stderr: bytes, what: str) -> str | None:
+    """None when the command ended well; else why not, in one line: the last line it wrote to stderr (the
+    trainer's one-line error), or its exit code."""
+    if status == QProcess.ExitStatus.NormalExit and code == 0:
+        return None
+    lines = [line for line in stderr.decode("utf-8", "replace").splitlines() if line.strip()]
+    return lines[-1] if lines else f"the {what} command stopped (exit code {code})"

@@ -23,7 +23,7 @@ from trainer.events import LineBuffer
 from trainer.job import Job
 from trainer.run.checkpoint_files import complete
 
-from .child import trainer_child
+from .child import failure, trainer_child
 from .image_dialog import show_image
 
 MAX_LINE = 1 << 16
@@ -280,9 +280,8 @@ class TryPanel(QWidget):
         self._read_errors()
         self.process = None
         self._reset_buttons()
-        lines = [line for line in self._stderr.decode("utf-8", "replace").splitlines() if line.strip()]
-        if status != QProcess.ExitStatus.NormalExit or code != 0:
-            reason = lines[-1] if lines else f"the sample command stopped (exit code {code})"
+        reason = failure(code, status, self._stderr, "sample")
+        if reason is not None:
             self._say(reason, error=True)
             self.finished.emit(False, reason)
             return
