@@ -65,6 +65,7 @@ class EstimatePanel(QWidget):
         self.summary.setWordWrap(True)
         self.bar = QProgressBar()
         self.bar.setTextVisible(True)
+        self.bar.hide()  # until an estimate arrives
         self.speed = QLabel("")
         self.parts = QLabel("")
         self.warning = QLabel("")
@@ -149,6 +150,7 @@ class EstimatePanel(QWidget):
 
     def list_devices(self) -> None:
         """Ask the trainer which GPUs it sees; the estimate waits for the answer."""
+        self.summary.setText("Asking the trainer which GPUs it sees…")
         self.devices = trainer_child(self, finished=self._devices_listed, error=lambda error: self._devices_listed(
             -1, None) if error == QProcess.ProcessError.FailedToStart else None)
         command = self.devices_command or [*self.trainer_command, "devices", "--json"]
@@ -271,6 +273,7 @@ class EstimatePanel(QWidget):
         for text_label in (self.speed, self.parts, self.warning, self.failure):
             text_label.setText("")
         self.bar.setValue(0)
+        self.bar.hide()  # until there is a peak to show against the memory
         while self.fixes_grid.count():
             widget = self.fixes_grid.takeAt(0).widget()
             if widget is not None:
@@ -286,6 +289,7 @@ class EstimatePanel(QWidget):
         self.summary.setText(f"Peak {peak:.2f} GiB of {memory:g} GiB on {self.gpu.currentText()}: "
                              f"{'fits' if result['fits'] else 'does not fit'} ({w}x{h}, batch "
                              f"{result['batch_size']}, {result['precision']})")
+        self.bar.show()
         self.bar.setMaximum(1000)
         self.bar.setValue(min(1000, int(1000 * peak / memory)))
         self.bar.setFormat(f"{peak:.2f} / {memory:g} GiB")
