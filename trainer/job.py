@@ -725,7 +725,7 @@ def defaults_for(data: dict) -> dict:
     out = defaults()
     for section, (key, models) in UNIONS.items():
         chosen = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
-        if chosen in models and chosen != out[section][key]:
+        if isinstance(chosen, str) and chosen in models and chosen != out[section][key]:
             out[section] = models[chosen]().model_dump(mode="json")
     return out
 

@@ -677,13 +677,15 @@ def _save_checkpoint(run: _Run) -> None:
                              "warning")
         return
     if run.main or sharding.active():
-        with optimizers.eval_mode(run.optimizer):  # the weights to use; resume rebuilds the training point
+        # The weights to use; resume rebuilds the training point. They are written inside the context: outside it
+        # the tensors (the parameters themselves, not copies) hold the training point again.
+        with optimizers.eval_mode(run.optimizer):
             weights, optimizer_state, shadow = _checkpointed(run)
-    if run.main:
-        info = {"epoch": run.epoch, "job": run.job.model_dump(mode="json")}
-        path = checkpoint.save(run.out / "checkpoints", run.step, weights, optimizer_state, run.lr_scheduler,
-                               info, run.job.output.keep_last, ema=shadow)
-        run.reporter.emit("checkpoint", step=run.step, path=str(path))
+            if run.main:
+                info = {"epoch": run.epoch, "job": run.job.model_dump(mode="json")}
+                path = checkpoint.save(run.out / "checkpoints", run.step, weights, optimizer_state,
+                                       run.lr_scheduler, info, run.job.output.keep_last, ema=shadow)
+                run.reporter.emit("checkpoint", step=run.step, path=str(path))
     run.accelerator.wait_for_everyone()
 
 
