@@ -288,7 +288,7 @@ class EstimatePanel(QWidget):
         w, h = result["bucket"]
         self.summary.setText(f"Peak {peak:.2f} GiB of {memory:g} GiB on {self.gpu.currentText()}: "
                              f"{'fits' if result['fits'] else 'does not fit'} ({w}x{h}, batch "
-                             f"{result['batch_size']}, {result['precision']})")
+                             f"{result['batch_size']}, mixed precision {result['precision']})")
         self.bar.show()
         self.bar.setMaximum(1000)
         self.bar.setValue(min(1000, int(1000 * peak / memory)))
