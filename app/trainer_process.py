@@ -133,12 +133,13 @@ class TrainerProcess(QObject):
         args = [*prefix, "run", str(job_path), "--events", self.address]
         return (args + ["--resume"] if resume else args), env
 
-    def send(self, name: str) -> bool:
-        """Send stop/save/sample; the trainer acts at its next step. False if no trainer is connected."""
+    def send(self, name: str, prompts: list[str] | None = None) -> bool:
+        """Send stop/save/sample/pause/continue (`sample` with its own prompts, if given); the trainer acts at its
+        next step. False if no trainer is connected."""
         if self._client is None:
             self.notice.emit(f"cannot send {name}: the trainer has not connected yet")
             return False
-        self._client.write(command(name))
+        self._client.write(command(name, prompts))
         self._client.flush()
         if name == "stop":
             self._set_state("stopping")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from PySide6.QtCore import QByteArray, QProcess, Qt, QTimer, QUrl, Signal
 from PySide6.QtGui import QAction, QDesktopServices, QIcon, QKeySequence
-from PySide6.QtWidgets import QComboBox, QFileDialog, QLabel, QMainWindow, QMessageBox, QSplitter, QStyle, \
-    QTabWidget, QToolBar
+from PySide6.QtWidgets import QComboBox, QFileDialog, QInputDialog, QLabel, QMainWindow, QMessageBox, QSplitter, \
+    QStyle, QTabWidget, QToolBar
 
 from trainer.data.files import scan_dataset
 from trainer.events import COMMAND_DIR, read_events
@@ -171,6 +171,9 @@ class MainWindow(QMainWindow):
                                          "Ask the trainer to save a checkpoint at its next step", _ICONS.SP_DialogSaveButton)
         self.act_sample_now = self._action("Sa&mple now", lambda: self._command("sample"), "F7",
                                            "Ask the trainer to render validation images at its next step", _ICONS.SP_FileDialogContentsView)
+        self.act_sample_prompts = self._action("Sample &prompts…", self.sample_prompts_dialog, "Ctrl+F7",
+                                               "Render prompts you type now (one a line) instead of the validation "
+                                               "prompts, at the next step or while paused")
         self.act_pause = self._action("&Pause", self._toggle_pause, "F8",
                                       "Pause: the trainer keeps the model loaded and steps nothing; Save and Sample "
                                       "still work. Press again to continue, exactly where it was",
@@ -183,7 +186,8 @@ class MainWindow(QMainWindow):
                                             "Open the run folder in the system's file manager")
         self.act_readme = self._action("&README", lambda: QDesktopServices.openUrl(
             QUrl.fromLocalFile(str(REPO_ROOT / "README.md"))), "F1", "Open the README")
-        for action in (self.act_start, self.act_stop, self.act_pause, self.act_save_now, self.act_sample_now):
+        for action in (self.act_start, self.act_stop, self.act_pause, self.act_save_now, self.act_sample_now,
+                       self.act_sample_prompts):
             action.setShortcutContext(Qt.ShortcutContext.ApplicationShortcut)
 
     def devices_dialog(self) -> None:
@@ -201,7 +205,7 @@ class MainWindow(QMainWindow):
             file_menu.addSeparator() if action is None else file_menu.addAction(action)
         run_menu = self.menuBar().addMenu("&Run")
         for action in (self.act_start, self.act_stop, self.act_pause, None, self.act_save_now,
-                       self.act_sample_now, None, self.act_devices, None, self.act_kill):
+                       self.act_sample_now, self.act_sample_prompts, None, self.act_devices, None, self.act_kill):
             run_menu.addSeparator() if action is None else run_menu.addAction(action)
         help_menu = self.menuBar().addMenu("&Help")
         help_menu.addAction(self.act_readme)
@@ -403,6 +407,7 @@ class MainWindow(QMainWindow):
             self._on_pause_changed(False, 0, quiet=True)
         self.act_save_now.setEnabled(running)
         self.act_sample_now.setEnabled(running)
+        self.act_sample_prompts.setEnabled(running)
         self.act_kill.setEnabled(not idle)
         self.act_open_run.setEnabled(idle)
         self.preset_combo.setEnabled(idle)
@@ -502,6 +507,15 @@ class MainWindow(QMainWindow):
                           "sample": "Asked the trainer to render validation images at its next step",
                           "pause": "Asked the trainer to pause after its current step",
                           "continue": "Asked the trainer to continue"}[name])
+
+    def sample_prompts_dialog(self) -> None:
+        """Run → Sample prompts…: the prompts typed, one a line (the validation prompts to start from)."""
+        job = self.form.job_or_none()
+        text = self.ask_text("Sample prompts", "Prompts to render with the weights as they are now, one a line:",
+                             "\n".join(job.validation.prompts) if job else "")
+        prompts = [line.strip() for line in (text or "").splitlines() if line.strip()]
+        if prompts and self.runner.send("sample", prompts):
+            self._notice(f"Asked the trainer to render {len(prompts)} prompt(s) at its next step")
 
     def _toggle_pause(self) -> None:
         self._command("continue" if self.paused else "pause")
@@ -706,6 +720,11 @@ class MainWindow(QMainWindow):
         box.exec()
         clicked = box.clickedButton()
         return buttons[made.index(clicked)] if clicked in made else None
+
+    def ask_text(self, title: str, label: str, text: str) -> str | None:
+        """Several lines typed by the user (None if cancelled). Tests replace this."""
+        value, ok = QInputDialog.getMultiLineText(self, title, label, text)
+        return value if ok else None
 
     def _error(self, title: str, text: str) -> None:
         self._notice(f"{title}: {text}")

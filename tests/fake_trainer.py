@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
             if name == "save":
                 reporter.emit("checkpoint", step=step, path=str(out / "checkpoints" / f"step-{step}"))
             if name == "sample":
-                _samples(reporter, out, step, prompts)
+                _samples(reporter, out, step, reporter.take_prompts() or prompts)
         if step == 3 and mode == "crash":
             raise RuntimeError("CUDA out of memory (fake)")
         if step == 3 and mode == "kill":

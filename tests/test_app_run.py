@@ -144,6 +144,11 @@ def test_save_now_and_sample_now_reach_the_trainer(app_window, qtbot, tmp_path, 
     with qtbot.waitSignal(app_window.runner.sampleReceived, timeout=5000):
         app_window.act_sample_now.trigger()
     qtbot.waitUntil(lambda: app_window.run_panel.gallery.image_count == before + 2, timeout=5000)
+    offered = []
+    app_window.ask_text = lambda title, label, text: offered.append(text) or "a green triangle\n\n"
+    with qtbot.waitSignal(app_window.runner.sampleReceived, timeout=5000) as got:
+        app_window.act_sample_prompts.trigger()  # Run → Sample prompts…: typed prompts, not the validation ones
+    assert offered == ["a red circle\na blue square"] and got.args[0]["prompt"] == "a green triangle"
     with qtbot.waitSignal(app_window.runner.finished, timeout=15000):
         app_window.act_stop.trigger()
 

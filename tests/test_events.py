@@ -138,3 +138,41 @@ def test_a_command_file_older_than_the_run_is_dropped(tmp_path):
     warnings = [e["message"] for e in read_events(tmp_path / "events.jsonl")[0]
                 if e["type"] == "log"]
     assert warnings == [f"{COMMAND_DIR}/stop was written before this run started: ignored"]
+
+
+def test_a_sample_command_carries_its_prompts_by_socket_and_by_file(tmp_path, monkeypatch):
+    from trainer.events import COMMAND_DIR, MAX_SAMPLE_PROMPTS
+
+    with pytest.raises(ValueError):
+        command("save", ["a cat"])  # only `sample` renders prompts
+    with pytest.raises(ValueError):
+        command("sample", ["x"] * (MAX_SAMPLE_PROMPTS + 1))
+    listener = EventListener(token="secret")
+    monkeypatch.setenv(TOKEN_ENV, "secret")
+    reporter = Reporter(tmp_path / "events.jsonl", listener.address, stream=None)
+    reporter.emit("log", level="info", message="connected")
+    assert listener.wait_for("log", timeout=5) is not None
+
+    def next_commands():
+        deadline, got = time.monotonic() + 5, []
+        while not got and time.monotonic() < deadline:
+            got = reporter.commands()
+            time.sleep(0.01)
+        return got
+
+    listener.send("sample", ["a blue square", " a cat "])
+    assert next_commands() == ["sample"] and reporter.take_prompts() == ["a blue square", "a cat"]
+    assert reporter.take_prompts() is None  # taken once
+    listener.send("sample")
+    assert next_commands() == ["sample"] and reporter.take_prompts() is None  # none: the validation prompts
+
+    (tmp_path / COMMAND_DIR).mkdir()
+    (tmp_path / COMMAND_DIR / "sample").write_text("a red circle\n\n  a green square\n")
+    assert reporter.commands() == ["sample"] and reporter.take_prompts() == ["a red circle", "a green square"]
+    (tmp_path / COMMAND_DIR / "sample").write_text("x" * 5000)  # too long: still a sample, of the job's prompts
+    assert reporter.commands() == ["sample"] and reporter.take_prompts() is None
+    reporter.close()
+    listener.close()
+    warnings = [e["message"] for e in read_events(tmp_path / "events.jsonl")[0] if e["type"] == "log"
+                and e["level"] == "warning"]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{COMMAND_DIR}/sample: the prompts sent with `sample`")

@@ -5,6 +5,7 @@ paused, and the loss curve is the one of a run never paused."""
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -38,9 +39,10 @@ def test_pause_sample_save_continue_over_the_socket(demo_job, unpaused):
         listener.send("pause")
         paused = listener.wait_for("paused", timeout=60)
         assert paused is not None
-        listener.send("sample")
+        listener.send("sample", ["a blue square"])  # prompts of its own, in place of the validation prompts
         sample = listener.wait_for("sample", timeout=60)
-        assert sample is not None and sample["step"] == paused["step"]
+        assert sample is not None and sample["step"] == paused["step"] and sample["prompt"] == "a blue square"
+        assert Path(sample["path"]).name == f"step-{paused['step']:06d}-asked-00.png"
         listener.send("save")
         assert listener.wait_for("checkpoint", timeout=60)["step"] == paused["step"]
         steps = [e for e in listener.events if e["type"] == "step"]

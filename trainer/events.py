@@ -53,7 +53,9 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
 # with this weight, debiased, so the first points are not pulled towards 0.
 LOSS_SMOOTHING = 0.97
 MAX_EVENT_BYTES = 1 << 20  # a run_started event carries the job; no event comes near this
-MAX_COMMAND_BYTES = 4096
+MAX_COMMAND_BYTES = 65536  # a `sample` command may carry its prompts
+MAX_SAMPLE_PROMPTS = 32
+MAX_PROMPT_CHARS = 1000  # 32 of them still fit one command line
 MAX_READ_BYTES = 1 << 20  # read from the socket per step at most: a flood cannot hold training up
 
 
@@ -153,10 +155,29 @@ def hello_ok(line: bytes, token: str) -> bool:
     return isinstance(msg, dict) and msg.get("type") == "hello" and msg.get("token") == token
 
 
-def command(name: str) -> bytes:
+def command(name: str, prompts: list[str] | None = None) -> bytes:
+    """One command line. `sample` may carry the prompts to render, in place of the job's validation prompts."""
     if name not in COMMANDS:
         raise ValueError(f"unknown command {name!r}")
-    return encode({"command": name})
+    if prompts is None:
+        return encode({"command": name})
+    if name != "sample" or sample_prompts(prompts) is None:
+        raise ValueError(f"a {name} command cannot carry these prompts")
+    return encode({"command": name, "prompts": prompts})
+
+
+def sample_prompts(value) -> list[str] | None:
+    """The prompts a `sample` command sent, or None when they are not a short list of short, non-empty texts."""
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_SAMPLE_PROMPTS:
+        return None
+    if not all(isinstance(p, str) and p.strip() and len(p) <= MAX_PROMPT_CHARS for p in value):
+        return None
+    return [p.strip() for p in value]
+
+
+def _read_small(path: Path) -> str:
+    with open(path, "rb") as f:
+        return f.read(MAX_COMMAND_BYTES).decode("utf-8", "replace")
 
 
 class Reporter:
@@ -177,6 +198,7 @@ class Reporter:
         self._listeners: list = []
         # File times come from a coarser clock than time.time() (a file made just now can look a few ms older)
         self._opened = time.time() - STALE_SLACK_S
+        self._prompts: list[str] | None = None  # sent with the last `sample` command, until the trainer takes them
         if address:
             self._connect(address)
 
@@ -225,14 +247,32 @@ class Reporter:
             path = self.path.parent / COMMAND_DIR / name
             try:
                 written = path.stat().st_mtime
+                # `sample` may hold prompts, one a line; read before the file goes
+                text = _read_small(path) if name == "sample" else ""
                 os.unlink(path)
             except OSError:
                 continue  # taken already, or not ours to delete: acted on by no one twice
             if name in COMMANDS and written < self._opened:
                 self.log(f"{COMMAND_DIR}/{name} was written before this run started: ignored", "warning")
             elif name in COMMANDS:
+                lines = [line for line in text.splitlines() if line.strip()]
+                self._take_prompts(lines or None, f"{COMMAND_DIR}/{name}")
                 out.append(name)
         return out
+
+    def take_prompts(self) -> list[str] | None:
+        """The prompts the last `sample` command carried (None: the job's validation prompts), once."""
+        prompts, self._prompts = self._prompts, None
+        return prompts
+
+    def _take_prompts(self, value, source: str) -> None:
+        if value is None:
+            return
+        prompts = sample_prompts(value)
+        if prompts is None:
+            self.log(f"{source}: the prompts sent with `sample` are not {MAX_SAMPLE_PROMPTS} or fewer non-empty "
+                     f"texts of up to {MAX_PROMPT_CHARS} characters; it renders the validation prompts", "warning")
+        self._prompts = prompts
 
     def _socket_commands(self) -> list[str]:
         if self._sock is None:
@@ -253,10 +293,13 @@ class Reporter:
         out = []
         for line in lines:
             try:
-                name = json.loads(line).get("command")
+                message = json.loads(line)
+                name = message.get("command")
             except (ValueError, AttributeError, RecursionError):  # not JSON, not an object, nested too deep
                 continue
             if name in COMMANDS:
+                if name == "sample":
+                    self._take_prompts(message.get("prompts"), "the window's sample command")
                 out.append(name)
         return out
 
@@ -362,11 +405,11 @@ class EventListener:
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
-    def send(self, name: str) -> None:
+    def send(self, name: str, prompts: list[str] | None = None) -> None:
         with self._lock:
             if self._client is None:
                 raise RuntimeError("no trainer connected")
-            self._client.sendall(command(name))
+            self._client.sendall(command(name, prompts))
 
     def wait_for(self, type_: str, timeout: float = 60.0) -> dict | None:
         deadline = time.monotonic() + timeout

@@ -347,9 +347,9 @@ def _loop(run: _Run, requests: Requests) -> str:
             if wants.save or (every and step % every == 0 and step < plan.total_steps):
                 _save_checkpoint(run)
             val_every = job.validation.every_n_steps
-            if job.validation.prompts and (wants.sample or (val_every and step % val_every == 0
-                                                            and step < plan.total_steps)):
-                _validate(run, step)
+            if wants.sample or (job.validation.prompts and val_every and step % val_every == 0
+                                and step < plan.total_steps):
+                _validate(run, step, asked=wants.sample)
                 timer.pause_excluded()
             if run.holdout is not None and step % job.validation.loss_every_n_steps == 0 \
                     and step < plan.total_steps:
@@ -638,8 +638,8 @@ def _paused(run: _Run, requests: Requests, held: bool) -> Requests:
         wants = _gather_requests(run.accelerator, run.reporter, requests)
         if wants.save:
             _save_checkpoint(run)
-        if wants.sample and run.job.validation.prompts:
-            _validate(run, run.step)
+        if wants.sample:
+            _validate(run, run.step, asked=True)
         if wants.stop or wants.proceed or wants.toggle or (held and not wants.held):
             break
         held = wants.held
@@ -732,18 +732,25 @@ def _exported_weights(run: _Run):
 
 
 @torch.no_grad()
-def _validate(run: _Run, step: int) -> None:
-    """Render the validation prompts with the weights that would be exported now."""
-    accelerator, parts, job = run.accelerator, run.parts, run.job
+def _validate(run: _Run, step: int, asked: bool = False) -> None:
+    """Render the validation prompts with the weights that would be exported now; `asked`: a `sample` command,
+    whose own prompts (rank 0 holds them) replace the validation prompts. Every process comes here together."""
+    accelerator = run.accelerator
+    prompts = run.job.validation.prompts
+    if run.main and asked:
+        prompts = run.reporter.take_prompts() or prompts
+        if not prompts:
+            run.reporter.log("sample: the job has no validation prompts and the command sent none", "warning")
     if run.main or sharding.active():
         with _exported_denoiser(run, accelerator.device) as model:
-            if run.main:
-                _render_prompts(run, step, model)
+            if run.main and prompts:
+                _render_prompts(run, step, model, prompts, "asked" if prompts != run.job.validation.prompts else "")
     accelerator.wait_for_everyone()
 
 
-def _render_prompts(run: _Run, step: int, model) -> None:
-    """Rank 0: the validation images of `model` (holding the weights to export), saved and announced."""
+def _render_prompts(run: _Run, step: int, model, prompts: list[str], tag: str) -> None:
+    """Rank 0: images of `model` (holding the weights to export) for `prompts`, saved and announced; `tag` keeps
+    the files of prompts sent with a `sample` command apart from the validation prompts' own."""
     accelerator, parts, job = run.accelerator, run.parts, run.job
     val = job.validation
     modules = list(run.tr.modules.values()) or [model]
@@ -755,12 +762,12 @@ def _render_prompts(run: _Run, step: int, model) -> None:
     samples = run.out / "samples"
     samples.mkdir(parents=True, exist_ok=True)
     res = job.dataset.resolution
-    for i, prompt in enumerate(val.prompts):
+    for i, prompt in enumerate(prompts):
         seed = val.seed + i
         with accelerator.autocast():
             image = render(pipe, model, FAMILIES[run.plan.family].cfg_halves, _expand(run, prompt), val, seed,
                            res, res)
-        path = samples / f"step-{step:06d}-{i:02d}.png"
+        path = samples / f"step-{step:06d}-{tag + '-' if tag else ''}{i:02d}.png"
         image.save(path)
         run.reporter.emit("sample", step=step, prompt=prompt, seed=seed, path=str(path))
     for name in run.released:
