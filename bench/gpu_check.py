@@ -13,6 +13,10 @@ allocated`, the peak of training: the trainer resets it once the encoders have c
 steady speed (steps after the second, from the events' times). Exit 0 when every estimate that ran is within
 --tolerance of its measurement, 1 otherwise, 2 without a CUDA GPU.
 
+Then the suite's `gpu`-marked tests run on this GPU (`pytest -m gpu`: the bf16/fused-AdamW/TF32 paths, the SD1.5
+estimate within 10%, DeepSpeed ZeRO-2 on the demo when DeepSpeed is installed) and their summary line is printed;
+`--no-tests` leaves them out. A failed test makes the exit 1 too.
+
 --compile: each preset that ran trains again with `speed.compile: regional` (torch.compile of the denoiser's
 repeated blocks, inductor), and a second table gives both steady speeds and the compiled run's peak; the compile
 itself falls in the first two steps, which the steady speed leaves out, and its time is the runs' difference.
@@ -53,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=0.10, help="largest relative error of the memory "
                         "estimate that passes (default 0.10)")
     parser.add_argument("--keep", metavar="DIR", help="work here and keep the runs (default: a temporary folder)")
+    parser.add_argument("--no-tests", action="store_true", help="leave out the suite's gpu-marked tests")
     parser.add_argument("--compile", action="store_true", help="also train each preset that ran with "
                         "speed.compile=regional and print both speeds")
     args = parser.parse_args(argv)
@@ -81,9 +86,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile:
         print()
         print("\n".join(compile_table(rows)))
+    tests_failed = False
+    if not args.no_tests:
+        tests = gpu_tests()
+        print(f"\ngpu-marked tests: {_last_line(tests.stdout)}")
+        tests_failed = tests.returncode not in (0, 5)  # 5: none collected
     bad = [r for r in rows if r.get("measured_gib") and abs(error(r)) > args.tolerance]
     failed = [r for r in rows if r["status"] == "failed"]
-    return 1 if bad or failed else 0
+    return 1 if bad or failed or tests_failed else 0
+
+
+def gpu_tests() -> subprocess.CompletedProcess:
+    """The suite's tests that only a GPU runs (they skip themselves elsewhere)."""
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests"],
+                          cwd=ROOT, capture_output=True, text=True)
 
 
 def check_preset(preset: str, folder: Path, steps: int, memory_gib: float, gpu_name: str) -> dict:
