@@ -138,6 +138,13 @@ def test_a_command_file_older_than_the_run_is_dropped(tmp_path):
     warnings = [e["message"] for e in read_events(tmp_path / "events.jsonl")[0]
                 if e["type"] == "log"]
     assert warnings == [f"{COMMAND_DIR}/stop was written before this run started: ignored"]
+    # A run's start is when its process began: a command written while it scanned the dataset is its own.
+    early = tmp_path / COMMAND_DIR / "pause"
+    early.touch()
+    os.utime(early, (early.stat().st_mtime - 20,) * 2)
+    reporter = Reporter(tmp_path / "events2.jsonl", stream=None, started=early.stat().st_mtime - 10)
+    assert reporter.commands() == ["pause"]
+    reporter.close()
 
 
 def test_a_sample_command_carries_its_prompts_by_socket_and_by_file(tmp_path, monkeypatch):

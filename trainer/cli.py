@@ -202,7 +202,8 @@ def cmd_run(args) -> int:
     ranks.agree(summary, "dataset")
     out = plan.output_dir
     if ranks.is_main():
-        reporter = Reporter(out / "events.jsonl", args.events, plan.total_steps, stream=sys.stderr)
+        # a command file written while the dataset was scanned is this run's
+        reporter = Reporter(out / "events.jsonl", args.events, plan.total_steps, stream=sys.stderr, started=started)
     else:  # its events in its own log: rank 0 names a failed rank's reason from there
         reporter = Reporter(ranks.log_path(out, ranks.rank()), None, plan.total_steps, stream=None)
     try:

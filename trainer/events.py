@@ -184,7 +184,9 @@ class Reporter:
     """Where the trainer's events go: events.jsonl always, the window's socket if given, and the terminal."""
 
     def __init__(self, events_path: str | Path, address: str | None = None, total_steps: int = 0,
-                 stream=sys.stderr):
+                 stream=sys.stderr, started: float | None = None):
+        """`started`: when the run began (time.time()); a command file older than that was meant for an earlier
+        run. Default: now."""
         self.path = Path(events_path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "ab")
@@ -197,7 +199,7 @@ class Reporter:
         self._last_line = 0.0
         self._listeners: list = []
         # File times come from a coarser clock than time.time() (a file made just now can look a few ms older)
-        self._opened = time.time() - STALE_SLACK_S
+        self._opened = (started or time.time()) - STALE_SLACK_S
         self._prompts: list[str] | None = None  # sent with the last `sample` command, until the trainer takes them
         if address:
             self._connect(address)
