@@ -144,6 +144,21 @@ def test_check_says_what_fsdp_leaves_on_each_gpu(demo_job, capsys):
     assert each <= one
 
 
+def test_the_fsdp_figure_divides_the_denoisers_parts_and_keeps_activations_and_encoders():
+    import re
+
+    from trainer.estimate import CONTEXT_BYTES, FRAGMENTATION, GIB, Estimate
+
+    peak = {"frozen weights": 8 * GIB, "trainable weights": 4 * GIB, "gradients": 4 * GIB, "optimizer state": 8 * GIB,
+            "activations": 3 * GIB, "encoders": 1 * GIB}
+    est = Estimate("sdxl", (1024, 1024), 1, "bf16", peak, flops=0, trainable=1, params=1)
+    for processes, counted in ((2, 12 + 4), (4, 6 + 4), (8, 3 + 4)):  # 24 GiB split; 4 GiB stay whole
+        expected = (counted * GIB * (1 + FRAGMENTATION) + CONTEXT_BYTES) / GIB
+        line = est.fsdp_line(processes)
+        shown = float(re.search(r"about ([\d.]+) GiB peak per GPU", line).group(1))
+        assert abs(shown - expected) <= 0.051, (processes, line)  # printed to 0.1 GiB
+
+
 def test_a_deepspeed_launch_without_deepspeed_is_one_line(demo_job, monkeypatch, capsys):
     if importlib.util.find_spec("deepspeed") is not None:
         pytest.skip("DeepSpeed is installed here")
