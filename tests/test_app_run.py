@@ -9,6 +9,8 @@ from PIL import Image
 
 from trainer.events import hello
 
+WAIT = 60_000  # ms for a trainer process to start and answer: generous, as CI runs two heavy workers side by side
+
 
 def make_dataset(folder, count=3, missing=1):
     folder.mkdir(parents=True, exist_ok=True)
@@ -28,7 +30,7 @@ def setup_job(window, tmp_path, missing=0, prompts=("a red circle", "a blue squa
     assert window.act_start.isEnabled(), window.start_reasons
 
 
-def run_to_end(qtbot, window, timeout=15000):
+def run_to_end(qtbot, window, timeout=WAIT):
     with qtbot.waitSignal(window.runner.finished, timeout=timeout) as blocker:
         assert window.start()
     return blocker.args
@@ -62,7 +64,7 @@ def test_failing_trainer_shows_its_error_and_start_works_again(app_window, qtbot
                                                                mode, expect):
     monkeypatch.setenv("FAKE_MODE", mode)
     setup_job(app_window, tmp_path)
-    with qtbot.waitSignal(app_window.runner.failed, timeout=15000) as failed:
+    with qtbot.waitSignal(app_window.runner.failed, timeout=WAIT) as failed:
         assert app_window.start()
     assert expect in failed.args[0].splitlines()[0]
     banner = app_window.run_panel.banner
@@ -83,7 +85,7 @@ def test_exit_is_reported_within_a_second(app_window, qtbot, tmp_path, monkeypat
     monkeypatch.setenv("FAKE_MODE", "forever")
     monkeypatch.setenv("FAKE_DELAY", "0.02")
     setup_job(app_window, tmp_path)
-    with qtbot.waitSignal(app_window.runner.stepReceived, timeout=15000):
+    with qtbot.waitSignal(app_window.runner.stepReceived, timeout=WAIT):
         assert app_window.start()
     with qtbot.waitSignal(app_window.runner.finished, timeout=1000) as finished:
         killed_at = time.monotonic()
@@ -95,9 +97,9 @@ def test_exit_is_reported_within_a_second(app_window, qtbot, tmp_path, monkeypat
 def test_wrong_token_connection_is_refused(app_window, qtbot, tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_MODE", "wrongtoken")
     setup_job(app_window, tmp_path)
-    with qtbot.waitSignal(app_window.runner.refused, timeout=15000):
+    with qtbot.waitSignal(app_window.runner.refused, timeout=WAIT):
         assert app_window.start()
-    qtbot.waitSignal(app_window.runner.finished, timeout=15000).wait()
+    qtbot.waitSignal(app_window.runner.finished, timeout=WAIT).wait()
     assert app_window.run_panel.plot.point_count == 0  # nothing from the refused client was read
 
 
@@ -105,7 +107,7 @@ def test_raw_socket_with_wrong_token_is_refused(app_window, qtbot, tmp_path, mon
     monkeypatch.setenv("FAKE_MODE", "forever")
     monkeypatch.setenv("FAKE_DELAY", "0.05")
     setup_job(app_window, tmp_path)
-    with qtbot.waitSignal(app_window.runner.connected, timeout=15000):
+    with qtbot.waitSignal(app_window.runner.connected, timeout=WAIT):
         assert app_window.start()
     port = app_window.runner._server.serverPort()
     intruder = socket.create_connection(("127.0.0.1", port))
@@ -113,7 +115,7 @@ def test_raw_socket_with_wrong_token_is_refused(app_window, qtbot, tmp_path, mon
     with qtbot.waitSignal(app_window.runner.refused, timeout=5000):
         pass
     intruder.close()
-    with qtbot.waitSignal(app_window.runner.finished, timeout=15000):
+    with qtbot.waitSignal(app_window.runner.finished, timeout=WAIT):
         app_window.act_stop.trigger()
 
 
@@ -121,10 +123,10 @@ def test_stop_makes_the_trainer_exit_3(app_window, qtbot, tmp_path, monkeypatch)
     monkeypatch.setenv("FAKE_MODE", "forever")
     monkeypatch.setenv("FAKE_DELAY", "0.02")
     setup_job(app_window, tmp_path)
-    with qtbot.waitSignal(app_window.runner.stepReceived, timeout=15000):
+    with qtbot.waitSignal(app_window.runner.stepReceived, timeout=WAIT):
         assert app_window.start()
     assert app_window.act_stop.isEnabled() and not app_window.act_start.isEnabled()
-    with qtbot.waitSignal(app_window.runner.finished, timeout=15000) as finished:
+    with qtbot.waitSignal(app_window.runner.finished, timeout=WAIT) as finished:
         app_window.act_stop.trigger()
     assert finished.args[0] == 3
     assert "stopped" in app_window.run_panel.banner.text()
@@ -136,7 +138,7 @@ def test_save_now_and_sample_now_reach_the_trainer(app_window, qtbot, tmp_path, 
     monkeypatch.setenv("FAKE_DELAY", "0.02")
     monkeypatch.setenv("FAKE_SAMPLE_EVERY", "0")
     setup_job(app_window, tmp_path)
-    with qtbot.waitSignal(app_window.runner.stepReceived, timeout=15000):
+    with qtbot.waitSignal(app_window.runner.stepReceived, timeout=WAIT):
         assert app_window.start()
     with qtbot.waitSignal(app_window.runner.checkpointReceived, timeout=5000):
         app_window.act_save_now.trigger()
@@ -149,7 +151,7 @@ def test_save_now_and_sample_now_reach_the_trainer(app_window, qtbot, tmp_path, 
     with qtbot.waitSignal(app_window.runner.sampleReceived, timeout=5000) as got:
         app_window.act_sample_prompts.trigger()  # Run → Sample prompts…: typed prompts, not the validation ones
     assert offered == ["a red circle\na blue square"] and got.args[0]["prompt"] == "a green triangle"
-    with qtbot.waitSignal(app_window.runner.finished, timeout=15000):
+    with qtbot.waitSignal(app_window.runner.finished, timeout=WAIT):
         app_window.act_stop.trigger()
 
 
@@ -177,7 +179,7 @@ def test_closing_while_training_can_leave_the_run_going(app_window, qtbot, tmp_p
     monkeypatch.setenv("FAKE_STEPS", "60")
     monkeypatch.setenv("FAKE_DELAY", "0.02")
     setup_job(app_window, tmp_path)
-    with qtbot.waitSignal(app_window.runner.stepReceived, timeout=15000):
+    with qtbot.waitSignal(app_window.runner.stepReceived, timeout=WAIT):
         assert app_window.start()
     pid = app_window.runner.pid
     app_window.answers.append("Leave it running")
@@ -185,7 +187,7 @@ def test_closing_while_training_can_leave_the_run_going(app_window, qtbot, tmp_p
     assert app_window.questions[-1][0] == "A run is in progress"
     # The trainer goes on without the window and finishes its run.
     events = tmp_path / "run" / "events.jsonl"
-    qtbot.waitUntil(lambda: '"run_finished"' in events.read_text(), timeout=15000)
+    qtbot.waitUntil(lambda: '"run_finished"' in events.read_text(), timeout=WAIT)
     import os
     try:
         os.waitpid(pid, 0)  # reap it: it is still our child in this test process
@@ -194,7 +196,7 @@ def test_closing_while_training_can_leave_the_run_going(app_window, qtbot, tmp_p
 
 
 def test_create_demo_then_run_it(app_window, qtbot, tmp_path):
-    with qtbot.waitSignal(app_window.demoReady, timeout=15000):
+    with qtbot.waitSignal(app_window.demoReady, timeout=WAIT):
         app_window.create_demo(tmp_path / "demo")
     assert app_window.form.job_or_none().output.output_dir == str(tmp_path / "demo" / "run")
     assert app_window.act_start.isEnabled(), app_window.start_reasons
@@ -206,7 +208,7 @@ def test_closing_while_training_can_stop_the_run(app_window, qtbot, tmp_path, mo
     monkeypatch.setenv("FAKE_MODE", "forever")
     monkeypatch.setenv("FAKE_DELAY", "0.02")
     setup_job(app_window, tmp_path)
-    with qtbot.waitSignal(app_window.runner.stepReceived, timeout=15000):
+    with qtbot.waitSignal(app_window.runner.stepReceived, timeout=WAIT):
         assert app_window.start()
     pid = app_window.runner.pid
     app_window.answers.append("Stop the run")
