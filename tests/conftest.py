@@ -52,7 +52,7 @@ def app_window(qtbot):
     yield window
     if window.runner.state != "idle":
         window.runner.kill()
-        qtbot.waitUntil(lambda: window.runner.state == "idle", timeout=5000)
+        qtbot.waitUntil(lambda: window.runner.state == "idle", timeout=30_000)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ def open_window(qtbot, monkeypatch):
         window = MainWindow()  # restore=True: autosave is part of the user's settings
         window.questions, window.answers = [], list(answers)
         window.ask = lambda title, text, buttons: window.questions.append(title) or window.answers.pop(0)
-        qtbot.waitUntil(lambda: window.autosave.active, timeout=5000)  # the start-up offer has run
+        qtbot.waitUntil(lambda: window.autosave.active, timeout=30_000)  # the start-up offer has run
         return window
 
     return open_
@@ -41,7 +41,7 @@ def test_an_unsaved_job_is_offered_back_after_a_crash(open_window, qtbot, tmp_pa
     first.form.editor("network.alpha").set(3.5)
     first.form.editor("dataset.folders").set([{"path": "/no/such/folder", "instance_prompt": "sks cat"}])
     assert first.isWindowModified()
-    qtbot.waitUntil(autosave_path().is_file, timeout=5000)
+    qtbot.waitUntil(autosave_path().is_file, timeout=30_000)
     saved = json.loads(autosave_path().read_text())["job"]
     assert saved["network"]["alpha"] == 3.5 and saved["dataset"]["folders"][0]["instance_prompt"] == "sks cat"
     _crash(first, qtbot)

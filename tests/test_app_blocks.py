@@ -64,7 +64,7 @@ def test_unchecked_blocks_become_freeze_blocks_then_one_checked_block_train_bloc
     assert f"<b>{expected:,}</b>" in picker.total_label.text() != after_one
     assert picker.item("mid_block.resnets.0").checkState(0) == U  # a block's box sets its children
     assert "freeze_blocks" in picker.result_label.text()
-    with qtbot.waitSignal(form.changed, timeout=2000):
+    with qtbot.waitSignal(form.changed, timeout=30_000):
         qtbot.mouseClick(picker.ok_button, Qt.MouseButton.LeftButton)
     assert form.editor("layers.freeze_blocks").edit.toPlainText() == "down_blocks.0\nmid_block"
     assert form.editor("layers.train_blocks").edit.toPlainText() == ""

@@ -23,7 +23,7 @@ def test_counts_and_missing_captions(qtbot, tmp_path):
     make_images(tmp_path / "5_dog", 4, captions=3)
     view = DatasetView()
     qtbot.addWidget(view)
-    with qtbot.waitSignal(view.scanned, timeout=5000) as scanned:
+    with qtbot.waitSignal(view.scanned, timeout=30_000) as scanned:
         view.set_spec(DatasetSpec(folders=[{"path": str(tmp_path / "5_dog"), "instance_prompt": "a dog"}]))
     scan = scanned.args[0]
     assert (scan.num_images, scan.captions_found, scan.captions_missing) == (4, 3, 1)
@@ -42,9 +42,9 @@ def test_thumbnails_arrive_by_signal(qtbot, tmp_path):
     qtbot.addWidget(view)
     view.resize(800, 600)
     view.show()
-    with qtbot.waitSignal(view.scanned, timeout=5000):
+    with qtbot.waitSignal(view.scanned, timeout=30_000):
         view.set_spec(DatasetSpec(folders=[{"path": str(tmp_path)}]))
-    with qtbot.waitSignal(view.model.dataChanged, timeout=5000):
+    with qtbot.waitSignal(view.model.dataChanged, timeout=30_000):
         view.model.data(view.model.index(0), 1)  # DecorationRole asks for the thumbnail
 
 
@@ -68,7 +68,7 @@ def test_large_folder_scans_off_the_ui_thread(qtbot, tmp_path):
 def test_missing_folder_is_one_line(qtbot, tmp_path):
     view = DatasetView()
     qtbot.addWidget(view)
-    with qtbot.waitSignal(view.scanned, timeout=5000):
+    with qtbot.waitSignal(view.scanned, timeout=30_000):
         view.set_spec(DatasetSpec(folders=[{"path": str(tmp_path / "nope")}]))
     assert "folder not found" in view.error and "dataset.folders.0.path" in view.error
 
@@ -78,7 +78,7 @@ def test_imagefolder_captions_are_shown(qtbot, tmp_path):
     (folder / "metadata.jsonl").write_text('{"file_name": "00000.png", "text": "from the metadata"}\n')
     view = DatasetView()
     qtbot.addWidget(view)
-    with qtbot.waitSignal(view.scanned, timeout=5000) as scanned:
+    with qtbot.waitSignal(view.scanned, timeout=30_000) as scanned:
         view.set_spec(DatasetSpec(folders=[{"path": str(folder)}]))
     assert (scanned.args[0].captions_found, scanned.args[0].captions_missing) == (1, 1)
     first = view.model.index(0)
@@ -100,14 +100,14 @@ def test_masks_are_counted_and_overlaid_on_the_thumbnails(qtbot, tmp_path):
     alpha.save(tmp_path / "alpha" / "a.png")
     view = DatasetView()
     qtbot.addWidget(view)
-    with qtbot.waitSignal(view.scanned, timeout=5000):
+    with qtbot.waitSignal(view.scanned, timeout=30_000):
         view.set_spec(DatasetSpec(folders=[{"path": str(tmp_path / "data"), "mask": "folder"},
                                            {"path": str(tmp_path / "alpha"), "mask": "alpha"}]))
     assert view.mask_counts == (2, 1)
     assert "2 masks (1 images without" in view.counts.text()
     assert "masks/00000.png" in view.model.data(view.model.index(0), Qt.ItemDataRole.ToolTipRole)
     for row in range(3):
-        with qtbot.waitSignal(view.model.dataChanged, timeout=5000):
+        with qtbot.waitSignal(view.model.dataChanged, timeout=30_000):
             view.model.data(view.model.index(row), Qt.ItemDataRole.DecorationRole)
     thumbs = [view.model.data(view.model.index(row), Qt.ItemDataRole.DecorationRole).toImage() for row in range(3)]
     for row in (0, 2):
@@ -159,7 +159,7 @@ def test_caption_missing_runs_the_trainer_command_and_refreshes_the_marks(qtbot,
     data = make_images(tmp_path / "data", 3, captions=1)
     view = DatasetView(trainer_command=[sys.executable, "-c", FAKE_CAPTION])
     qtbot.addWidget(view)
-    with qtbot.waitSignal(view.scanned, timeout=5000):
+    with qtbot.waitSignal(view.scanned, timeout=30_000):
         view.set_spec(DatasetSpec(folders=[{"path": str(data), "instance_prompt": "sks"}]))
     assert view.caption_button.isEnabled() and "2 missing captions" in view.counts.text()
     asked = []
@@ -168,7 +168,7 @@ def test_caption_missing_runs_the_trainer_command_and_refreshes_the_marks(qtbot,
         view.caption_button.click()
     assert failed.args[0] is False
     assert "Captioning failed: error: --model: bad: not a captioning model" in view.caption_status.text()
-    qtbot.waitUntil(lambda: view.caption_button.isEnabled(), timeout=5000)
+    qtbot.waitUntil(lambda: view.caption_button.isEnabled(), timeout=30_000)
 
     view.ask_caption = lambda: ("tiny-model", "sks", "", False)
     progress = []
@@ -177,7 +177,7 @@ def test_caption_missing_runs_the_trainer_command_and_refreshes_the_marks(qtbot,
         view.caption_button.click()
         assert not view.caption_button.isEnabled() and not view.caption_progress.isHidden()
     assert finished.args[0] is True and progress == [(1, 2), (2, 2)]
-    qtbot.waitUntil(lambda: view.scan is not None and view.scan.captions_missing == 0, timeout=5000)
+    qtbot.waitUntil(lambda: view.scan is not None and view.scan.captions_missing == 0, timeout=30_000)
     assert (data / "00001.txt").read_text() == "sks fake caption of 00001.png\n"
     assert (data / "00000.txt").read_text() == "caption 0", "an existing caption is left alone"
     assert "missing captions" not in view.counts.text() and not view.caption_button.isEnabled()

@@ -27,7 +27,7 @@ def test_demo_run_through_the_window(qtbot, demo_job):
         assert window.start()
     assert finished.args[0]["status"] == "completed"
     if window.runner.state != "idle":
-        with qtbot.waitSignal(window.runner.finished, timeout=10000) as exited:
+        with qtbot.waitSignal(window.runner.finished, timeout=30_000) as exited:
             pass
         assert exited.args[0] == 0
     panel = window.run_panel

@@ -150,7 +150,7 @@ def test_essentials_from_a_blank_start_until_start(app_window, qtbot, demo_templ
     name = page.editors[("output", "name")].edit
     name.clear()
     qtbot.keyClicks(name, "shapes")
-    qtbot.waitUntil(window.act_start.isEnabled, timeout=10000)  # after the dataset's background scan
+    qtbot.waitUntil(window.act_start.isEnabled, timeout=30_000)  # after the dataset's background scan
     path = tmp_path / "job.json"
     assert window.save_job_file(path)
     typed = {"model": {"path": str(demo_template / "model")},

@@ -285,7 +285,7 @@ def test_dropping_a_folder_sets_the_dataset(app_window, tmp_path):
 def test_missing_dataset_folder_disables_start(app_window, qtbot, tmp_path):
     _fill_paths(app_window.form, tmp_path)
     app_window.form.set_dataset_folders([str(tmp_path / "not-there")])
-    qtbot.waitUntil(lambda: "folder not found" in app_window.reason_label.text(), timeout=5000)
+    qtbot.waitUntil(lambda: "folder not found" in app_window.reason_label.text(), timeout=30_000)
     assert not app_window.act_start.isEnabled()
 
 
@@ -294,7 +294,7 @@ def test_dataset_view_follows_the_dataset_while_another_field_is_invalid(app_win
 
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     app_window.form.editor("optimizer.learning_rate").edit.setText("abc")
-    with qtbot.waitSignal(app_window.dataset.scanned, timeout=5000):
+    with qtbot.waitSignal(app_window.dataset.scanned, timeout=30_000):
         app_window.form.set_dataset_folders([str(tmp_path)])
     assert app_window.dataset.scan.num_images == 1
 

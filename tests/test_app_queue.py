@@ -78,7 +78,7 @@ def test_a_failed_job_is_marked_the_queue_goes_on_and_a_new_window_restores_it(a
     assert queue.btn_run.isEnabled()
     assert queue.run()
     qtbot.waitUntil(lambda: "waiting" not in statuses(queue) and queue.running is None, timeout=60000)
-    qtbot.waitUntil(lambda: app_window.runner.state == "idle", timeout=10000)
+    qtbot.waitUntil(lambda: app_window.runner.state == "idle", timeout=30_000)
     assert statuses(queue) == ["done", "failed", "done"]
     assert "NaN loss at step 3 (fake)" in queue.entries[1].note
     assert queue.table.item(1, 1).text() == "failed"
@@ -143,7 +143,7 @@ def test_stop_ends_the_queue_and_a_job_cut_short_by_closing_is_resumed_next_time
     qtbot.waitUntil(lambda: statuses(window.queue) == ["done", "done"] and window.queue.running is None,
                     timeout=60000)
     assert starts == [("run-rank4", True), ("run-rank8", False)]  # the cut-short job resumed, the next one fresh
-    qtbot.waitUntil(lambda: window.runner.state == "idle", timeout=10000)
+    qtbot.waitUntil(lambda: window.runner.state == "idle", timeout=30_000)
 
 
 def _ended(pid):

@@ -34,17 +34,17 @@ def test_a_remote_run_from_the_window(app_window, qtbot, sshd, demo_job, tmp_pat
     panel.buttons["pause"].click()  # lands while the trainer there still imports torch: it pauses after step 1
     events = lambda: read_events(local / "events.jsonl")[0] if (local / "events.jsonl").is_file() else []  # noqa: E731
     qtbot.waitUntil(lambda: any(e["type"] == "paused" for e in events()), timeout=LONG)
-    qtbot.waitUntil(lambda: window.run_panel.plot._n == 1, timeout=10_000)  # followed live in the run view
+    qtbot.waitUntil(lambda: window.run_panel.plot._n == 1, timeout=30_000)  # followed live in the run view
     assert window.live_run_dir == local
 
-    qtbot.waitUntil(lambda: panel.buttons["stop"].isEnabled(), timeout=10_000)
+    qtbot.waitUntil(lambda: panel.buttons["stop"].isEnabled(), timeout=30_000)
     panel.buttons["stop"].click()
     qtbot.waitUntil(lambda: panel.status == "stopped", timeout=LONG)
     panel.buttons["resume"].click()
     qtbot.waitUntil(lambda: panel.status in ("completed", "failed"), timeout=LONG)
     assert panel.status == "completed", panel.log.toPlainText()
     # the run view reads the copied events on its own timer: the last step and the end may come in two reads
-    qtbot.waitUntil(lambda: window.run_panel.last_status == "completed", timeout=10_000)
+    qtbot.waitUntil(lambda: window.run_panel.last_status == "completed", timeout=30_000)
     assert window.run_panel.plot._n == 4
     panel.buttons["fetch"].click()
     qtbot.waitUntil(lambda: (local / "checkpoints").is_dir() and panel.buttons["fetch"].isEnabled(), timeout=60_000)

@@ -51,7 +51,7 @@ def test_fake_run_drives_progress_plot_and_gallery(app_window, qtbot, tmp_path, 
     assert "completed" in panel.banner.text()
     assert (tmp_path / "run" / "job.json").is_file()
     assert app_window.act_start.isEnabled()  # ready for the next run
-    qtbot.waitUntil(lambda: panel.gallery.table.item(0, 0).text() == "", timeout=5000)  # thumbnail arrived
+    qtbot.waitUntil(lambda: panel.gallery.table.item(0, 0).text() == "", timeout=30_000)  # thumbnail arrived
 
 
 @pytest.mark.parametrize("mode,expect", [
@@ -112,7 +112,7 @@ def test_raw_socket_with_wrong_token_is_refused(app_window, qtbot, tmp_path, mon
     port = app_window.runner._server.serverPort()
     intruder = socket.create_connection(("127.0.0.1", port))
     intruder.sendall(hello("guess"))
-    with qtbot.waitSignal(app_window.runner.refused, timeout=5000):
+    with qtbot.waitSignal(app_window.runner.refused, timeout=30_000):
         pass
     intruder.close()
     with qtbot.waitSignal(app_window.runner.finished, timeout=WAIT):
@@ -140,15 +140,15 @@ def test_save_now_and_sample_now_reach_the_trainer(app_window, qtbot, tmp_path, 
     setup_job(app_window, tmp_path)
     with qtbot.waitSignal(app_window.runner.stepReceived, timeout=WAIT):
         assert app_window.start()
-    with qtbot.waitSignal(app_window.runner.checkpointReceived, timeout=5000):
+    with qtbot.waitSignal(app_window.runner.checkpointReceived, timeout=30_000):
         app_window.act_save_now.trigger()
     before = app_window.run_panel.gallery.image_count
-    with qtbot.waitSignal(app_window.runner.sampleReceived, timeout=5000):
+    with qtbot.waitSignal(app_window.runner.sampleReceived, timeout=30_000):
         app_window.act_sample_now.trigger()
-    qtbot.waitUntil(lambda: app_window.run_panel.gallery.image_count == before + 2, timeout=5000)
+    qtbot.waitUntil(lambda: app_window.run_panel.gallery.image_count == before + 2, timeout=30_000)
     offered = []
     app_window.ask_text = lambda title, label, text: offered.append(text) or "a green triangle\n\n"
-    with qtbot.waitSignal(app_window.runner.sampleReceived, timeout=5000) as got:
+    with qtbot.waitSignal(app_window.runner.sampleReceived, timeout=30_000) as got:
         app_window.act_sample_prompts.trigger()  # Run → Sample prompts…: typed prompts, not the validation ones
     assert offered == ["a red circle\na blue square"] and got.args[0]["prompt"] == "a green triangle"
     with qtbot.waitSignal(app_window.runner.finished, timeout=WAIT):
@@ -269,18 +269,18 @@ def test_pause_then_continue_from_the_window(app_window, qtbot, tmp_path, monkey
     setup_job(window, tmp_path)
     assert not window.act_pause.isEnabled()
     assert window.start()
-    qtbot.waitUntil(lambda: window.act_pause.isEnabled(), timeout=10000)
+    qtbot.waitUntil(lambda: window.act_pause.isEnabled(), timeout=30_000)
     window.act_pause.trigger()
-    qtbot.waitUntil(lambda: window.paused, timeout=5000)
+    qtbot.waitUntil(lambda: window.paused, timeout=30_000)
     assert window.act_pause.text() == "&Continue"
     window.act_pause.trigger()
-    qtbot.waitUntil(lambda: not window.paused, timeout=5000)
+    qtbot.waitUntil(lambda: not window.paused, timeout=30_000)
     assert window.act_pause.text() == "&Pause"
     events = [json.loads(line)["type"] for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
     assert events.count("paused") == 1 and events.count("continued") == 1
     assert events.index("paused") < events.index("continued")
     window.stop()
-    qtbot.waitUntil(lambda: window.runner.state == "idle", timeout=10000)
+    qtbot.waitUntil(lambda: window.runner.state == "idle", timeout=30_000)
     assert not window.paused and not window.act_pause.isEnabled()
 
 
@@ -290,7 +290,7 @@ def test_closing_while_a_demo_builds_ends_the_build_quietly(app_window, qtbot, t
     slow = [sys.executable, "-c", "import time; time.sleep(30)"]  # stands in for a `trainer demo` still importing
     monkeypatch.setattr(app_window.runner, "command_prefix", slow)
     app_window.create_demo(tmp_path / "demo")
-    qtbot.waitUntil(lambda: app_window._demo.state() == app_window._demo.ProcessState.Running, timeout=5000)
+    qtbot.waitUntil(lambda: app_window._demo.state() == app_window._demo.ProcessState.Running, timeout=30_000)
     app_window.close()
     assert app_window._demo.state() == app_window._demo.ProcessState.NotRunning
     qtbot.wait(300)  # a finished signal reaching the closed window would raise here

@@ -30,7 +30,7 @@ def test_open_run_folder_rebuilds_plot_gallery_and_log(app_window, qtbot, tmp_pa
     write_run(tmp_path, 1000)
     assert app_window.open_run_folder(tmp_path)
     panel = app_window.run_panel
-    qtbot.waitUntil(lambda: panel.plot.point_count == 1000, timeout=5000)
+    qtbot.waitUntil(lambda: panel.plot.point_count == 1000, timeout=30_000)
     assert panel.progress.value() == 1000
     assert panel.gallery.image_count == 11
     assert all(e["path"].startswith(str(tmp_path)) for e in panel.gallery._samples.values())
@@ -41,15 +41,15 @@ def test_open_run_folder_rebuilds_plot_gallery_and_log(app_window, qtbot, tmp_pa
 def test_open_run_folder_follows_a_growing_file(app_window, qtbot, tmp_path):
     write_run(tmp_path, 50, finished=False)
     app_window.open_run_folder(tmp_path)
-    qtbot.waitUntil(lambda: app_window.run_panel.plot.point_count == 50, timeout=5000)
+    qtbot.waitUntil(lambda: app_window.run_panel.plot.point_count == 50, timeout=30_000)
     with open(tmp_path / "events.jsonl", "ab") as f:
         for step in range(51, 61):
             f.write(encode(make_event("step", step=step, epoch=0, loss=0.1, lr=1e-4, its=5.0, eta=1.0)))
         f.write(b'{"type": "step", "step": 61')  # a line still being written is left for later
-    qtbot.waitUntil(lambda: app_window.run_panel.plot.point_count == 60, timeout=5000)
+    qtbot.waitUntil(lambda: app_window.run_panel.plot.point_count == 60, timeout=30_000)
     with open(tmp_path / "events.jsonl", "ab") as f:
         f.write(b', "epoch": 0, "loss": 0.1, "lr": 0.0001, "its": 5.0, "eta": 1.0, "time": 0}\n')
-    qtbot.waitUntil(lambda: app_window.run_panel.plot.point_count == 61, timeout=5000)
+    qtbot.waitUntil(lambda: app_window.run_panel.plot.point_count == 61, timeout=30_000)
 
 
 def test_a_folder_without_events_is_a_one_line_error(app_window, tmp_path):
@@ -98,7 +98,7 @@ def test_clicking_a_sample_enlarges_it(app_window, qtbot, tmp_path):
     write_run(tmp_path, 200)
     app_window.open_run_folder(tmp_path)
     gallery = app_window.run_panel.gallery
-    qtbot.waitUntil(lambda: gallery.image_count == 3, timeout=5000)
+    qtbot.waitUntil(lambda: gallery.image_count == 3, timeout=30_000)
     assert [gallery.table.horizontalHeaderItem(c).text() for c in range(3)] == ["step 200", "step 100", "step 1"]
     with qtbot.waitSignal(gallery.imageOpened) as opened:
         gallery._on_clicked(0, 0)

@@ -37,7 +37,7 @@ def test_a_killed_window_leaves_the_run_to_finish_and_a_new_window_follows_it(de
     window.questions = []
     window.ask = lambda title, text, buttons: window.questions.append(title) or "Follow it"
     qtbot.addWidget(window)
-    qtbot.waitUntil(lambda: bool(window.questions), timeout=5000)
+    qtbot.waitUntil(lambda: bool(window.questions), timeout=30_000)
     assert window.questions == ["A run is still training"]
     qtbot.waitUntil(lambda: window.run_panel.last_status == "completed", timeout=300_000)
     events, _ = read_events(run / "events.jsonl")
